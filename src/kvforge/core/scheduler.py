@@ -1,0 +1,282 @@
+"""Scheduler: continuous batching with chunked prefill, priorities and preemption.
+
+The only unit of work is "N tokens for this request": a prompt chunk, a whole prompt, a
+decode token and (later) speculative tokens are all the same thing. Each step spends one
+token budget, running requests first, then admits waiting ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kvforge.config import SchedulerConfig
+from kvforge.core.kv_cache_manager import KVCacheManager
+from kvforge.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What to run this step: requests with their token counts, plus KV block copies."""
+
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)  # since the last step
+
+    @property
+    def num_batched_tokens(self) -> int:
+        """Tokens run this step over all requests."""
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nothing is scheduled."""
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class SampledToken:
+    """One request's sampled token with its logprob (runner -> scheduler)."""
+
+    token_id: int
+    logprob: float
+
+
+class Scheduler:
+    """Owns the waiting and running queues and decides each step's batch."""
+
+    def __init__(
+        self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_model_len: int
+    ) -> None:
+        self.config = config
+        self.kv = kv_cache_manager
+        self.max_model_len = max_model_len
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+
+    # ----------------------------------------------------------------- queues
+    def add_request(self, request: Request) -> None:
+        """Queue a new request."""
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests waiting or running."""
+        return len(self.waiting) + len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request waits or runs."""
+        return bool(self.waiting or self.running)
+
+    def _priority_key(self, request: Request) -> tuple[float, float]:
+        if self.config.policy == "priority":
+            return (request.priority, request.arrival_time)
+        return (0, request.arrival_time)
+
+    # --------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and token counts; allocate their KV slots."""
+        output = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        self._fork_ready_children()
+        preempted = False
+        scheduled_ids: set[str] = set()
+        for request in list(self.running):
+            if budget <= 0:
+                break
+            if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0:
+                continue
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self._pick_victim(exclude=scheduled_ids)
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                output.scheduled.append((request, num_new))
+                scheduled_ids.add(request.request_id)
+                budget -= num_new
+        if not preempted:
+            budget = self._admit_waiting(output, budget)
+        output.blocks_to_copy = self.kv.take_copies()
+        output.finished_request_ids, self._finished_ids = self._finished_ids, []
+        now = time.monotonic()
+        for request, _ in output.scheduled:
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+        return output
+
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        if request.is_held:
+            return 0
+        limit = request.num_tokens
+        if request.num_pending_forks:
+            # Stop one short of the prompt: each forked sample computes the last token itself.
+            limit = min(limit, request.num_prompt_tokens - 1)
+        num_new = min(limit - request.num_computed_tokens, budget)
+        threshold = self.config.long_prefill_token_threshold
+        if threshold:
+            num_new = min(num_new, threshold)
+        return max(num_new, 0)
+
+    def _admit_waiting(self, output: SchedulerOutput, budget: int) -> int:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = min(self.waiting, key=self._priority_key)
+            if request.fork_parent is not None:  # forks when the parent's prompt is computed
+                self.waiting.remove(request)
+                skipped.append(request)
+                continue
+            computed = (
+                self.kv.get_computed_blocks(request) if request.num_computed_tokens == 0 else []
+            )
+            num_computed = len(computed) * self.kv.block_size
+            num_new = min(request.num_tokens - num_computed, budget)
+            if request.num_pending_forks:
+                num_new = min(num_new, request.num_prompt_tokens - 1 - num_computed)
+            if self.config.long_prefill_token_threshold:
+                num_new = min(num_new, self.config.long_prefill_token_threshold)
+            if (
+                not self.config.enable_chunked_prefill
+                and num_new < request.num_tokens - num_computed
+            ):
+                break
+            if not self.kv.allocate_slots(request, num_new, computed):
+                break
+            self.waiting.remove(request)
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_computed
+            request.num_computed_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            if num_new > 0:
+                output.scheduled.append((request, num_new))
+                budget -= num_new
+        self.waiting[:0] = skipped
+        return budget
+
+    def _fork_ready_children(self) -> None:
+        for child in [r for r in self.waiting if r.fork_parent is not None]:
+            parent = child.fork_parent
+            assert parent is not None
+            if parent.is_finished:  # parent gone before forking: compute the prompt alone
+                child.fork_parent = None
+                continue
+            ready = (
+                parent.status == RequestStatus.RUNNING
+                and parent.num_computed_tokens >= parent.num_prompt_tokens - 1
+            )
+            if not ready or len(self.running) >= self.config.max_num_seqs:
+                continue
+            self.kv.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.fork_parent = None
+            parent.num_pending_forks -= 1
+            child.status = RequestStatus.RUNNING
+            self.waiting.remove(child)
+            self.running.append(child)
+
+    def fork_running(self, parent: Request, child: Request) -> None:
+        """Start ``child`` as a running copy of ``parent``'s KV (beam search)."""
+        self.requests[child.request_id] = child
+        self.kv.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
+
+    def _pick_victim(self, exclude: set[str]) -> Request:
+        # NOTE: the request being scheduled is never in ``exclude``, so this is never empty.
+        candidates = [r for r in self.running if r.request_id not in exclude]
+        if self.config.policy == "priority":
+            return max(candidates, key=self._priority_key)
+        return candidates[-1]
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, request)
+        logger.warning(
+            "preempted request %s (recompute %d tokens); total preemptions %d: the KV cache "
+            "is too small for the load",
+            request.request_id,
+            request.num_tokens,
+            self.num_preemptions,
+        )
+
+    # ----------------------------------------------------------------- update
+    def update(self, output: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish stopped requests.
+
+        Returns the requests that produced a token or finished this step.
+        """
+        changed: list[Request] = []
+        now = time.monotonic()
+        for request, num_new in output.scheduled:
+            if request.is_finished:
+                continue
+            request.num_computed_tokens += num_new
+            self.kv.cache_blocks(request)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.output_token_ids.append(token.token_id)
+            request.cumulative_logprob += token.logprob
+            if request.first_token_time is None:
+                request.first_token_time = now
+            status = self._check_stop(request, token.token_id)
+            if status is not None:
+                self.finish(request, status)
+            changed.append(request)
+        return changed
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        num_output = len(request.output_token_ids)
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if params.stop_token_ids and token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Finish a request (stop, length or abort) and free its blocks."""
+        if request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+        for child in self.waiting:
+            if child.fork_parent is request:
+                child.fork_parent = None
+        self.requests.pop(request.request_id, None)
+        self._finished_ids.append(request.request_id)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Finish requests by id; unknown or already finished ids are ignored."""
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None:
+                self.finish(request, status)

@@ -1,0 +1,230 @@
+"""LLMEngine: tokenize -> schedule -> run -> update -> detokenize, one step at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+
+from kvforge.beam_search import BeamSearchGroup
+from kvforge.config import EngineConfig
+from kvforge.core.kv_cache_manager import KVCacheManager
+from kvforge.core.scheduler import Scheduler
+from kvforge.errors import ContextLengthError, InvalidRequestError
+from kvforge.output_processor import OutputProcessor, RequestState
+from kvforge.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvforge.request import Request, RequestStatus
+from kvforge.runner import ModelRunner
+from kvforge.sampling_params import SamplingParams
+from kvforge.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """Owns the scheduler, the KV cache manager, the model runner and the output processor."""
+
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
+        config.scheduler_config.check()
+        self.config = config
+        self.runner = runner or ModelRunner(config)
+        self.tokenizer: Tokenizer = self.runner.loaded.tokenizer
+        model_cfg = self.runner.model_config
+        self.vocab_size = model_cfg.vocab_size
+        cache = config.cache_config
+        capacity = self.runner.num_blocks * cache.block_size
+        self.max_model_len = min(
+            config.model_config.max_model_len or model_cfg.max_position_embeddings, capacity
+        )
+        self.kv_cache_manager = KVCacheManager(
+            self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            config.scheduler_config, self.kv_cache_manager, self.max_model_len
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.beam_groups: dict[str, BeamSearchGroup] = {}
+        self._beam_states: dict[str, RequestState] = {}
+        self._ids = itertools.count()
+        logger.info(
+            "KV cache holds %d blocks = %d tokens; max_model_len %d; up to %.1f concurrent "
+            "full-length sequences",
+            self.runner.num_blocks,
+            capacity,
+            self.max_model_len,
+            capacity / self.max_model_len,
+        )
+
+    # ------------------------------------------------------------ requests
+    def tokenize_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a text prompt, or validated ids of a token prompt."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            self.tokenizer.check_token_ids(ids, self.vocab_size)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        return ids
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> str:
+        """Validate and queue a request; returns its id. Bad input raises InvalidRequestError."""
+        params = params or SamplingParams()
+        params.validate_vocab(self.vocab_size)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.output_processor.states or request_id in self._beam_states:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        prompt_ids = self.tokenize_prompt(prompt)
+        max_tokens = self._check_length(prompt_ids, params)
+        sched = self.config.scheduler_config
+        if not sched.enable_chunked_prefill and len(prompt_ids) > sched.max_num_batched_tokens:
+            raise ContextLengthError(
+                f"prompt has {len(prompt_ids)} tokens, more than max_num_batched_tokens "
+                f"({sched.max_num_batched_tokens}) with chunked prefill disabled",
+                "prompt",
+            )
+        state = RequestState(
+            request_id,
+            prompt if isinstance(prompt, str) else None,
+            prompt_ids,
+            params,
+            time.monotonic(),
+        )
+        eos = frozenset(self.tokenizer.eos_token_ids)
+
+        def child(index: int, child_params: SamplingParams, parent: Request | None) -> Request:
+            return Request(
+                request_id=request_id if params.num_samples == 1 else f"{request_id}#{index}",
+                prompt_token_ids=prompt_ids,
+                sampling_params=child_params,
+                eos_token_ids=eos,
+                arrival_time=state.arrival_time,
+                priority=priority,
+                cache_salt=cache_salt,
+                max_tokens=max_tokens,
+                fork_parent=parent,
+            )
+
+        if params.use_beam_search:
+            beam_params = dataclasses.replace(
+                params,
+                n=1,
+                best_of=None,
+                temperature=0.0,
+                logprobs=2 * params.n,
+                ignore_eos=True,
+                stop=None,
+                stop_token_ids=None,
+                use_beam_search=False,
+            )
+            first = child(0, beam_params, None)
+            first.request_id = f"{request_id}#beam"
+            self.beam_groups[request_id] = BeamSearchGroup(
+                request_id, params.n, max_tokens, params.length_penalty, eos, [first]
+            )
+            self._beam_states[request_id] = state
+            self.scheduler.add_request(first)
+            return request_id
+        children: list[Request] = []
+        for index in range(params.num_samples):
+            child_params = params
+            if params.seed is not None and index > 0:  # distinct but reproducible samples
+                child_params = dataclasses.replace(params, seed=params.seed + index)
+            children.append(child(index, child_params, children[0] if index else None))
+        children[0].num_pending_forks = len(children) - 1
+        self.output_processor.add(state, children)
+        for request in children:
+            self.scheduler.add_request(request)
+        return request_id
+
+    def _check_length(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        num_prompt = len(prompt_ids)
+        if num_prompt >= self.max_model_len:
+            raise ContextLengthError(
+                f"prompt has {num_prompt} tokens; the context holds {self.max_model_len} "
+                f"(at least one must be left to generate)",
+                "prompt",
+            )
+        room = self.max_model_len - num_prompt
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise ContextLengthError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context length of {self.max_model_len}",
+                "max_tokens",
+            )
+        return params.max_tokens
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        """Stop requests and free their KV blocks; unknown ids are ignored."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            children = self.output_processor.abort(request_id)
+            group = self.beam_groups.pop(request_id, None)
+            self._beam_states.pop(request_id, None)
+            if group is not None:
+                children = [b.request_id for b in group.live]
+            self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request waits or runs."""
+        return self.scheduler.has_unfinished_requests()
+
+    # ----------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step and return the outputs of requests that advanced."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        runner_output = self.runner.execute(scheduler_output)
+        changed = self.scheduler.update(scheduler_output, runner_output.sampled)
+        outputs, stopped = self.output_processor.process(changed, runner_output)
+        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        outputs.extend(self._step_beams(runner_output))
+        return outputs
+
+    def _step_beams(self, runner_output) -> list[RequestOutput]:  # type: ignore[no-untyped-def]
+        finished: list[RequestOutput] = []
+        for request_id, group in list(self.beam_groups.items()):
+            group.step(self.scheduler, runner_output)
+            if group.finished:
+                del self.beam_groups[request_id]
+                finished.append(self._beam_output(self._beam_states.pop(request_id), group))
+        return finished
+
+    def _beam_output(self, state: RequestState, group: BeamSearchGroup) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=i,
+                text=self.tokenizer.decode(beam.token_ids, state.params.skip_special_tokens),
+                token_ids=beam.token_ids,
+                cumulative_logprob=beam.cumulative_logprob,
+                finish_reason=beam.finish_reason,
+            )
+            for i, beam in enumerate(group.best())
+        ]
+        metrics = RequestMetrics(
+            arrival_time=state.arrival_time,
+            num_prompt_tokens=len(state.prompt_token_ids),
+            num_generation_tokens=sum(len(o.token_ids) for o in outputs),
+            finished_time=time.monotonic(),
+        )
+        return RequestOutput(
+            state.request_id, state.prompt, state.prompt_token_ids, outputs, True, metrics=metrics
+        )
+
+    # -------------------------------------------------------------- helpers
+    @property
+    def num_preemptions(self) -> int:
+        """Requests preempted (and recomputed) so far."""
+        return self.scheduler.num_preemptions

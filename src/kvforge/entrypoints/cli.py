@@ -1,0 +1,181 @@
+"""The ``kvforge`` command: ``generate`` and ``chat`` (serving arrives with the server)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kvforge import config as kv_config
+from kvforge.errors import KVForgeError
+from kvforge.sampling_params import SamplingParams
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M-Instruct)",
+    )
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV cache budget, e.g. 2GiB (default: from free RAM)",
+    )
+    group.add_argument(
+        "--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false"
+    )
+    group.add_argument("--max-num-seqs", type=int, default=64)
+    group.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    group.add_argument("--chat-template", default=None, help="a Jinja chat template file")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=128)
+    group.add_argument("--temperature", type=float, default=0.0)
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--frequency-penalty", type=float, default=0.0)
+    group.add_argument("--presence-penalty", type=float, default=0.0)
+    group.add_argument("--sample-seed", type=int, default=None, dest="sample_seed")
+    group.add_argument("--stop", action="append", default=None)
+
+
+def _sampling_params(args: argparse.Namespace, n: int = 1) -> SamplingParams:
+    return SamplingParams(
+        n=n,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty,
+        seed=args.sample_seed,
+        stop=args.stop,
+    )
+
+
+def _make_llm(args: argparse.Namespace) -> Any:
+    from kvforge.entrypoints.llm import LLM
+
+    template = None
+    if args.chat_template:
+        with open(args.chat_template) as handle:
+            template = handle.read()
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=args.enable_prefix_caching,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        chat_template=template,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """One-shot generation: print ``n`` completions of each prompt."""
+    llm = _make_llm(args)
+    params = _sampling_params(args, args.n)
+    prompts: list[Any] = args.prompt
+    if args.chat:
+        tok = llm.get_tokenizer()
+        prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+    for prompt, output in zip(
+        args.prompt, llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    ):
+        for completion in output.outputs:
+            header = f"[{completion.index}] " if len(output.outputs) > 1 else ""
+            if len(args.prompt) > 1:
+                header = f"{prompt!r} -> {header}"
+            print(f"{header}{completion.text}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive multi-turn chat, streamed token by token; the prefix cache keeps past turns."""
+    llm = _make_llm(args)
+    engine = llm.engine
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("kvforge chat: type a message, /reset to start over, Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = engine.tokenizer.encode_chat(messages)
+        request_id = engine.add_request(prompt, _sampling_params(args))
+        shown = 0
+        text = ""
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.request_id != request_id:
+                    continue
+                text = output.outputs[0].text
+                print(text[shown:], end="", flush=True)
+                shown = len(text)
+        print()
+        messages.append({"role": "assistant", "content": text})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``kvforge`` command."""
+    parser = argparse.ArgumentParser(prog="kvforge", description="kvforge LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete prompts and print the results")
+    _add_engine_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("-p", "--prompt", action="append", required=True, help="prompt (repeatable)")
+    gen.add_argument("-n", type=int, default=1, help="completions per prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="interactive streaming chat")
+    _add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system message")
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kvforge`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=kv_config.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except KVForgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Typed errors. The server maps each class to an HTTP status code."""
+
+from __future__ import annotations
+
+
+class KVForgeError(Exception):
+    """Base class of every error kvforge raises on purpose."""
+
+    http_status: int = 500
+
+
+class InvalidRequestError(KVForgeError, ValueError):
+    """A request or parameter is invalid (HTTP 400)."""
+
+    http_status = 400
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus requested tokens do not fit in the model's context (HTTP 400)."""
+
+
+class ModelNotFoundError(KVForgeError):
+    """The named model or model file does not exist (HTTP 404)."""
+
+    http_status = 404
+
+
+class UnsupportedModelError(KVForgeError):
+    """The checkpoint uses an architecture or format kvforge cannot run."""
+
+    http_status = 400
+
+
+class QueueFullError(KVForgeError):
+    """Too many requests wait for admission (HTTP 429)."""
+
+    http_status = 429

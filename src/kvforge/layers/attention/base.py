@@ -1,0 +1,53 @@
+"""Attention backend interface and registry."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+
+import torch
+
+from kvforge.layers.forward_batch import ForwardBatch
+
+# name -> "module:Class", imported only when chosen
+_BACKENDS: dict[str, str] = {
+    "torch_ref": "kvforge.layers.attention.torch_ref:TorchRefAttentionBackend",
+}
+
+
+class BaseAttentionBackend(ABC):
+    """Writes a layer's new K/V into the paged cache and attends over the cached context."""
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        batch: ForwardBatch,
+        *,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """Attention of the batch's new tokens.
+
+        query: [T, H, D]; key, value: [T, KVH, D]; kv_cache: K and V caches, each
+        [num_blocks, block_size, KVH, D]. Returns [T, H, D]. Each query attends causally to its
+        request's cached context and to the new tokens up to itself, within ``sliding_window``
+        most recent positions (itself included) when given.
+        """
+
+
+def register_attention_backend(name: str, target: str) -> None:
+    """Register a backend as ``"module:Class"`` (imported lazily)."""
+    _BACKENDS[name] = target
+
+
+def create_attention_backend(name: str = "torch_ref") -> BaseAttentionBackend:
+    """Instantiate a registered attention backend."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    module_name, class_name = _BACKENDS[name].split(":")
+    backend_cls = getattr(importlib.import_module(module_name), class_name)
+    return backend_cls()

@@ -1,0 +1,117 @@
+"""GGUF files: metadata, tokenizer and tensors (dequantized to float32) via the gguf reader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from kvforge.errors import UnsupportedModelError
+from kvforge.models.registry import ModelFamily
+
+SUPPORTED_TYPES = {
+    GGMLQuantizationType[name]
+    for name in (
+        [
+            "F32",
+            "F16",
+            "BF16",
+            "Q8_0",
+            "Q4_0",
+            "Q4_1",
+            "Q5_0",
+            "Q5_1",
+            "Q2_K",
+            "Q3_K",
+            "Q4_K",
+            "Q5_K",
+            "Q6_K",
+        ]
+    )
+}
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Pre-norm models call the MLP's norm ffn_norm; sandwich-norm (Gemma) files add two more.
+_PRE_NORM = {"ffn_norm": "post_attention_layernorm"}
+_SANDWICH = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+    """All key/value fields as Python values, plus ``__tensor_names__``."""
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        meta[key] = field.contents()
+    meta["__tensor_names__"] = {t.name for t in reader.tensors}
+    return meta
+
+
+def hf_tensor_name(gguf_name: str, sandwich_norm: bool) -> str:
+    """Hugging Face name of a GGUF tensor name (``blk.3.attn_q.weight`` -> ...)."""
+    stem, suffix = gguf_name.rsplit(".", 1)
+    if stem in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) != 3 or parts[0] != "blk":
+        raise UnsupportedModelError(f"unexpected GGUF tensor {gguf_name!r}")
+    table = {**_LAYER_NAMES, **(_SANDWICH if sandwich_norm else _PRE_NORM)}
+    if parts[2] not in table:
+        raise UnsupportedModelError(f"unexpected GGUF tensor {gguf_name!r}")
+    return f"model.layers.{parts[1]}.{table[parts[2]]}.{suffix}"
+
+
+def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaving of Q/K rows so the NeoX (half-split) rotary applies."""
+    head_dim = weight.shape[0] // num_heads
+    w = weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
+    return w.transpose(1, 2).reshape(weight.shape)
+
+
+def dequantize_tensor(tensor: Any) -> torch.Tensor:
+    """Float32 values of one reader tensor, shaped [rows, columns] (PyTorch order)."""
+    if tensor.tensor_type not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(
+            f"tensor {tensor.name} has unsupported type {tensor.tensor_type.name}"
+        )
+    array = dequantize(tensor.data, tensor.tensor_type)
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+
+
+def iter_gguf_weights(
+    reader: GGUFReader, family: ModelFamily, num_heads: int, num_kv_heads: int, sandwich: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, float32 tensor) for every tensor in the file."""
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name, sandwich)
+        value = dequantize_tensor(tensor)
+        if family.gguf_permutes_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+            value = unpermute_qk(value, num_heads)
+        elif family.gguf_permutes_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+            value = unpermute_qk(value, num_kv_heads)
+        yield name, value

@@ -1,0 +1,192 @@
+"""Shared decoder-only transformer. Families differ only in their TransformerConfig.
+
+Dimension legend: T tokens in the batch, E hidden size, H / KVH query / key-value heads,
+D head dim, F MLP intermediate size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvforge.config import TransformerConfig
+from kvforge.layers.attention import BaseAttentionBackend
+from kvforge.layers.forward_batch import ForwardBatch
+from kvforge.layers.linear import Linear, MergedLinear
+from kvforge.layers.norm import RMSNorm
+from kvforge.layers.rotary import RotaryEmbedding, apply_rotary
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+# checkpoint name part -> (fused parameter name part, shard)
+_STACKED = (
+    (".q_proj", ".qkv_proj", "q"),
+    (".k_proj", ".qkv_proj", "k"),
+    (".v_proj", ".qkv_proj", "v"),
+    (".gate_proj", ".gate_up_proj", 0),
+    (".up_proj", ".gate_up_proj", 1),
+)
+
+
+class Attention(nn.Module):
+    """Self-attention with fused QKV, optional QK-norm, rotary and a paged KV backend."""
+
+    def __init__(self, cfg: TransformerConfig, layer_idx: int, backend: BaseAttentionBackend):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, cfg.qkv_bias
+        )
+        self.o_proj = Linear(q_size, cfg.hidden_size)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
+        self.sliding_window = cfg.sliding_window if cfg.is_sliding(layer_idx) else None
+        self.backend = backend
+
+    def forward(
+        self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """x: [T, E] -> [T, E]."""
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = self.backend.forward(
+            q, k, v, kv_cache, batch, scale=self.scale, sliding_window=self.sliding_window
+        )
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with gate and up fused."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        size = cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: size, 1: size})
+        self.down_proj = Linear(size, cfg.hidden_size)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, E] -> [T, E]."""
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))  # [T, F] each
+        return self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; with ``sandwich_norm`` also norms after attention and MLP (Gemma)."""
+
+    def __init__(self, cfg: TransformerConfig, layer_idx: int, backend: BaseAttentionBackend):
+        super().__init__()
+        eps = cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, layer_idx, backend)
+        self.mlp = GatedMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.sandwich = cfg.sandwich_norm
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def forward(
+        self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """x: [T, E] -> [T, E]."""
+        attn = self.self_attn(self.input_layernorm(x), rope, kv_cache, batch)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderLM(nn.Module):
+    """Embedding, decoder layers, final norm and LM head over a paged KV cache."""
+
+    def __init__(self, cfg: TransformerConfig, backend: BaseAttentionBackend) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        scaling = cfg.rope_scaling
+        self.rope_global = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, scaling)
+        self.rope_local = (
+            RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta) if cfg.rope_local_theta else None
+        )
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+        """Hidden states [T, E] of the batch's tokens, after the final norm."""
+        x = self.embed_tokens(batch.input_ids)
+        if self.config.embed_scale != 1.0:
+            # Gemma multiplies by sqrt(E) rounded to the activation dtype.
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        rope_global = self.rope_global.cos_sin(batch.positions)
+        rope_local = self.rope_local.cos_sin(batch.positions) if self.rope_local else rope_global
+        for i, layer in enumerate(self.layers):
+            rope = rope_local if self.config.is_sliding(i) else rope_global
+            x = layer(x, rope, kv_caches[i], batch)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, V] (float32) for hidden states [N, E]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight).float()
+        cap = self.config.final_logit_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load checkpoint tensors (Hugging Face names) through each layer's weight_loader."""
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue
+            shard: object = None
+            for part, fused, shard_id in _STACKED:
+                if part in name:
+                    name, shard = name.replace(part, fused), shard_id
+                    break
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no parameter in the model")
+            module = modules[name.rsplit(".", 1)[0]]
+            loader = getattr(module, "weight_loader", None)
+            if loader is not None:
+                loader(params[name], tensor, shard)
+            else:
+                params[name].data.copy_(tensor)
+            loaded.add(name)
+        missing = set(params) - loaded
+        if missing:
+            raise ValueError(f"checkpoint lacks tensors for: {sorted(missing)[:8]}")
+
+
+def gemma_embed_scale(hidden_size: int) -> float:
+    """Gemma's embedding multiplier sqrt(hidden_size)."""
+    return math.sqrt(hidden_size)

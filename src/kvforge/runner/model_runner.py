@@ -1,0 +1,218 @@
+"""ModelRunner: owns weights, KV tensors and the sampler; runs one scheduled step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from kvforge.config import CacheConfig, EngineConfig
+from kvforge.core.scheduler import SampledToken, SchedulerOutput
+from kvforge.layers.attention import create_attention_backend
+from kvforge.layers.forward_batch import ForwardBatch
+from kvforge.loader import LoadedModel, load_model
+from kvforge.request import Request
+from kvforge.sample import Sampler, SamplingMetadata, gather_logprobs
+from kvforge.utils import available_memory, format_size
+
+logger = logging.getLogger(__name__)
+
+# Default KV budget when none is given: this share of available RAM, at most 4 GiB.
+_DEFAULT_KV_FRACTION = 0.25
+_DEFAULT_KV_CAP = 4 << 30
+
+
+class TokenLogprobs(NamedTuple):
+    """Logprob of one chosen token, its rank, and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per request id: the sampled token, its logprobs, and prompt logprobs of this chunk."""
+
+    sampled: dict[str, SampledToken] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request id -> (position of the first entry's context end, entries for following tokens)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    """Turns a SchedulerOutput into a ForwardBatch, runs the model and samples."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.device = torch.device(config.model_config.device)
+        backend = create_attention_backend()
+        self.loaded = loaded or load_model(config.model_config, backend, config.show_progress)
+        self.model = self.loaded.model
+        self.model_config = self.loaded.config
+        self.block_size = config.cache_config.block_size
+        self.num_blocks = self._num_blocks(config.cache_config)
+        cfg = self.model_config
+        shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.loaded.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.loaded.dtype, device=self.device),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+        self.sampler = Sampler()
+        self._generators: dict[str, torch.Generator] = {}
+
+    @property
+    def bytes_per_block(self) -> int:
+        """KV bytes of one block over all layers (K and V)."""
+        cfg = self.model_config
+        itemsize = torch.empty((), dtype=self.loaded.dtype).element_size()
+        return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+    def _num_blocks(self, cache: CacheConfig) -> int:
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        budget = cache.kv_cache_memory
+        if budget is None:
+            budget = min(int(available_memory() * _DEFAULT_KV_FRACTION), _DEFAULT_KV_CAP)
+        num_blocks = max(1, budget // self.bytes_per_block)
+        logger.info(
+            "KV cache: %s in %d blocks of %d tokens (%s per block)",
+            format_size(num_blocks * self.bytes_per_block),
+            num_blocks,
+            self.block_size,
+            format_size(self.bytes_per_block),
+        )
+        return int(num_blocks)
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the scheduled tokens, sample where a request reached its last known token."""
+        self._drop_finished(output.finished_request_ids)
+        self._copy_blocks(output.blocks_to_copy)
+        chunks, starts, tables = [], [], []
+        logit_rows: list[int] = []
+        sample_reqs: list[tuple[Request, int]] = []  # (request, row in logits)
+        prompt_reqs: list[tuple[Request, int, int, int]] = []  # (request, first row, n, first pos)
+        offset = 0
+        for request, num_new in output.scheduled:
+            start = request.num_computed_tokens
+            token_ids = request.all_token_ids
+            chunks.append(token_ids[start : start + num_new])
+            starts.append(start)
+            tables.append(request.block_ids)
+            wants_prompt = request.sampling_params.prompt_logprobs is not None
+            last_prompt_pos = (
+                request.num_prompt_tokens - 2
+            )  # last position that predicts a prompt token
+            if wants_prompt and start <= last_prompt_pos:
+                count = min(start + num_new - 1, last_prompt_pos) - start + 1
+                prompt_reqs.append((request, len(logit_rows), count, start))
+                logit_rows.extend(range(offset, offset + count))
+            if start + num_new == request.num_tokens:
+                sample_reqs.append((request, len(logit_rows)))
+                logit_rows.append(offset + num_new - 1)
+            offset += num_new
+        batch = ForwardBatch.build(chunks, starts, tables, self.block_size, self.device)
+        hidden = self.model(batch, self.kv_caches)
+        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
+        result = ModelRunnerOutput()
+        if sample_reqs:
+            self._sample(logits, sample_reqs, result)
+        for request, row, count, first_pos in prompt_reqs:
+            result.prompt_logprobs[request.request_id] = (
+                first_pos,
+                self._prompt_logprobs(logits[row : row + count], request, first_pos),
+            )
+        return result
+
+    def _sample(
+        self, logits: torch.Tensor, reqs: list[tuple[Request, int]], result: ModelRunnerOutput
+    ) -> None:
+        rows = torch.tensor([row for _, row in reqs], device=self.device)
+        requests = [r for r, _ in reqs]
+        md = SamplingMetadata.build(
+            [r.sampling_params for r in requests],
+            [r.prompt_token_ids for r in requests],
+            [r.output_token_ids for r in requests],
+            [self._banned_tokens(r) for r in requests],
+            {i: g for i, r in enumerate(requests) if (g := self._generator(r)) is not None},
+            self.model_config.vocab_size,
+            self.device,
+        )
+        out = self.sampler(logits[rows], md)
+        token_ids = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist()
+        ranks = out.ranks.tolist()
+        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for i, request in enumerate(requests):
+            result.sampled[request.request_id] = SampledToken(token_ids[i], logprobs[i])
+            num_top = request.sampling_params.logprobs
+            if num_top is not None:
+                top = (
+                    list(zip(top_ids[i][:num_top], top_lps[i][:num_top]))
+                    if top_ids and top_lps
+                    else []
+                )
+                result.logprobs[request.request_id] = TokenLogprobs(
+                    token_ids[i], logprobs[i], ranks[i], top
+                )
+
+    def _prompt_logprobs(
+        self, logits: torch.Tensor, request: Request, first_pos: int
+    ) -> list[TokenLogprobs]:
+        num_top = request.sampling_params.prompt_logprobs or 0
+        targets = request.prompt_token_ids[first_pos + 1 : first_pos + 1 + logits.shape[0]]
+        out = gather_logprobs(
+            logits.log_softmax(-1), torch.tensor(targets, device=logits.device), num_top
+        )
+        ids, lps, ranks = out.token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist()
+        tops = (
+            [
+                list(zip(i, lp))
+                for i, lp in zip(out.top_token_ids.tolist(), out.top_logprobs.tolist())
+            ]
+            if out.top_token_ids is not None and out.top_logprobs is not None
+            else [[] for _ in ids]
+        )
+        return [TokenLogprobs(*entry) for entry in zip(ids, lps, ranks, tops)]
+
+    @staticmethod
+    def _banned_tokens(request: Request) -> list[int]:
+        params = request.sampling_params
+        if len(request.output_token_ids) >= params.min_tokens:
+            return []
+        banned = list(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            banned.extend(request.eos_token_ids)
+        return banned
+
+    def _generator(self, request: Request) -> torch.Generator | None:
+        seed = request.sampling_params.seed
+        if seed is None or request.sampling_params.is_greedy:
+            return None
+        generator = self._generators.get(request.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            self._generators[request.request_id] = generator
+        return generator
+
+    def _drop_finished(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self._generators.pop(request_id, None)
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]

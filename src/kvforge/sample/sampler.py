@@ -1,0 +1,119 @@
+"""Sampler: penalties -> logit bias -> bans -> temperature -> top-k / top-p / min-p -> sample.
+
+Logprobs are those of the model's raw distribution (before any processing), like vLLM.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kvforge.sample.metadata import SamplingMetadata
+
+_NEG_INF = float("-inf")
+
+
+class SamplerOutput(NamedTuple):
+    """Sampled ids and logprobs for R rows; top-k columns only when logprobs were asked."""
+
+    token_ids: torch.Tensor  # [R]
+    logprobs: torch.Tensor  # [R] raw logprob of the sampled token
+    ranks: torch.Tensor  # [R] 1-based rank of the sampled token in the raw distribution
+    top_token_ids: torch.Tensor | None  # [R, K]
+    top_logprobs: torch.Tensor | None  # [R, K]
+
+
+def token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, V] occurrences of each token in padded rows ``token_ids`` (pad value V)."""
+    counts = torch.zeros(
+        token_ids.shape[0], vocab_size + 1, dtype=torch.long, device=token_ids.device
+    )
+    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Repetition (prompt + output), frequency and presence (output) penalties."""
+    if md.output_token_ids is None or md.prompt_token_ids is None:
+        return logits
+    vocab_size = logits.shape[1]
+    output_counts = token_counts(md.output_token_ids, vocab_size)
+    if md.repetition_penalty is not None:
+        seen = (output_counts > 0) | (token_counts(md.prompt_token_ids, vocab_size) > 0)
+        penalty = md.repetition_penalty[:, None].expand_as(logits)
+        # Divide positive logits and multiply negative ones: both make a seen token less likely.
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalized, logits)
+    if md.frequency_penalty is not None:
+        logits = logits - md.frequency_penalty[:, None] * output_counts
+    if md.presence_penalty is not None:
+        logits = logits - md.presence_penalty[:, None] * (output_counts > 0)
+    return logits
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Mask tokens outside top-k, outside the top-p nucleus, or below min_p * max prob."""
+    if md.top_k is not None:
+        vocab_size = logits.shape[1]
+        k = torch.where(md.top_k > 0, md.top_k, vocab_size).clamp(max=vocab_size)
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, _NEG_INF)  # ties with the k-th stay in
+    if md.top_p is not None:
+        probs_sorted, order = logits.softmax(-1).sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        before = probs_sorted.cumsum(-1) - probs_sorted
+        drop_sorted = before > md.top_p[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, _NEG_INF)
+    if md.min_p is not None:
+        probs = logits.softmax(-1)
+        threshold = md.min_p[:, None] * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, _NEG_INF)
+    return logits
+
+
+def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """Draw one token per row via the exponential race: argmax(p / E), E ~ Exp(1).
+
+    Rows with their own generator draw their noise from it, so a seeded request samples
+    the same tokens whatever else is in the batch.
+    """
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in generators.items():
+        noise[row].exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+class Sampler:
+    """Batched sampling with every OpenAI / vLLM parameter; see the module docstring."""
+
+    def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        """Sample one token per row of ``logits`` [R, V] (float32)."""
+        raw_logprobs = logits.log_softmax(dim=-1)
+        logits = apply_penalties(logits, md)
+        if md.logit_bias is not None:
+            rows, ids, values = md.logit_bias
+            logits = logits.index_put((rows, ids), values, accumulate=True)
+        if md.banned is not None:
+            logits = logits.index_put(md.banned, torch.tensor(_NEG_INF, device=logits.device))
+        greedy = logits.argmax(dim=-1)
+        if md.all_greedy:
+            sampled = greedy
+        else:
+            temperature = torch.where(md.is_greedy, 1.0, md.temperature)
+            scaled = apply_top_k_top_p_min_p(logits / temperature[:, None], md)
+            sampled = torch.where(
+                md.is_greedy, greedy, random_sample(scaled.softmax(-1), md.generators)
+            )
+        return gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> SamplerOutput:
+    """The logprob and rank of ``token_ids`` [R] in ``logprobs`` [R, V], plus the top ``num_top``."""
+    chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1)
+    ranks = (logprobs > chosen[:, None]).sum(-1) + 1
+    top_ids = top_lp = None
+    if num_top > 0:
+        top_lp, top_ids = logprobs.topk(num_top, dim=-1)
+    return SamplerOutput(token_ids, chosen, ranks, top_ids, top_lp)

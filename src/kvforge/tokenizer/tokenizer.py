@@ -1,0 +1,148 @@
+"""Tokenizer: a ``tokenizers`` backend plus special tokens and the chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as BackendTokenizer
+
+from kvforge.errors import InvalidRequestError, ModelNotFoundError
+from kvforge.tokenizer.chat_template import render_chat_template
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, with BOS/EOS handling and chat templating."""
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: list[int],
+        add_bos_token: bool,
+        chat_template: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = eos_token_ids
+        self.add_bos_token = add_bos_token
+        self.chat_template = chat_template
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The primary end-of-sequence token."""
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    def token_text(self, token_id: int | None) -> str | None:
+        """The vocabulary string of a token id."""
+        return None if token_id is None else self.backend.id_to_token(token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; prepends BOS when the model wants it and it is not there."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (
+            add_special_tokens
+            and self.add_bos_token
+            and self.bos_token_id is not None
+            and (not ids or ids[0] != self.bos_token_id)
+        ):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``token_ids``."""
+        return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def check_token_ids(self, token_ids: list[int], vocab_size: int) -> None:
+        """Raise InvalidRequestError for token ids outside the model's vocabulary."""
+        for token_id in token_ids:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequestError(
+                    f"token id {token_id} is out of range [0, {vocab_size})", "prompt"
+                )
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render a conversation to prompt text with the model's (or the given) template."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise InvalidRequestError(
+                "this model has no chat template; pass one with --chat-template", "messages"
+            )
+        special = {
+            "bos_token": self.token_text(self.bos_token_id) or "",
+            "eos_token": self.token_text(self.eos_token_id) or "",
+        }
+        return render_chat_template(
+            template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=special,
+            tools=tools,
+            **kwargs,
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        """Token ids of a rendered conversation (the template supplies BOS if it wants one)."""
+        text = self.apply_chat_template(messages, **kwargs)
+        ids = self.encode(text, add_special_tokens=False)
+        if (
+            self.add_bos_token
+            and self.bos_token_id is not None
+            and (not ids or ids[0] != self.bos_token_id)
+        ):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> Tokenizer:
+        """Load ``tokenizer.json`` and ``tokenizer_config.json`` from a model directory."""
+        root = Path(path)
+        if not (root / "tokenizer.json").exists():
+            raise ModelNotFoundError(f"no tokenizer.json in {root}")
+        backend = BackendTokenizer.from_file(str(root / "tokenizer.json"))
+        config: dict[str, Any] = {}
+        if (root / "tokenizer_config.json").exists():
+            config = json.loads((root / "tokenizer_config.json").read_text())
+        gen_config: dict[str, Any] = {}
+        if (root / "generation_config.json").exists():
+            gen_config = json.loads((root / "generation_config.json").read_text())
+
+        def token_id(name: str) -> int | None:
+            token = config.get(name)
+            if isinstance(token, dict):
+                token = token.get("content")
+            return backend.token_to_id(token) if isinstance(token, str) else None
+
+        eos_ids = gen_config.get("eos_token_id", token_id("eos_token"))
+        eos_list = (
+            eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else []
+        )
+        template = config.get("chat_template")
+        if (root / "chat_template.jinja").exists():
+            template = (root / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        post = backend.post_processor
+        if post is not None:
+            # BOS is added by ``encode`` explicitly; the backend's template would double it.
+            backend.post_processor = None
+        return cls(
+            backend,
+            bos_token_id=token_id("bos_token"),
+            eos_token_ids=[int(e) for e in eos_list],
+            add_bos_token=bool(
+                config.get("add_bos_token", post is not None and token_id("bos_token") is not None)
+            ),
+            chat_template=template,
+        )

@@ -1,0 +1,48 @@
+"""Small helpers shared by every layer. No torch."""
+
+from __future__ import annotations
+
+import re
+
+from kvforge.errors import InvalidRequestError
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of non-negative integers."""
+    return -(-a // b)
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte count such as ``4GiB``, ``512M``, ``1.5g`` or ``1048576``."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtKMGT]?)(i?[bB])?\s*", text)
+    if match is None:
+        raise InvalidRequestError(f"cannot parse a memory size from {text!r} (e.g. 4GiB, 512M)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def format_size(num_bytes: int) -> str:
+    """Format a byte count for logs, e.g. ``1.50 GiB``."""
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"
+
+
+def available_memory() -> int:
+    """Bytes of RAM available to new allocations (``MemAvailable``), or total RAM as fallback."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

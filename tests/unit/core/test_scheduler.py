@@ -1,0 +1,202 @@
+"""Scheduler + KV cache manager simulated without a model (block size 4, vocab 64)."""
+
+from __future__ import annotations
+
+import random
+
+from kvforge.config import SchedulerConfig
+from kvforge.core import KVCacheManager, SampledToken, Scheduler, SchedulerOutput
+from kvforge.request import Request, RequestStatus
+from kvforge.sampling_params import SamplingParams
+
+VOCAB = 64
+EOS = 0
+
+
+def make_request(request_id: str, prompt: list[int], max_tokens: int = 8, **kwargs) -> Request:
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=prompt,
+        sampling_params=SamplingParams(max_tokens=max_tokens),
+        eos_token_ids=frozenset({EOS}),
+        max_tokens=max_tokens,
+        **kwargs,
+    )
+
+
+def make_scheduler(num_blocks: int = 64, caching: bool = True, **config) -> Scheduler:
+    kv = KVCacheManager(num_blocks, block_size=4, enable_prefix_caching=caching)
+    return Scheduler(SchedulerConfig(**config), kv, max_model_len=256)
+
+
+def next_token(tokens: list[int]) -> int:
+    """A deterministic fake model: the next token depends on the whole history."""
+    return (sum(t * (i + 1) for i, t in enumerate(tokens)) % (VOCAB - 1)) + 1
+
+
+def fake_run(output: SchedulerOutput) -> dict[str, SampledToken]:
+    sampled = {}
+    for request, num_new in output.scheduled:
+        if request.num_computed_tokens + num_new == request.num_tokens:
+            sampled[request.request_id] = SampledToken(next_token(request.all_token_ids), -0.5)
+    return sampled
+
+
+def run(scheduler: Scheduler, max_steps: int = 1000) -> list[SchedulerOutput]:
+    outputs = []
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished_requests():
+            break
+        out = scheduler.schedule()
+        assert out.num_batched_tokens <= scheduler.config.max_num_batched_tokens
+        assert len({r.request_id for r, _ in out.scheduled}) == len(out.scheduled)
+        scheduler.update(out, fake_run(out))
+        scheduler.kv.check_integrity()
+        outputs.append(out)
+    assert not scheduler.has_unfinished_requests()
+    return outputs
+
+
+def expected_output(prompt: list[int], max_tokens: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(next_token(tokens))
+    return tokens[len(prompt) :]
+
+
+def random_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 30))] for _ in range(count)]
+
+
+def test_all_requests_finish_and_free_every_block():
+    scheduler = make_scheduler()
+    requests = [make_request(f"r{i}", p) for i, p in enumerate(random_prompts(12))]
+    for r in requests:
+        scheduler.add_request(r)
+    run(scheduler)
+    for r in requests:
+        assert r.status == RequestStatus.FINISHED_LENGTH
+        assert r.output_token_ids == expected_output(r.prompt_token_ids, 8)
+        assert r.block_ids == []
+    assert scheduler.kv.pool.num_in_use == 0
+
+
+def test_abort_mid_run_frees_blocks():
+    scheduler = make_scheduler()
+    requests = [make_request(f"r{i}", p, max_tokens=20) for i, p in enumerate(random_prompts(6))]
+    for r in requests:
+        scheduler.add_request(r)
+    for _ in range(3):
+        out = scheduler.schedule()
+        scheduler.update(out, fake_run(out))
+        scheduler.kv.check_integrity()
+    scheduler.finish_requests([r.request_id for r in requests[:3]], RequestStatus.FINISHED_ABORTED)
+    scheduler.kv.check_integrity()
+    run(scheduler)
+    assert all(r.status == RequestStatus.FINISHED_ABORTED for r in requests[:3])
+    assert scheduler.kv.pool.num_in_use == 0
+
+
+def test_chunked_prefill_mixes_with_decodes():
+    scheduler = make_scheduler(max_num_batched_tokens=8)
+    short = make_request("short", [5, 6, 7], max_tokens=10)
+    scheduler.add_request(short)
+    first = scheduler.schedule()
+    scheduler.update(first, fake_run(first))
+    long = make_request("long", list(range(1, 40)), max_tokens=3)
+    scheduler.add_request(long)
+    outputs = run(scheduler)
+    mixed = [
+        o for o in outputs
+        if {r.request_id for r, _ in o.scheduled} == {"short", "long"}
+        and dict((r.request_id, n) for r, n in o.scheduled)["long"] < 39
+    ]
+    assert mixed, "the long prompt should be chunked alongside the short request's decodes"
+    assert long.output_token_ids == expected_output(long.prompt_token_ids, 3)
+    assert short.output_token_ids == expected_output(short.prompt_token_ids, 10)
+
+
+def test_preemption_recomputes_and_keeps_outputs():
+    scheduler = make_scheduler(num_blocks=12)
+    requests = [make_request(f"r{i}", p, max_tokens=16) for i, p in enumerate(random_prompts(6, seed=1))]
+    for r in requests:
+        scheduler.add_request(r)
+    run(scheduler)
+    assert scheduler.num_preemptions > 0
+    for r in requests:
+        assert r.output_token_ids == expected_output(r.prompt_token_ids, 16)
+    assert scheduler.kv.pool.num_in_use == 0
+
+
+def test_prefix_cache_reuses_full_blocks():
+    scheduler = make_scheduler()
+    prefix = list(range(1, 22))  # 21 tokens: 5 full blocks of 4
+    first = make_request("a", prefix + [30], max_tokens=2)
+    scheduler.add_request(first)
+    run(scheduler)
+    second = make_request("b", prefix + [40, 41], max_tokens=2)
+    scheduler.add_request(second)
+    out = scheduler.schedule()
+    assert second.num_cached_tokens == 20
+    assert out.scheduled == [(second, 3)]
+    scheduler.update(out, fake_run(out))
+    run(scheduler)
+    assert second.output_token_ids == expected_output(second.prompt_token_ids, 2)
+
+
+def test_cache_salt_isolates_prefixes():
+    scheduler = make_scheduler()
+    prompt = list(range(1, 30))
+    scheduler.add_request(make_request("a", prompt, max_tokens=1, cache_salt="alice"))
+    run(scheduler)
+    other = make_request("b", prompt, max_tokens=1, cache_salt="bob")
+    scheduler.add_request(other)
+    scheduler.schedule()
+    assert other.num_cached_tokens == 0
+
+
+def test_eviction_reuses_cached_blocks_when_full():
+    scheduler = make_scheduler(num_blocks=10)
+    for i, prompt in enumerate(random_prompts(8, seed=3)):
+        scheduler.add_request(make_request(f"r{i}", prompt + list(range(1, 12)), max_tokens=2))
+        run(scheduler)
+    kv = scheduler.kv
+    assert kv.pool.num_in_use == 0
+    assert kv.prefix_cache.num_cached_blocks > 0
+    assert kv.num_available_blocks == 10
+
+
+def test_forked_samples_share_prompt_blocks_and_copy_on_write():
+    scheduler = make_scheduler()
+    prompt = list(range(1, 11))  # 10 tokens: blocks [4, 4, 2]
+    parent = make_request("p#0", prompt)
+    children = [make_request(f"p#{i}", prompt, fork_parent=parent) for i in range(1, 4)]
+    parent.num_pending_forks = 3
+    for r in [parent, *children]:
+        scheduler.add_request(r)
+    first = scheduler.schedule()
+    assert first.scheduled == [(parent, 9)]  # stops one short of the prompt
+    scheduler.update(first, fake_run(first))
+    second = scheduler.schedule()
+    assert {r.request_id for r, n in second.scheduled} == {"p#0", "p#1", "p#2", "p#3"}
+    shared = parent.block_ids[:2]
+    for child in children:
+        assert child.block_ids[:2] == shared
+    assert all(scheduler.kv.pool.ref_cnt[b] == 4 for b in shared)
+    # Everyone writes the last prompt token into the partial third block: 3 copies are made.
+    assert len(second.blocks_to_copy) == 3
+    assert len({r.block_ids[2] for r in [parent, *children]}) == 4
+    scheduler.update(second, fake_run(second))
+    run(scheduler)
+    assert scheduler.kv.pool.num_in_use == 0
+
+
+def test_priority_policy_admits_lowest_value_first():
+    scheduler = make_scheduler(policy="priority", max_num_seqs=1)
+    low = make_request("low", [1, 2], priority=5)
+    high = make_request("high", [3, 4], priority=-1)
+    scheduler.add_request(low)
+    scheduler.add_request(high)
+    out = scheduler.schedule()
+    assert [r.request_id for r, _ in out.scheduled] == ["high"]
