@@ -91,22 +91,31 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """Sample one token per row of ``logits`` [R, V] (float32)."""
         raw_logprobs = logits.log_softmax(dim=-1)
+        logits = self.process(logits, md)
+        greedy = logits.argmax(dim=-1)
+        if md.all_greedy:
+            sampled = greedy
+        else:
+            random = random_sample(self.probs(logits, md), md.generators)
+            sampled = torch.where(md.is_greedy, greedy, random)
+        return gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
+
+    @staticmethod
+    def process(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """Penalties, logit bias and banned tokens (applied to greedy rows too)."""
         logits = apply_penalties(logits, md)
         if md.logit_bias is not None:
             rows, ids, values = md.logit_bias
             logits = logits.index_put((rows, ids), values, accumulate=True)
         if md.banned is not None:
             logits = logits.index_put(md.banned, torch.tensor(_NEG_INF, device=logits.device))
-        greedy = logits.argmax(dim=-1)
-        if md.all_greedy:
-            sampled = greedy
-        else:
-            temperature = torch.where(md.is_greedy, 1.0, md.temperature)
-            scaled = apply_top_k_top_p_min_p(logits / temperature[:, None], md)
-            sampled = torch.where(
-                md.is_greedy, greedy, random_sample(scaled.softmax(-1), md.generators)
-            )
-        return gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
+        return logits
+
+    @staticmethod
+    def probs(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """The distribution random rows draw from: temperature, then top-k / top-p / min-p."""
+        temperature = torch.where(md.is_greedy, 1.0, md.temperature)
+        return apply_top_k_top_p_min_p(logits / temperature[:, None], md).softmax(dim=-1)
 
 
 def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> SamplerOutput:
