@@ -25,12 +25,18 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
     """Gemma3 text config.json."""
     hf = hf.get("text_config", hf)
     num_layers = hf["num_hidden_layers"]
+    # Newer configs hold one rope entry per layer type; older ones flat fields.
+    ropes = hf.get("rope_parameters") or {}
+    full, local = ropes.get("full_attention", {}), ropes.get("sliding_attention", {})
+    scaling = full if full.get("rope_type", "default") != "default" else hf.get("rope_scaling")
     base = llama.config_from_hf(
         hf,
         architecture="Gemma3ForCausalLM",
-        rope_theta=llama._rope_theta(hf, 1_000_000.0),
+        rope_theta=float(full.get("rope_theta") or hf.get("rope_theta") or 1_000_000.0),
+        rope_scaling=dict(scaling) if scaling else None,
         tie_word_embeddings=hf.get("tie_word_embeddings", True),
     )
+    local_theta = local.get("rope_theta") or hf.get("rope_local_base_freq") or _LOCAL_ROPE_THETA
     return TransformerConfig(
         **{
             **base.__dict__,
@@ -39,7 +45,7 @@ def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
             "hidden_act": "gelu_tanh",
             "embed_scale": gemma_embed_scale(hf["hidden_size"]),
             "attn_scale": float(hf.get("query_pre_attn_scalar", base.head_dim)) ** -0.5,
-            "rope_local_theta": float(hf.get("rope_local_base_freq", _LOCAL_ROPE_THETA)),
+            "rope_local_theta": float(local_theta),
             "sliding_window": hf.get("sliding_window", 512),
             "sliding_layers": _sliding_layers(num_layers, hf.get("layer_types")),
             "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),

@@ -1,0 +1,93 @@
+"""Tiny random Hugging Face checkpoints written with transformers (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 96
+WORDS = ["<s>", "</s>", "<unk>", "user", "assistant"] + [f"w{i}" for i in range(5, VOCAB)]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ bos_token if loop.first else '' }}{{ m['role'] }} {{ m['content'] }} "
+    "{% endfor %}{% if add_generation_prompt %}assistant{% endif %}"
+)
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer over the tiny vocabulary with BOS/EOS and a chat template."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in WORDS[:3]])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "chat_template": CHAT_TEMPLATE,
+            }
+        )
+    )
+
+
+def _common(**extra: object) -> dict[str, object]:
+    fields: dict[str, object] = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.25,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    fields.update(extra)
+    return fields
+
+
+def build_model(arch: str):  # type: ignore[no-untyped-def]
+    """A random transformers model of a small config for ``arch``."""
+    import transformers as tf
+
+    if arch == "llama":
+        config = tf.LlamaConfig(**_common(tie_word_embeddings=False))
+        return tf.LlamaForCausalLM(config)
+    if arch == "llama3":
+        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                   "rope_theta": 500000.0}
+        config = tf.LlamaConfig(**_common(tie_word_embeddings=True, rope_parameters=scaling))
+        return tf.LlamaForCausalLM(config)
+    if arch == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**_common(sliding_window=8)))
+    if arch == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**_common(tie_word_embeddings=True)))
+    if arch == "gemma3":
+        config = tf.Gemma3TextConfig(
+            **_common(num_hidden_layers=6, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
+        )
+        return tf.Gemma3ForCausalLM(config)
+    raise ValueError(arch)
+
+
+def write_checkpoint(arch: str, directory: Path, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Write a sharded safetensors checkpoint plus tokenizer; return the float32 model."""
+    torch.manual_seed(seed)
+    model = build_model(arch).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:  # random norm scales, so a wrong norm formula shows
+                param.add_(torch.randn_like(param) * 0.3)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size="100KB")
+    write_tokenizer(directory)
+    return model
