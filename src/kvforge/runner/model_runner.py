@@ -108,9 +108,8 @@ class ModelRunner:
             starts.append(start)
             tables.append(request.block_ids)
             wants_prompt = request.sampling_params.prompt_logprobs is not None
-            last_prompt_pos = (
-                request.num_prompt_tokens - 2
-            )  # last position that predicts a prompt token
+            # The last position whose logits predict a prompt token.
+            last_prompt_pos = request.num_prompt_tokens - 2
             if wants_prompt and start <= last_prompt_pos:
                 count = min(start + num_new - 1, last_prompt_pos) - start + 1
                 prompt_reqs.append((request, len(logit_rows), count, start))
@@ -121,7 +120,7 @@ class ModelRunner:
             offset += num_new
         batch = ForwardBatch.build(chunks, starts, tables, self.block_size, self.device)
         hidden = self.model(batch, self.kv_caches)
-        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=self.device)])
+        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)])
         result = ModelRunnerOutput()
         if sample_reqs:
             self._sample(logits, sample_reqs, result)
