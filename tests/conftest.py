@@ -19,7 +19,6 @@ from kvforge.runner import ModelRunner
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``cuda`` tests on machines without a GPU."""
     if torch.cuda.is_available():
@@ -39,7 +38,9 @@ def smollm_path() -> str:
 @pytest.fixture(scope="session")
 def smollm(smollm_path: str) -> LoadedModel:
     """The embedded model, loaded once per test session."""
-    return load_model(ModelConfig(model=smollm_path), create_attention_backend(), show_progress=False)
+    return load_model(
+        ModelConfig(model=smollm_path), create_attention_backend(), show_progress=False
+    )
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,9 @@ def naive_beam_search(model, prompt, width, max_tokens, length_penalty):
 def test_beam_search_equals_naive_reference(tiny, width, length_penalty):
     engine, reference = tiny
     prompts = [[0, 7, 8, 9], [0, 20, 21, 22, 23, 24, 25, 26, 27, 28]]
-    params = SamplingParams(n=width, use_beam_search=True, max_tokens=7, length_penalty=length_penalty)
+    params = SamplingParams(
+        n=width, use_beam_search=True, max_tokens=7, length_penalty=length_penalty
+    )
     ids = [engine.add_request(p, params) for p in prompts]
     outputs = run_to_completion(engine, engine.kv_cache_manager.check_integrity)
     assert engine.kv_cache_manager.pool.num_in_use == 0

@@ -15,7 +15,9 @@ def test_shared_500_token_prefix_is_served_from_cache(make_engine):
     prefix_ids = engine.tokenizer.encode(f"Here is a long list: {words}")[:500]
     assert len(prefix_ids) == 500
     params = SamplingParams(temperature=0, max_tokens=2)
-    engine.add_request(prefix_ids + engine.tokenizer.encode(" First question?", False), params, request_id="a")
+    engine.add_request(
+        prefix_ids + engine.tokenizer.encode(" First question?", False), params, request_id="a"
+    )
     run_to_completion(engine)
     second = prefix_ids + engine.tokenizer.encode(" Second question, longer?", False)
     engine.add_request(second, params, request_id="b")
@@ -38,7 +40,9 @@ def test_n_samples_share_prompt_blocks(make_engine):
     engine = make_engine(enable_prefix_caching=False)
     prompt = engine.tokenizer.encode("Tell me a short story about a dragon. " * 6)
     num_full = (len(prompt) - 1) // 16
-    engine.add_request(prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8), request_id="s")
+    engine.add_request(
+        prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8), request_id="s"
+    )
     pool = engine.kv_cache_manager.pool
     saw_sharing = False
     outputs = {}
@@ -74,7 +78,11 @@ def test_seeded_sampling_is_reproducible_across_batches(make_engine):
 
 def test_best_of_keeps_the_most_likely(make_engine):
     engine = make_engine()
-    engine.add_request("Name a color.", SamplingParams(n=2, best_of=4, temperature=1.0, seed=1, max_tokens=6), request_id="b")
+    engine.add_request(
+        "Name a color.",
+        SamplingParams(n=2, best_of=4, temperature=1.0, seed=1, max_tokens=6),
+        request_id="b",
+    )
     out = run_to_completion(engine)["b"]
     assert len(out.outputs) == 2
     assert out.outputs[0].cumulative_logprob >= out.outputs[1].cumulative_logprob
@@ -101,20 +109,32 @@ def test_logprobs_and_prompt_logprobs(make_engine):
 
 def test_stop_strings_and_stop_tokens(make_engine):
     engine = make_engine()
-    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "Count from 1 to 10, separated by commas."}])
+    prompt = engine.tokenizer.encode_chat(
+        [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    )
     base = SamplingParams(temperature=0, max_tokens=40)
     engine.add_request(prompt, base, request_id="free")
     free = run_to_completion(engine)["free"].outputs[0]
     assert "4" in free.text
     stop_at = free.text.index("4")
-    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=40, stop=["4"]), request_id="s")
+    engine.add_request(
+        prompt, SamplingParams(temperature=0, max_tokens=40, stop=["4"]), request_id="s"
+    )
     stopped = run_to_completion(engine)["s"].outputs[0]
     assert stopped.text == free.text[:stop_at]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == "4"
-    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=40, stop=["4"], include_stop_str_in_output=True), request_id="i")
+    engine.add_request(
+        prompt,
+        SamplingParams(temperature=0, max_tokens=40, stop=["4"], include_stop_str_in_output=True),
+        request_id="i",
+    )
     assert run_to_completion(engine)["i"].outputs[0].text == free.text[: stop_at + 1]
     stop_token = free.token_ids[3]
-    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_token]), request_id="t")
+    engine.add_request(
+        prompt,
+        SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_token]),
+        request_id="t",
+    )
     by_token = run_to_completion(engine)["t"].outputs[0]
     assert by_token.token_ids == free.token_ids[: free.token_ids.index(stop_token) + 1]
     assert by_token.stop_reason == stop_token
@@ -128,16 +148,22 @@ def test_min_tokens_and_eos(make_engine):
     natural = run_to_completion(engine)["a"].outputs[0]
     assert natural.finish_reason == "stop"
     longer = len(natural.token_ids) + 5
-    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=50, min_tokens=longer), request_id="b")
+    engine.add_request(
+        prompt, SamplingParams(temperature=0, max_tokens=50, min_tokens=longer), request_id="b"
+    )
     forced = run_to_completion(engine)["b"].outputs[0]
     assert len(forced.token_ids) >= longer
-    assert engine.tokenizer.eos_token_id not in forced.token_ids[: longer]
+    assert engine.tokenizer.eos_token_id not in forced.token_ids[:longer]
 
 
 def test_abort_frees_blocks_and_others_continue(make_engine):
     engine = make_engine()
-    engine.add_request("Write a long essay about the ocean.", SamplingParams(max_tokens=50), request_id="gone")
-    engine.add_request("Write a poem.", SamplingParams(temperature=0, max_tokens=5), request_id="kept")
+    engine.add_request(
+        "Write a long essay about the ocean.", SamplingParams(max_tokens=50), request_id="gone"
+    )
+    engine.add_request(
+        "Write a poem.", SamplingParams(temperature=0, max_tokens=5), request_id="kept"
+    )
     engine.step()
     engine.step()
     engine.abort_request("gone")
@@ -167,11 +193,18 @@ def test_llm_api_generate_and_chat(smollm, make_engine):
 
     llm = LLM.__new__(LLM)  # reuse the loaded model: construct around an engine
     llm.engine = make_engine()
-    outputs = llm.generate(["Hello, my name is", "The sky is"], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    outputs = llm.generate(
+        ["Hello, my name is", "The sky is"],
+        SamplingParams(temperature=0, max_tokens=5),
+        use_tqdm=False,
+    )
     assert [o.prompt for o in outputs] == ["Hello, my name is", "The sky is"]
     assert all(len(o.outputs[0].token_ids) == 5 and o.outputs[0].text for o in outputs)
     replies = llm.chat(
-        [[{"role": "user", "content": "What is 2+2?"}], [{"role": "user", "content": "What is the capital of France?"}]],
+        [
+            [{"role": "user", "content": "What is 2+2?"}],
+            [{"role": "user", "content": "What is the capital of France?"}],
+        ],
         SamplingParams(temperature=0, max_tokens=20),
         use_tqdm=False,
     )

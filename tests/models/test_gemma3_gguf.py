@@ -38,7 +38,9 @@ def gemma_path(tmp_path_factory) -> str:
 def hf_gemma(gemma_path):
     transformers = pytest.importorskip("transformers")
     directory, name = os.path.split(gemma_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=torch.float32
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     return model.eval(), tokenizer
 

@@ -44,8 +44,12 @@ def test_logits_match_transformers(checkpoint):
     kv = kv_caches(cfg, 12)
     blocks = list(range(10))
     with torch.inference_mode():
-        first = loaded.model(ForwardBatch.build([ids[:23]], [0], [blocks], 4, torch.device("cpu")), kv)
-        second = loaded.model(ForwardBatch.build([ids[23:]], [23], [blocks], 4, torch.device("cpu")), kv)
+        first = loaded.model(
+            ForwardBatch.build([ids[:23]], [0], [blocks], 4, torch.device("cpu")), kv
+        )
+        second = loaded.model(
+            ForwardBatch.build([ids[23:]], [23], [blocks], 4, torch.device("cpu")), kv
+        )
         ours = loaded.model.compute_logits(torch.cat([first, second]))
         ref = reference(torch.tensor([ids])).logits[0]
     assert (ours - ref).abs().max().item() <= LOGIT_TOLERANCE

@@ -62,9 +62,14 @@ def build_model(arch: str):  # type: ignore[no-untyped-def]
         config = tf.LlamaConfig(**_common(tie_word_embeddings=False))
         return tf.LlamaForCausalLM(config)
     if arch == "llama3":
-        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
-                   "rope_theta": 500000.0}
+        scaling = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 500000.0,
+        }
         config = tf.LlamaConfig(**_common(tie_word_embeddings=True, rope_parameters=scaling))
         return tf.LlamaForCausalLM(config)
     if arch == "mistral":

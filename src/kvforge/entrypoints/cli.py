@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvforge import config as kv_config
@@ -111,36 +111,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive multi-turn chat, streamed token by token; the prefix cache keeps past turns."""
     llm = _make_llm(args)
-    engine = llm.engine
-    messages: list[dict[str, str]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
     print("kvforge chat: type a message, /reset to start over, Ctrl-D to quit.", file=sys.stderr)
+    run_chat(llm.engine, _sampling_params(args), system=args.system, verbose=args.verbose)
+    return 0
+
+
+def run_chat(
+    engine: Any,
+    params: SamplingParams,
+    *,
+    system: str | None = None,
+    verbose: bool = False,
+    read: Callable[[str], str] = input,
+    write: Callable[[str], None] = lambda text: print(text, end="", flush=True),
+) -> list[Any]:
+    """The chat loop over an engine; returns the final RequestOutput of every turn."""
+    base: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    turns: list[Any] = []
     while True:
         try:
-            line = input("> ")
+            line = read("> ")
         except EOFError:
-            print(file=sys.stderr)
-            return 0
+            write("\n")
+            return turns
         if not line.strip():
             continue
         if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
+            messages = list(base)
             continue
         messages.append({"role": "user", "content": line})
-        prompt = engine.tokenizer.encode_chat(messages)
-        request_id = engine.add_request(prompt, _sampling_params(args))
+        request_id = engine.add_request(engine.tokenizer.encode_chat(messages), params)
         shown = 0
-        text = ""
+        final = None
         while engine.has_unfinished_requests():
             for output in engine.step():
                 if output.request_id != request_id:
                     continue
                 text = output.outputs[0].text
-                print(text[shown:], end="", flush=True)
+                write(text[shown:])
                 shown = len(text)
-        print()
-        messages.append({"role": "assistant", "content": text})
+                final = output
+        write("\n")
+        assert final is not None
+        turns.append(final)
+        if verbose:
+            print(
+                f"[{len(final.prompt_token_ids)} prompt tokens, {final.num_cached_tokens} cached, "
+                f"{len(final.outputs[0].token_ids)} generated]",
+                file=sys.stderr,
+            )
+        messages.append({"role": "assistant", "content": final.outputs[0].text})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(chat)
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("-v", "--verbose", action="store_true", help="print token counts per turn")
     chat.set_defaults(func=cmd_chat)
     return parser
 

@@ -98,9 +98,11 @@ def dequantize_tensor(tensor: Any) -> torch.Tensor:
         raise UnsupportedModelError(
             f"tensor {tensor.name} has unsupported type {tensor.tensor_type.name}"
         )
-    array = dequantize(tensor.data, tensor.tensor_type)
+    array = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    if not array.flags.writeable:  # float tensors come straight from the read-only mmap
+        array = array.copy()
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+    return torch.from_numpy(array.reshape(shape))
 
 
 def iter_gguf_weights(

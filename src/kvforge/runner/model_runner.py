@@ -120,7 +120,9 @@ class ModelRunner:
             offset += num_new
         batch = ForwardBatch.build(chunks, starts, tables, self.block_size, self.device)
         hidden = self.model(batch, self.kv_caches)
-        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)])
+        logits = self.model.compute_logits(
+            hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)]
+        )
         result = ModelRunnerOutput()
         if sample_reqs:
             self._sample(logits, sample_reqs, result)

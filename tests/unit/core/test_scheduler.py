@@ -108,7 +108,8 @@ def test_chunked_prefill_mixes_with_decodes():
     scheduler.add_request(long)
     outputs = run(scheduler)
     mixed = [
-        o for o in outputs
+        o
+        for o in outputs
         if {r.request_id for r, _ in o.scheduled} == {"short", "long"}
         and dict((r.request_id, n) for r, n in o.scheduled)["long"] < 39
     ]
@@ -119,7 +120,9 @@ def test_chunked_prefill_mixes_with_decodes():
 
 def test_preemption_recomputes_and_keeps_outputs():
     scheduler = make_scheduler(num_blocks=12)
-    requests = [make_request(f"r{i}", p, max_tokens=16) for i, p in enumerate(random_prompts(6, seed=1))]
+    requests = [
+        make_request(f"r{i}", p, max_tokens=16) for i, p in enumerate(random_prompts(6, seed=1))
+    ]
     for r in requests:
         scheduler.add_request(r)
     run(scheduler)

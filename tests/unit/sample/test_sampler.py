@@ -47,10 +47,12 @@ def naive_probs(row, p: SamplingParams):
     if p.top_k:
         kth = sorted(scaled, reverse=True)[p.top_k - 1]
         keep = {t for t in keep if scaled[t] >= kth}
+
     def softmax(ids):
         m = max(scaled[t] for t in ids)
         z = sum(math.exp(scaled[t] - m) for t in ids)
         return {t: math.exp(scaled[t] - m) / z for t in ids}
+
     if p.top_p < 1:
         probs = softmax(keep)
         nucleus, total = set(), 0.0
@@ -121,7 +123,9 @@ def test_samples_follow_the_distribution():
     params = SamplingParams(temperature=0.8, top_k=8)
     md = build([params] * 4000, outputs=[[]] * 4000)
     out = Sampler()(logits.expand(4000, -1).contiguous(), md)
-    expected = Sampler.probs(Sampler.process(logits, build([params], outputs=[[]])), build([params], outputs=[[]]))[0]
+    expected = Sampler.probs(
+        Sampler.process(logits, build([params], outputs=[[]])), build([params], outputs=[[]])
+    )[0]
     counts = torch.bincount(out.token_ids, minlength=VOCAB).float() / 4000
     assert counts[expected == 0].sum() == 0  # nothing outside top-k
     assert (counts - expected).abs().max() < 0.03

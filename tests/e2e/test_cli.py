@@ -1,0 +1,81 @@
+"""The kvforge command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from kvforge.entrypoints.cli import build_parser, run_chat
+from kvforge.sampling_params import SamplingParams
+
+
+def test_generate_command_runs_the_embedded_model():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvforge.entrypoints.cli",
+            "generate",
+            "--chat",
+            "-p",
+            "What is the capital of France?",
+            "--max-tokens",
+            "12",
+            "--kv-cache-memory",
+            "64MiB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "KV cache" in result.stderr  # start-up log reports the KV budget
+
+
+def test_generate_command_reports_bad_input():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvforge.entrypoints.cli",
+            "generate",
+            "-p",
+            "hi",
+            "--top-p",
+            "7",
+            "--kv-cache-memory",
+            "16MiB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "top_p" in result.stderr
+
+
+def test_chat_reuses_the_prefix_cache_between_turns(make_engine):
+    engine = make_engine()
+    lines = iter(["What is the capital of France?", "And of Italy?"])
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    written: list[str] = []
+    turns = run_chat(
+        engine, SamplingParams(temperature=0, max_tokens=24), read=read, write=written.append
+    )
+    assert len(turns) == 2
+    assert "Paris" in turns[0].outputs[0].text
+    # The second turn's prompt starts with the whole first exchange: most of it is cached.
+    assert turns[1].num_cached_tokens >= (len(turns[0].prompt_token_ids) // 16) * 16
+    assert "".join(written).startswith(turns[0].outputs[0].text)
+
+
+def test_parser_knows_the_subcommands():
+    args = build_parser().parse_args(["generate", "-p", "x", "-n", "2", "--temperature", "0.5"])
+    assert args.n == 2 and args.temperature == 0.5 and args.model is None
