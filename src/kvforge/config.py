@@ -32,6 +32,11 @@ def default_model_path() -> str:
     raise ModelNotFoundError(f"{DEFAULT_MODEL_PACKAGE} does not contain {DEFAULT_MODEL_FILE}")
 
 
+def api_key() -> str | None:
+    """API key from ``KVFORGE_API_KEY`` (the ``--api-key`` flag wins)."""
+    return os.environ.get("KVFORGE_API_KEY") or None
+
+
 def log_level() -> str:
     """Log level from ``KVFORGE_LOG_LEVEL`` (default INFO)."""
     return os.environ.get("KVFORGE_LOG_LEVEL", "INFO").upper()

@@ -37,7 +37,7 @@ _FINISH_REASONS = {
 }
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity equality: queues hold and remove exact objects
 class Request:
     """One sequence being generated. ``n > 1`` requests become ``n`` Requests sharing a prompt.
 

@@ -11,7 +11,7 @@ LAYERS = {
     0: {"config", "sampling_params", "request", "outputs", "errors", "utils"},
     1: {"tokenizer", "core"},
     2: {"layers", "models", "loader", "sample", "runner"},
-    3: {"engine", "output_processor", "beam_search"},
+    3: {"engine", "output_processor", "beam_search", "async_engine"},
     4: {"entrypoints", "__init__"},
 }
 NO_TORCH = LAYERS[0] | {"core"}

@@ -164,6 +164,32 @@ def run_chat(
         messages.append({"role": "assistant", "content": final.outputs[0].text})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model over HTTP (OpenAI-compatible API and native /generate)."""
+    from pathlib import Path
+
+    from kvforge.async_engine import AsyncLLM
+    from kvforge.entrypoints.openai import ServerConfig, serve
+    from kvforge.utils import parse_size
+
+    if args.model_positional:
+        args.model = args.model_positional
+    llm = _make_llm(args)
+    names = args.served_model_name or [
+        Path(args.model).stem if args.model else kv_config.DEFAULT_MODEL_NAME
+    ]
+    config = ServerConfig(
+        served_model_names=tuple(names),
+        api_key=args.api_key or kv_config.api_key(),
+        allowed_origins=tuple(args.allowed_origins or ()),
+        max_request_bytes=parse_size(args.max_request_bytes),
+        max_queued_requests=args.max_queued_requests,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    serve(AsyncLLM(llm.engine, args.max_queued_requests), config, args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``kvforge`` command."""
     parser = argparse.ArgumentParser(prog="kvforge", description="kvforge LLM inference engine")
@@ -181,6 +207,24 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("-v", "--verbose", action="store_true", help="print token counts per turn")
     chat.set_defaults(func=cmd_chat)
+    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    srv.add_argument("model_positional", nargs="?", default=None, metavar="MODEL")
+    _add_engine_args(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--served-model-name", nargs="+", default=None, help="name (and aliases) in the API"
+    )
+    srv.add_argument(
+        "--api-key", default=None, help="require this bearer token (or KVFORGE_API_KEY)"
+    )
+    srv.add_argument("--allowed-origins", nargs="*", default=None, help="CORS origins")
+    srv.add_argument(
+        "--max-queued-requests", type=int, default=None, help="429 beyond this many waiting"
+    )
+    srv.add_argument("--max-request-bytes", default="16MiB", help="413 for larger bodies")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="SIGTERM drain limit (s)")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -15,7 +15,7 @@ from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.loader import LoadedModel, load_model
 from kvforge.request import Request
 from kvforge.sample import Sampler, SamplingMetadata, gather_logprobs
-from kvforge.utils import available_memory, format_size
+from kvforge.utils import available_memory, cdiv, format_size
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +208,33 @@ class ModelRunner:
     def _drop_finished(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             self._generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def embed(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Mean-pooled, L2-normalized final hidden states [N, E] of whole prompts.
+
+        Runs on scratch KV tensors so the serving cache is untouched.
+        """
+        tables, next_block = [], 0
+        for ids in prompts:
+            count = cdiv(len(ids), self.block_size)
+            tables.append(list(range(next_block, next_block + count)))
+            next_block += count
+        cfg = self.model_config
+        shape = (next_block, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        scratch = [
+            (
+                torch.zeros(shape, dtype=self.loaded.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.loaded.dtype, device=self.device),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+        batch = ForwardBatch.build(
+            prompts, [0] * len(prompts), tables, self.block_size, self.device
+        )
+        hidden = self.model(batch, scratch).float()  # [T, E]
+        pooled = torch.stack([chunk.mean(0) for chunk in hidden.split([len(p) for p in prompts])])
+        return torch.nn.functional.normalize(pooled, dim=-1)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:

@@ -71,9 +71,14 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str:
-        """Render a conversation to prompt text with the model's (or the given) template."""
+        """Render a conversation to prompt text with the model's (or the given) template.
+
+        ``continue_final_message`` leaves the last (assistant) message open for the model to
+        continue: the text is cut right after that message's content.
+        """
         template = chat_template or self.chat_template
         if template is None:
             raise InvalidRequestError(
@@ -83,7 +88,11 @@ class Tokenizer:
             "bos_token": self.token_text(self.bos_token_id) or "",
             "eos_token": self.token_text(self.eos_token_id) or "",
         }
-        return render_chat_template(
+        if continue_final_message and add_generation_prompt:
+            raise InvalidRequestError(
+                "continue_final_message and add_generation_prompt cannot both be true", "messages"
+            )
+        text = render_chat_template(
             template,
             messages,
             add_generation_prompt=add_generation_prompt,
@@ -91,6 +100,13 @@ class Tokenizer:
             tools=tools,
             **kwargs,
         )
+        if continue_final_message:
+            final = str(messages[-1].get("content") or "")
+            cut = text.rfind(final) if final else -1
+            if cut < 0:
+                raise InvalidRequestError("cannot locate the final message to continue", "messages")
+            text = text[: cut + len(final)]
+        return text
 
     def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         """Token ids of a rendered conversation (the template supplies BOS if it wants one)."""

@@ -1,0 +1,141 @@
+"""Prometheus metrics of one server (own registry: no module-level state)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvforge.async_engine import AsyncLLM
+from kvforge.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def read_engine_stats(engine: Any) -> tuple[int, ...]:
+    """Queue sizes, KV usage, prefix-cache and preemption counts (run on the engine thread)."""
+    kv = engine.kv_cache_manager
+    return (
+        len(engine.scheduler.running),
+        len(engine.scheduler.waiting),
+        kv.pool.num_in_use,
+        kv.num_blocks,
+        kv.prefix_cache.num_queries,
+        kv.prefix_cache.num_hits,
+        engine.num_preemptions,
+    )
+
+
+class _EngineCollector(Collector):
+    """Exports the engine stats read just before the scrape."""
+
+    def __init__(self) -> None:
+        self.stats: tuple[int, ...] = (0, 0, 0, 1, 0, 0, 0)
+
+    def collect(self) -> Iterator[Any]:
+        running, waiting, used, total, queries, hits, preemptions = self.stats
+        yield GaugeMetricFamily(
+            "kvforge:num_requests_running", "Requests in the running queue", running
+        )
+        yield GaugeMetricFamily(
+            "kvforge:num_requests_waiting", "Requests waiting for admission", waiting
+        )
+        yield GaugeMetricFamily(
+            "kvforge:kv_cache_usage_perc", "Fraction of KV blocks in use", used / total
+        )
+        yield GaugeMetricFamily("kvforge:kv_cache_blocks_used", "KV blocks in use", used)
+        yield CounterMetricFamily(
+            "kvforge:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", queries
+        )
+        yield CounterMetricFamily(
+            "kvforge:prefix_cache_hits", "Prompt tokens found in the prefix cache", hits
+        )
+        yield CounterMetricFamily(
+            "kvforge:num_preemptions", "Requests preempted for lack of KV blocks", preemptions
+        )
+
+
+class ServerMetrics:
+    """Request-level counters and latency histograms, plus the engine collector."""
+
+    def __init__(self, llm: AsyncLLM) -> None:
+        self.llm = llm
+        self.registry = CollectorRegistry()
+        self.engine_stats = _EngineCollector()
+        self.registry.register(self.engine_stats)
+        r = self.registry
+        self.requests = Counter(
+            "kvforge:request_success",
+            "Finished requests by finish reason",
+            ["finished_reason"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "kvforge:prompt_tokens", "Prompt tokens of finished requests", registry=r
+        )
+        self.generation_tokens = Counter(
+            "kvforge:generation_tokens", "Generated tokens", registry=r
+        )
+        self.ttft = Histogram(
+            "kvforge:time_to_first_token_seconds",
+            "Time to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "kvforge:inter_token_latency_seconds",
+            "Time between tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "kvforge:e2e_request_latency_seconds",
+            "Arrival to finish",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "kvforge:request_queue_time_seconds",
+            "Arrival to first scheduled",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    async def render(self) -> bytes:
+        """The text exposition of every metric, engine stats read fresh."""
+        self.engine_stats.stats = await self.llm.acall(read_engine_stats)
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Follows one request's outputs to observe token timing and its end."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.last_time: float | None = None
+        self.num_tokens = 0
+
+    def observe(self, output: RequestOutput) -> None:
+        """Call with every RequestOutput of the request, in order."""
+        now = time.monotonic()
+        num_tokens = sum(len(c.token_ids) for c in output.outputs)
+        new = num_tokens - self.num_tokens
+        if new > 0 and self.last_time is not None:
+            self.metrics.itl.observe((now - self.last_time) / new)
+        if new > 0:
+            self.last_time, self.num_tokens = now, num_tokens
+        if output.finished and output.metrics is not None:
+            m = output.metrics
+            for completion in output.outputs:
+                self.metrics.requests.labels(completion.finish_reason or "abort").inc()
+            self.metrics.prompt_tokens.inc(m.num_prompt_tokens)
+            self.metrics.generation_tokens.inc(num_tokens)
+            if m.time_to_first_token is not None:
+                self.metrics.ttft.observe(m.time_to_first_token)
+            if m.first_scheduled_time is not None:
+                self.metrics.queue.observe(m.first_scheduled_time - m.arrival_time)
+            self.metrics.e2e.observe(now - m.arrival_time)

@@ -1,0 +1,241 @@
+"""OpenAI-compatible request bodies (pydantic) and their mapping to SamplingParams."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvforge.errors import InvalidRequestError
+from kvforge.sampling_params import SamplingParams
+
+MAX_N = 16
+
+
+class StreamOptions(BaseModel):
+    """``stream_options`` of OpenAI requests."""
+
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Sampling fields shared by completions and chat (OpenAI names plus vLLM extensions)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    n: int = 1
+    best_of: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # vLLM extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    priority: int = 0
+    cache_salt: str | None = None
+
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
+        """SamplingParams for this body; invalid values raise InvalidRequestError."""
+        if self.n > MAX_N:
+            raise InvalidRequestError(f"n must be at most {MAX_N}, got {self.n}", "n")
+        try:
+            bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
+        except ValueError as exc:
+            raise InvalidRequestError("logit_bias keys must be token ids", "logit_bias") from exc
+        return SamplingParams(
+            n=self.n,
+            best_of=self.best_of,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            logit_bias=bias or None,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+            use_beam_search=self.use_beam_search,
+            length_penalty=self.length_penalty,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def as_template_dict(self) -> dict[str, Any]:
+        """The message as chat templates expect it: text content parts joined."""
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            texts = []
+            for part in self.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidRequestError(
+                        f"unsupported content part type {part.get('type')!r}", "messages"
+                    )
+                texts.append(part["text"])
+            message["content"] = "\n".join(texts)
+        elif self.content is None:
+            message["content"] = ""
+        return message
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` wins over the deprecated ``max_tokens``."""
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token, or None without logprobs."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidRequestError("top_logprobs requires logprobs=true", "top_logprobs")
+            return None
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise InvalidRequestError("top_logprobs must be in [0, 20]", "top_logprobs")
+        return self.top_logprobs or 0
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: a prompt or chat messages."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate in SGLang's native shape."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: str | None = None
+    input_ids: list[int] | None = None
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    stream: bool = False
+    rid: str | None = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        """SGLang names (max_new_tokens, stop, ...) to SamplingParams."""
+        sp = dict(self.sampling_params)
+        known = {
+            "max_new_tokens": "max_tokens",
+            "temperature": "temperature",
+            "top_p": "top_p",
+            "top_k": "top_k",
+            "min_p": "min_p",
+            "stop": "stop",
+            "stop_token_ids": "stop_token_ids",
+            "frequency_penalty": "frequency_penalty",
+            "presence_penalty": "presence_penalty",
+            "repetition_penalty": "repetition_penalty",
+            "min_new_tokens": "min_tokens",
+            "ignore_eos": "ignore_eos",
+            "n": "n",
+            "seed": "seed",
+            "skip_special_tokens": "skip_special_tokens",
+        }
+        unknown = set(sp) - set(known)
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown sampling_params: {sorted(unknown)}", "sampling_params"
+            )
+        kwargs = {known[k]: v for k, v in sp.items()}
+        kwargs.setdefault("max_tokens", 128)
+        if kwargs.get("top_k") == -1:
+            kwargs["top_k"] = 0
+        try:
+            return SamplingParams(**kwargs)
+        except TypeError as exc:
+            raise InvalidRequestError(f"invalid sampling_params: {exc}", "sampling_params") from exc

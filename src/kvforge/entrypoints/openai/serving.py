@@ -1,0 +1,496 @@
+"""Request handlers of the OpenAI-compatible and native APIs (routes stay thin)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from kvforge.async_engine import AsyncLLM
+from kvforge.entrypoints.openai.metrics import RequestTracker, ServerMetrics
+from kvforge.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    SamplingFields,
+)
+from kvforge.errors import InvalidRequestError, ModelNotFoundError
+from kvforge.outputs import CompletionOutput, RequestOutput
+from kvforge.sampling_params import SamplingParams
+
+logger = logging.getLogger("kvforge.server")
+
+Prompt = str | list[int]
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+class OpenAIServing:
+    """Turns API bodies into engine requests and engine outputs into API responses."""
+
+    def __init__(
+        self, llm: AsyncLLM, served_model_names: list[str], metrics: ServerMetrics
+    ) -> None:
+        self.llm = llm
+        self.model_names = served_model_names
+        self.metrics = metrics
+        self.tokenizer = llm.engine.tokenizer
+
+    # ---------------------------------------------------------------- common
+    def check_model(self, name: str | None) -> str:
+        """The served name for ``name`` (None = the default); unknown names raise 404."""
+        if name is None or name in self.model_names:
+            return name or self.model_names[0]
+        raise ModelNotFoundError(
+            f"the model {name!r} does not exist; this server serves {self.model_names}"
+        )
+
+    async def run(
+        self, prompt: Prompt, params: SamplingParams, request_id: str, body: SamplingFields | None
+    ) -> AsyncIterator[RequestOutput]:
+        """Engine outputs of one request, with metrics and one log line at the end."""
+        tracker = RequestTracker(self.metrics)
+        kwargs = {"priority": body.priority, "cache_salt": body.cache_salt} if body else {}
+        last: RequestOutput | None = None
+        async for output in self.llm.generate(prompt, params, request_id, **kwargs):
+            tracker.observe(output)
+            last = output
+            yield output
+        if last is not None and last.metrics is not None:
+            m = last.metrics
+            ttft = f"{m.time_to_first_token:.3f}s" if m.time_to_first_token is not None else "-"
+            logger.info(
+                "request %s: %d prompt tokens (%d cached), %d generated, ttft %s, %.3fs",
+                request_id,
+                m.num_prompt_tokens,
+                m.num_cached_tokens,
+                sum(len(c.token_ids) for c in last.outputs),
+                ttft,
+                time.monotonic() - m.arrival_time,
+            )
+
+    async def collect(self, streams: Sequence[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+        """Final outputs of several concurrent requests (aborts all if one fails)."""
+
+        async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+            final = None
+            async for output in stream:
+                final = output
+            assert final is not None
+            return final
+
+        return list(await asyncio.gather(*(last(s) for s in streams)))
+
+    @staticmethod
+    async def merge(
+        streams: Sequence[AsyncIterator[RequestOutput]],
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Interleave several output streams as (stream index, output)."""
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+            try:
+                async for output in stream:
+                    await queue.put((index, output))
+                await queue.put((index, None))
+            except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+                await queue.put((index, exc))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                index, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    @staticmethod
+    def usage(outputs: Sequence[RequestOutput]) -> dict[str, Any]:
+        """OpenAI usage object over several requests."""
+        prompt = sum(len(o.prompt_token_ids) for o in outputs)
+        completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        cached = sum(o.num_cached_tokens for o in outputs)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # ----------------------------------------------------------- completions
+    def completion_prompts(self, body: CompletionRequest) -> list[Prompt]:
+        """Normalize ``prompt`` (string, strings, ids, id lists) into a list of prompts."""
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
+    def completion_logprobs(
+        self, output: RequestOutput, completion: CompletionOutput, echo: bool
+    ) -> dict[str, Any] | None:
+        """Legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+        if completion.logprobs is None:
+            return None
+        entries: list[tuple[int, Any]] = []
+        if echo:
+            entries.extend(zip(output.prompt_token_ids, output.prompt_logprobs or []))
+        entries.extend(zip(completion.token_ids, completion.logprobs))
+        tokens, token_logprobs, tops, offsets, offset = [], [], [], [], 0
+        for token_id, entry in entries:
+            text = self._token_text(token_id)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            token_logprobs.append(entry[token_id].logprob if entry else None)
+            tops.append(
+                {self._token_text(t): lp.logprob for t, lp in entry.items()} if entry else None
+            )
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    async def completions(self, body: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+        """POST /v1/completions."""
+        model = self.check_model(body.model)
+        prompts = self.completion_prompts(body)
+        echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        params = body.sampling_params(body.max_tokens, body.logprobs, echo_logprobs)
+        base_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = [self.run(p, params, f"{base_id}-{i}", body) for i, p in enumerate(prompts)]
+        created = int(time.time())
+        if body.stream:
+            return self._stream_completions(body, streams, base_id, model, created, params.n)
+        outputs = await self.collect(streams)
+        choices = []
+        for i, output in enumerate(outputs):
+            for completion in output.outputs:
+                prefix = self._echo_text(output) if body.echo else ""
+                choices.append(
+                    {
+                        "index": i * params.n + completion.index,
+                        "text": prefix + completion.text,
+                        "logprobs": self.completion_logprobs(output, completion, body.echo),
+                        "finish_reason": completion.finish_reason,
+                        "stop_reason": completion.stop_reason,
+                    }
+                )
+        return {
+            "id": base_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": self.usage(outputs),
+        }
+
+    def _echo_text(self, output: RequestOutput) -> str:
+        return (
+            output.prompt
+            if output.prompt is not None
+            else self.tokenizer.decode(output.prompt_token_ids)
+        )
+
+    async def _stream_completions(
+        self,
+        body: CompletionRequest,
+        streams: list[AsyncIterator[RequestOutput]],
+        base_id: str,
+        model: str,
+        created: int,
+        n: int,
+    ) -> AsyncIterator[str]:
+        head = {"id": base_id, "object": "text_completion", "created": created, "model": model}
+        deltas = TextDeltas()
+        finals: list[RequestOutput] = []
+        async for prompt_index, output in self.merge(streams):
+            for completion in output.outputs:
+                index = prompt_index * n + completion.index
+                prefix = self._echo_text(output) if body.echo and deltas.is_new(index) else ""
+                delta = deltas.next(index, completion)
+                if delta is None:
+                    continue
+                yield sse(
+                    {
+                        **head,
+                        "choices": [
+                            {
+                                "index": index,
+                                "text": prefix + delta,
+                                "logprobs": None,
+                                "finish_reason": completion.finish_reason,
+                                "stop_reason": completion.stop_reason,
+                            }
+                        ],
+                    }
+                )
+            if output.finished:
+                finals.append(output)
+        if body.include_usage:
+            yield sse({**head, "choices": [], "usage": self.usage(finals)})
+        yield sse("[DONE]")
+
+
+class TextDeltas:
+    """Tracks how much of each choice's text a stream has sent."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, int] = {}
+        self.finished: set[int] = set()
+
+    def is_new(self, index: int) -> bool:
+        """True before the first delta of a choice."""
+        return index not in self.sent
+
+    def next(self, index: int, completion: CompletionOutput) -> str | None:
+        """New text of a choice, "" for a bare finish, None when there is nothing to send."""
+        if index in self.finished:
+            return None
+        start = self.sent.get(index, 0)
+        delta = completion.text[start:]
+        if not delta and completion.finish_reason is None and index in self.sent:
+            return None
+        self.sent[index] = len(completion.text)
+        if completion.finish_reason is not None:
+            self.finished.add(index)
+        return delta
+
+
+class ChatServing(OpenAIServing):
+    """Chat completions, embeddings, tokenization and the native /generate endpoint."""
+
+    def chat_prompt(self, body: ChatCompletionRequest | Any) -> list[int]:
+        """Token ids of the rendered conversation."""
+        return self.tokenizer.encode_chat(
+            [m.as_template_dict() for m in body.messages],
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=getattr(body, "continue_final_message", False),
+            chat_template=getattr(body, "chat_template", None),
+            tools=getattr(body, "tools", None),
+            **(getattr(body, "chat_template_kwargs", None) or {}),
+        )
+
+    def chat_logprobs(
+        self, completion: CompletionOutput, num_top: int, start: int = 0
+    ) -> dict[str, Any] | None:
+        """OpenAI chat logprobs for the completion's tokens from ``start`` on."""
+        if completion.logprobs is None:
+            return None
+
+        def item(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self._token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        content = []
+        for token_id, entry in zip(completion.token_ids[start:], completion.logprobs[start:]):
+            tops = sorted((lp.rank, t, lp.logprob) for t, lp in entry.items() if lp.rank <= num_top)
+            content.append(
+                {
+                    **item(token_id, entry[token_id].logprob),
+                    "top_logprobs": [item(t, logprob) for _, t, logprob in tops],
+                }
+            )
+        return {"content": content}
+
+    async def chat(self, body: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+        """POST /v1/chat/completions."""
+        model = self.check_model(body.model)
+        prompt = self.chat_prompt(body)
+        params = body.sampling_params(body.effective_max_tokens, body.num_logprobs)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = self.run(prompt, params, request_id, body)
+        created = int(time.time())
+        if body.stream:
+            return self._stream_chat(body, stream, request_id, model, created)
+        [output] = await self.collect([stream])
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": self.chat_logprobs(c, body.num_logprobs or 0),
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in output.outputs
+        ]
+        return {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": self.usage([output]),
+        }
+
+    async def _stream_chat(
+        self,
+        body: ChatCompletionRequest,
+        stream: AsyncIterator[RequestOutput],
+        request_id: str,
+        model: str,
+        created: int,
+    ) -> AsyncIterator[str]:
+        head = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+
+        def chunk(
+            index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
+        ) -> str:
+            return sse(
+                {
+                    **head,
+                    "choices": [
+                        {
+                            "index": index,
+                            "delta": delta,
+                            "logprobs": logprobs,
+                            "finish_reason": finish,
+                        }
+                    ],
+                }
+            )
+
+        deltas = TextDeltas()
+        tokens_sent: dict[int, int] = {}
+        final: RequestOutput | None = None
+        async for output in stream:
+            for c in output.outputs:
+                if deltas.is_new(c.index):
+                    yield chunk(c.index, {"role": "assistant", "content": ""})
+                delta = deltas.next(c.index, c)
+                if delta is None:
+                    continue
+                if delta:
+                    logprobs = self.chat_logprobs(
+                        c, body.num_logprobs or 0, tokens_sent.get(c.index, 0)
+                    )
+                    tokens_sent[c.index] = len(c.token_ids)
+                    yield chunk(c.index, {"content": delta}, logprobs=logprobs)
+                if c.finish_reason is not None:
+                    yield chunk(c.index, {}, c.finish_reason)
+            final = output
+        if body.include_usage and final is not None:
+            yield sse({**head, "choices": [], "usage": self.usage([final])})
+        yield sse("[DONE]")
+
+    # ------------------------------------------------------------ embeddings
+    async def embeddings(self, body: Any) -> dict[str, Any]:
+        """POST /v1/embeddings: mean-pooled, normalized final hidden states."""
+        model = self.check_model(body.model)
+        raw = body.input
+        if isinstance(raw, str) or (raw and all(isinstance(t, int) for t in raw)):
+            raw = [raw]
+        if not raw:
+            raise InvalidRequestError("input must not be empty", "input")
+        engine = self.llm.engine
+        prompts = [engine.tokenize_prompt(item) for item in raw]  # tokenizer only: thread-safe
+        for ids in prompts:
+            if len(ids) > engine.max_model_len:
+                raise InvalidRequestError(
+                    f"input has {len(ids)} tokens, more than the context length {engine.max_model_len}",
+                    "input",
+                )
+        vectors = await self.llm.acall(lambda e: e.runner.embed(prompts))
+        total = sum(len(p) for p in prompts)
+        if body.encoding_format == "base64":  # little-endian float32, as the OpenAI client expects
+            data: list[Any] = [
+                base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors
+            ]
+        else:
+            data = vectors.tolist()
+        return {
+            "object": "list",
+            "model": model,
+            "data": [
+                {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(data)
+            ],
+            "usage": {"prompt_tokens": total, "total_tokens": total},
+        }
+
+    # ---------------------------------------------------------- tokenization
+    def tokenize(self, body: Any) -> dict[str, Any]:
+        """POST /tokenize: a prompt or chat messages to token ids."""
+        self.check_model(body.model)
+        if body.messages is not None:
+            tokens = self.chat_prompt(body)
+        elif body.prompt is not None:
+            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            raise InvalidRequestError("give either prompt or messages", "prompt")
+        return {
+            "count": len(tokens),
+            "max_model_len": self.llm.engine.max_model_len,
+            "tokens": tokens,
+        }
+
+    def detokenize(self, body: Any) -> dict[str, Any]:
+        """POST /detokenize: token ids to text."""
+        self.check_model(body.model)
+        self.tokenizer.check_token_ids(body.tokens, self.llm.engine.vocab_size)
+        return {"prompt": self.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    # --------------------------------------------------------- native API
+    def _generate_result(
+        self, output: RequestOutput, completion: CompletionOutput
+    ) -> dict[str, Any]:
+        finish = None
+        if completion.finish_reason is not None:
+            finish = {"type": completion.finish_reason, "matched": completion.stop_reason}
+        return {
+            "text": completion.text,
+            "output_ids": completion.token_ids,
+            "meta_info": {
+                "id": output.request_id,
+                "prompt_tokens": len(output.prompt_token_ids),
+                "completion_tokens": len(completion.token_ids),
+                "cached_tokens": output.num_cached_tokens,
+                "finish_reason": finish,
+            },
+        }
+
+    async def generate(self, body: GenerateRequest) -> Any:
+        """POST /generate (SGLang shape): text plus meta info; streaming sends cumulative text."""
+        if (body.text is None) == (body.input_ids is None):
+            raise InvalidRequestError("give exactly one of text or input_ids", "text")
+        prompt: Prompt = body.text if body.text is not None else list(body.input_ids or [])
+        params = body.to_sampling_params()
+        stream = self.run(prompt, params, body.rid or f"gen-{uuid.uuid4().hex}", None)
+        if body.stream:
+            return self._stream_generate(stream)
+        [output] = await self.collect([stream])
+        results = [self._generate_result(output, c) for c in output.outputs]
+        return results[0] if len(results) == 1 else results
+
+    async def _stream_generate(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+        async for output in stream:
+            for completion in output.outputs:
+                yield sse({**self._generate_result(output, completion), "index": completion.index})
+        yield sse("[DONE]")
