@@ -69,10 +69,25 @@ def test_bad_input(server, name, path, body, status, needles):
     assert ok.status_code == 200
 
 
+def assert_still_serving(server) -> None:
+    ok = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60
+    )
+    assert ok.status_code == 200
+
+
 def test_body_too_large(server):
     response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x " * 200_000})
     assert_error(response, 413)
+    chunked = httpx.post(
+        f"{server.url}/v1/completions",
+        content=iter([b'{"prompt": "', b"x" * 300_000, b'"}']),
+        headers={"content-type": "application/json"},
+    )
+    assert_error(chunked, 413)
+    assert_still_serving(server)
 
 
 def test_unknown_route_is_404(server):
     assert_error(httpx.get(f"{server.url}/v1/nothing"), 404)
+    assert_still_serving(server)
