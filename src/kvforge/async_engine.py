@@ -92,7 +92,12 @@ class AsyncLLM:
         **kwargs: Any,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as the engine produces them; abort if not consumed."""
-        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        stream = _Stream(asyncio.Queue(), loop)
+        if params.structured_outputs is not None:
+            # Compile in a worker thread (cached): the engine keeps stepping meanwhile.
+            manager = await self.acall(lambda engine: engine.structured_outputs())
+            await loop.run_in_executor(None, manager.compile, params.structured_outputs)
 
         def add(engine: LLMEngine) -> None:
             waiting = len(engine.scheduler.waiting)

@@ -18,6 +18,7 @@ from kvforge.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvforge.request import Request, RequestStatus
 from kvforge.runner import ModelRunner
 from kvforge.sampling_params import SamplingParams
+from kvforge.structured import StructuredOutputManager, create_grammar_backend
 from kvforge.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class LLMEngine:
             config.scheduler_config, self.kv_cache_manager, self.max_model_len
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.structured: StructuredOutputManager | None = None
         self.beam_groups: dict[str, BeamSearchGroup] = {}
         self._beam_states: dict[str, RequestState] = {}
         self._ids = itertools.count()
@@ -58,6 +60,13 @@ class LLMEngine:
         )
 
     # ------------------------------------------------------------ requests
+    def structured_outputs(self) -> StructuredOutputManager:
+        """The grammar manager, created (and its backend imported) on first use."""
+        if self.structured is None:
+            backend = create_grammar_backend("xgrammar", self.tokenizer, self.vocab_size)
+            self.structured = StructuredOutputManager(backend)
+        return self.structured
+
     def tokenize_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a text prompt, or validated ids of a token prompt."""
         if isinstance(prompt, str):
@@ -86,6 +95,9 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         prompt_ids = self.tokenize_prompt(prompt)
         max_tokens = self._check_length(prompt_ids, params)
+        constraint = params.structured_outputs
+        if constraint is not None:
+            self.structured_outputs().compile(constraint)  # fail closed before admission
         sched = self.config.scheduler_config
         if not sched.enable_chunked_prefill and len(prompt_ids) > sched.max_num_batched_tokens:
             raise ContextLengthError(
@@ -113,6 +125,7 @@ class LLMEngine:
                 cache_salt=cache_salt,
                 max_tokens=max_tokens,
                 fork_parent=parent,
+                grammar=self.structured_outputs().matcher(constraint) if constraint else None,
             )
 
         if params.use_beam_search:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvforge.sampling_params import SamplingParams
 
@@ -57,6 +58,8 @@ class Request:
     # The request whose prompt KV this one forks from once it is computed (n > 1 samples).
     fork_parent: Request | None = None
     num_pending_forks: int = 0
+    # Grammar matcher of a structured-output request (advanced by the scheduler's update).
+    grammar: Any = None
     # Held requests are not scheduled (a beam waiting for its siblings before expansion).
     is_held: bool = False
 

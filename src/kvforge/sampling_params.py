@@ -2,11 +2,60 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvforge.errors import InvalidRequestError
 
 _GREEDY_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Exactly one constraint on the generated text: a JSON schema, any JSON object, a regex,
+    an EBNF / GBNF grammar, or a choice among strings."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        given = [
+            name
+            for name in ("json", "regex", "grammar", "choice")
+            if getattr(self, name) is not None
+        ] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise InvalidRequestError(
+                f"structured outputs need exactly one of json, json_object, regex, grammar, "
+                f"choice; got {given or 'none'}",
+                "structured_outputs",
+            )
+        if self.choice is not None and (
+            not self.choice or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise InvalidRequestError(
+                "choice must be a non-empty list of non-empty strings", "choice"
+            )
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is."""
+        if self.json_object:
+            return "json_object"
+        return next(
+            n for n in ("json", "regex", "grammar", "choice") if getattr(self, n) is not None
+        )
+
+    def key(self) -> tuple[str, str]:
+        """A hashable identity for compile caches."""
+        value = getattr(self, self.kind) if self.kind != "json_object" else ""
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, sort_keys=True)
+        return (self.kind, str(value))
 
 
 @dataclass
@@ -40,6 +89,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    structured_outputs: StructuredOutputsParams | None = None
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -108,6 +158,10 @@ class SamplingParams:
                 self.temperature = 0.0
             if self.best_of is not None and self.best_of != self.n:
                 fail("best_of", "is not supported with beam search; use n as the beam width")
+            if self.structured_outputs is not None:
+                raise InvalidRequestError(
+                    "structured outputs are not supported with beam search", "use_beam_search"
+                )
 
     def validate_vocab(self, vocab_size: int) -> None:
         """Check token ids in the parameters against the model's vocabulary."""

@@ -239,11 +239,22 @@ class Scheduler:
             request.cumulative_logprob += token.logprob
             if request.first_token_time is None:
                 request.first_token_time = now
-            status = self._check_stop(request, token.token_id)
+            status = self._advance_grammar(request, token.token_id)
+            status = status or self._check_stop(request, token.token_id)
             if status is not None:
                 self.finish(request, status)
             changed.append(request)
         return changed
+
+    @staticmethod
+    def _advance_grammar(request: Request, token_id: int) -> RequestStatus | None:
+        if request.grammar is None:
+            return None
+        if not request.grammar.accept_token(token_id):
+            # The sampler only offers allowed tokens; a rejection means a bug, not user error.
+            logger.error("grammar rejected token %d of request %s", token_id, request.request_id)
+            return RequestStatus.FINISHED_ABORTED
+        return RequestStatus.FINISHED_STOPPED if request.grammar.is_terminated() else None
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params

@@ -146,6 +146,7 @@ class ModelRunner:
             {i: g for i, r in enumerate(requests) if (g := self._generator(r)) is not None},
             self.model_config.vocab_size,
             self.device,
+            self._grammar_bitmask(requests),
         )
         out = self.sampler(logits[rows], md)
         token_ids = out.token_ids.tolist()
@@ -184,6 +185,16 @@ class ModelRunner:
             else [[] for _ in ids]
         )
         return [TokenLogprobs(*entry) for entry in zip(ids, lps, ranks, tops)]
+
+    def _grammar_bitmask(self, requests: list[Request]) -> torch.Tensor | None:
+        if all(r.grammar is None for r in requests):
+            return None
+        words = cdiv(self.model_config.vocab_size, 32)
+        bitmask = torch.full((len(requests), words), -1, dtype=torch.int32)  # all allowed
+        for row, request in enumerate(requests):
+            if request.grammar is not None:
+                request.grammar.fill_bitmask(bitmask, row)
+        return bitmask.to(self.device)
 
     @staticmethod
     def _banned_tokens(request: Request) -> list[int]:

@@ -30,6 +30,8 @@ class SamplingMetadata:
     banned: tuple[torch.Tensor, torch.Tensor] | None
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_num_logprobs: int = 0  # 0 = only the sampled token's logprob
+    # [R, ceil(V / 32)] int32 allowed-token bits from grammars (all ones for free rows)
+    grammar_bitmask: torch.Tensor | None = None
 
     @property
     def all_greedy(self) -> bool:
@@ -46,6 +48,7 @@ class SamplingMetadata:
         generators: dict[int, torch.Generator],
         vocab_size: int,
         device: torch.device,
+        grammar_bitmask: torch.Tensor | None = None,
     ) -> SamplingMetadata:
         """Collect tensors for rows with ``params``; ``stop_ids`` are banned per row (min_tokens)."""
 
@@ -95,6 +98,7 @@ class SamplingMetadata:
             ),
             generators=generators,
             max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
+            grammar_bitmask=grammar_bitmask,
         )
 
 

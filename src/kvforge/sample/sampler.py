@@ -73,6 +73,13 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, md: SamplingMetadata) -> torch
     return logits
 
 
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, W] int32 words (bit b of word w = token 32w + b) -> [R, V] bool allowed mask."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
 def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
     """Draw one token per row via the exponential race: argmax(p / E), E ~ Exp(1).
 
@@ -107,8 +114,15 @@ class Sampler:
         if md.logit_bias is not None:
             rows, ids, values = md.logit_bias
             logits = logits.index_put((rows, ids), values, accumulate=True)
+        unbanned = logits
         if md.banned is not None:
             logits = logits.index_put(md.banned, torch.tensor(_NEG_INF, device=logits.device))
+        if md.grammar_bitmask is not None:
+            allowed = unpack_bitmask(md.grammar_bitmask, logits.shape[1])
+            constrained = logits.masked_fill(~allowed, _NEG_INF)
+            # If bans left a row nothing the grammar allows, the grammar wins.
+            empty = torch.isinf(constrained).all(dim=-1, keepdim=True)
+            logits = torch.where(empty, unbanned.masked_fill(~allowed, _NEG_INF), constrained)
         return logits
 
     @staticmethod

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvforge.errors import InvalidRequestError
-from kvforge.sampling_params import SamplingParams
+from kvforge.sampling_params import SamplingParams, StructuredOutputsParams
 
 MAX_N = 16
 
@@ -49,6 +49,58 @@ class SamplingFields(BaseModel):
     length_penalty: float = 1.0
     priority: int = 0
     cache_salt: str | None = None
+    # structured outputs (OpenAI response_format plus the names vLLM / SGLang users send)
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    json_schema: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    regex: str | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None
+    ebnf: str | None = None
+    guided_choice: list[str] | None = None
+    choice: list[str] | None = None
+
+    def structured_outputs(self) -> StructuredOutputsParams | None:
+        """The one constraint this body asks for, or None; conflicting ones raise 400."""
+        found: list[tuple[str, StructuredOutputsParams]] = []
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind == "json_object":
+                found.append(("response_format", StructuredOutputsParams(json_object=True)))
+            elif kind == "json_schema":
+                spec = fmt.get("json_schema") or {}
+                schema = spec.get("schema")
+                if schema is None:
+                    raise InvalidRequestError(
+                        "response_format.json_schema.schema is required", "response_format"
+                    )
+                found.append(("response_format", StructuredOutputsParams(json=schema)))
+            elif kind != "text":
+                raise InvalidRequestError(
+                    f"unsupported response_format type {kind!r}", "response_format"
+                )
+        pairs: list[tuple[str, Any, str]] = [
+            ("guided_json", self.guided_json, "json"),
+            ("json_schema", self.json_schema, "json"),
+            ("guided_regex", self.guided_regex, "regex"),
+            ("regex", self.regex, "regex"),
+            ("guided_grammar", self.guided_grammar, "grammar"),
+            ("grammar", self.grammar, "grammar"),
+            ("ebnf", self.ebnf, "grammar"),
+            ("guided_choice", self.guided_choice, "choice"),
+            ("choice", self.choice, "choice"),
+        ]
+        for name, value, kind in pairs:
+            if value is not None:
+                found.append((name, StructuredOutputsParams(**{kind: value})))
+        if len(found) > 1:
+            names = [name for name, _ in found]
+            raise InvalidRequestError(
+                f"give only one structured output constraint, got {names}", names[1]
+            )
+        return found[0][1] if found else None
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
@@ -83,6 +135,7 @@ class SamplingFields(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             use_beam_search=self.use_beam_search,
             length_penalty=self.length_penalty,
+            structured_outputs=self.structured_outputs(),
         )
 
     @property
@@ -226,6 +279,14 @@ class GenerateRequest(BaseModel):
             "seed": "seed",
             "skip_special_tokens": "skip_special_tokens",
         }
+        constraints = {
+            "json_schema": "json",
+            "regex": "regex",
+            "ebnf": "grammar",
+            "choice": "choice",
+        }
+        given = {constraints[k]: sp.pop(k) for k in list(sp) if k in constraints}
+        structured = StructuredOutputsParams(**given) if given else None
         unknown = set(sp) - set(known)
         if unknown:
             raise InvalidRequestError(
@@ -235,6 +296,7 @@ class GenerateRequest(BaseModel):
         kwargs.setdefault("max_tokens", 128)
         if kwargs.get("top_k") == -1:
             kwargs["top_k"] = 0
+        kwargs["structured_outputs"] = structured
         try:
             return SamplingParams(**kwargs)
         except TypeError as exc:
