@@ -40,7 +40,7 @@ def test_json_schemas_always_validate(engine):
     schemas = all_schemas()
     assert len(schemas) >= 30
     ids = {}
-    for i, schema in enumerate(schemas):
+    for schema in schemas:
         prompt = chat(engine, f"Reply with JSON for this schema: {json.dumps(schema)[:200]}")
         for sampled in (False, True):
             request_id = engine.add_request(
