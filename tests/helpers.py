@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
+
+import pytest
+import torch
 
 from kvforge.engine import LLMEngine
 
@@ -29,3 +33,14 @@ def run_to_completion(engine: LLMEngine, check: Callable[[], None] | None = None
         if check is not None:
             check()
     return finished
+
+
+def load_transformers_gguf(path: str) -> tuple[Any, Any]:
+    """transformers' own float32 model and tokenizer for a GGUF file (the reference)."""
+    transformers = pytest.importorskip("transformers")
+    directory, name = os.path.split(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=name, dtype=torch.float32
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    return model.eval(), tokenizer

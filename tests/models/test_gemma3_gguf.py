@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 
 from kvforge.config import ModelConfig
 from kvforge.engine import LLMEngine
@@ -14,7 +11,7 @@ from kvforge.layers.attention import create_attention_backend
 from kvforge.loader import load_model
 from kvforge.runner import ModelRunner
 from kvforge.sampling_params import SamplingParams
-from tests.helpers import run_to_completion
+from tests.helpers import load_transformers_gguf, run_to_completion
 from tests.models.test_smollm_reference import hf_greedy
 
 pytestmark = pytest.mark.slow
@@ -36,13 +33,7 @@ def gemma_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def hf_gemma(gemma_path):
-    transformers = pytest.importorskip("transformers")
-    directory, name = os.path.split(gemma_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float32
-    )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    return model.eval(), tokenizer
+    return load_transformers_gguf(gemma_path)
 
 
 def test_gemma3_greedy_matches_transformers(gemma_path, hf_gemma):

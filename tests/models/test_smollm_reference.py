@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.sampling_params import SamplingParams
-from tests.helpers import CHAT_PROMPTS, run_to_completion
+from tests.helpers import CHAT_PROMPTS, load_transformers_gguf, run_to_completion
 
 # Achieved on this model: 0.0 (identical dequantized weights and float32 maths); allowed 1e-3.
 LOGIT_TOLERANCE = 1e-3
@@ -18,13 +16,7 @@ NUM_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def hf_model(smollm_path):
-    transformers = pytest.importorskip("transformers")
-    directory, name = os.path.split(smollm_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float32
-    )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    return model.eval(), tokenizer
+    return load_transformers_gguf(smollm_path)
 
 
 @pytest.fixture(scope="module")
