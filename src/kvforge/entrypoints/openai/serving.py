@@ -19,6 +19,13 @@ from kvforge.entrypoints.openai.protocol import (
     GenerateRequest,
     SamplingFields,
 )
+from kvforge.entrypoints.openai.tools import (
+    call_constraint,
+    chosen_functions,
+    functions,
+    parse_tool_calls,
+    render_messages,
+)
 from kvforge.errors import InvalidRequestError, ModelNotFoundError
 from kvforge.outputs import CompletionOutput, RequestOutput
 from kvforge.sampling_params import SamplingParams
@@ -283,10 +290,12 @@ class TextDeltas:
 class ChatServing(OpenAIServing):
     """Chat completions, embeddings, tokenization and the native /generate endpoint."""
 
-    def chat_prompt(self, body: ChatCompletionRequest | Any) -> list[int]:
+    def chat_prompt(
+        self, body: ChatCompletionRequest | Any, messages: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         """Token ids of the rendered conversation."""
         return self.tokenizer.encode_chat(
-            [m.as_template_dict() for m in body.messages],
+            messages if messages is not None else [m.as_template_dict() for m in body.messages],
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=getattr(body, "continue_final_message", False),
             chat_template=getattr(body, "chat_template", None),
@@ -319,24 +328,45 @@ class ChatServing(OpenAIServing):
     async def chat(self, body: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
         """POST /v1/chat/completions."""
         model = self.check_model(body.model)
-        prompt = self.chat_prompt(body)
+        tools = functions(body.tools)
+        mode, names = chosen_functions(tools, body.tool_choice)
+        messages = render_messages(
+            [m.as_template_dict() for m in body.messages],
+            tools if mode != "none" else {},
+            body.chat_template or self.tokenizer.chat_template,
+        )
+        prompt = self.chat_prompt(body, messages)
         params = body.sampling_params(body.effective_max_tokens, body.num_logprobs)
+        if mode in ("required", "named"):
+            if params.structured_outputs is not None:
+                raise InvalidRequestError(
+                    "tool_choice cannot be combined with another constraint", "tool_choice"
+                )
+            # The grammar makes the reply exactly the allowed calls: arguments always parse.
+            parallel = body.parallel_tool_calls and mode == "required"
+            params.structured_outputs = call_constraint(tools, names, parallel)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = self.run(prompt, params, request_id, body)
         created = int(time.time())
         if body.stream:
+            if mode != "none":  # calls are only known once the text is complete
+                return self._stream_tool_chat(
+                    stream, tools, request_id, model, created, body.include_usage
+                )
             return self._stream_chat(body, stream, request_id, model, created)
         [output] = await self.collect([stream])
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": self.chat_logprobs(c, body.num_logprobs or 0),
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-            for c in output.outputs
-        ]
+        choices = []
+        for c in output.outputs:
+            message, finish = self.chat_message(c, tools if mode != "none" else {})
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": self.chat_logprobs(c, body.num_logprobs or 0),
+                    "finish_reason": finish,
+                    "stop_reason": c.stop_reason,
+                }
+            )
         return {
             "id": request_id,
             "object": "chat.completion",
@@ -345,6 +375,55 @@ class ChatServing(OpenAIServing):
             "choices": choices,
             "usage": self.usage([output]),
         }
+
+    @staticmethod
+    def chat_message(
+        completion: CompletionOutput, tools: dict[str, Any]
+    ) -> tuple[dict[str, Any], str | None]:
+        """The assistant message of a completion (with parsed tool calls) and its finish reason."""
+        if not tools:
+            return {"role": "assistant", "content": completion.text}, completion.finish_reason
+        content, calls = parse_tool_calls(completion.text, tools)
+        if not calls:
+            return {"role": "assistant", "content": content}, completion.finish_reason
+        finish = "tool_calls" if completion.finish_reason == "stop" else completion.finish_reason
+        return {"role": "assistant", "content": content, "tool_calls": calls}, finish
+
+    async def _stream_tool_chat(
+        self,
+        stream: AsyncIterator[RequestOutput],
+        tools: dict[str, Any],
+        request_id: str,
+        model: str,
+        created: int,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        head = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return sse({**head, "choices": [choice]})
+
+        final = None
+        async for output in stream:
+            final = output
+        assert final is not None
+        for c in final.outputs:
+            yield chunk(c.index, {"role": "assistant", "content": ""})
+            message, finish = self.chat_message(c, tools)
+            if message.get("content"):
+                yield chunk(c.index, {"content": message["content"]})
+            for i, call in enumerate(message.get("tool_calls", [])):
+                yield chunk(c.index, {"tool_calls": [{"index": i, **call}]})
+            yield chunk(c.index, {}, finish)
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": self.usage([final])})
+        yield sse("[DONE]")
 
     async def _stream_chat(
         self,
