@@ -175,6 +175,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model_positional:
         args.model = args.model_positional
     llm = _make_llm(args)
+    # Build the grammar backend's vocabulary tables now, not on the first structured request.
+    llm.engine.structured_outputs()
     names = args.served_model_name or [
         Path(args.model).stem if args.model else kv_config.DEFAULT_MODEL_NAME
     ]
