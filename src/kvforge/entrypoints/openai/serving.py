@@ -40,6 +40,23 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+def chat_chunk_head(request_id: str, model: str, created: int) -> dict[str, Any]:
+    """The fields every chat.completion.chunk repeats."""
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
+
+
+def chat_chunk(
+    head: dict[str, Any],
+    index: int,
+    delta: dict[str, Any],
+    finish: str | None = None,
+    logprobs: Any = None,
+) -> str:
+    """One chat.completion.chunk event for one choice."""
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return sse({**head, "choices": [choice]})
+
+
 class OpenAIServing:
     """Turns API bodies into engine requests and engine outputs into API responses."""
 
@@ -398,16 +415,10 @@ class ChatServing(OpenAIServing):
         created: int,
         include_usage: bool,
     ) -> AsyncIterator[str]:
-        head = {
-            "id": request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-        }
+        head = chat_chunk_head(request_id, model, created)
 
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> str:
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return sse({**head, "choices": [choice]})
+            return chat_chunk(head, index, delta, finish)
 
         final = None
         async for output in stream:
@@ -433,29 +444,12 @@ class ChatServing(OpenAIServing):
         model: str,
         created: int,
     ) -> AsyncIterator[str]:
-        head = {
-            "id": request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-        }
+        head = chat_chunk_head(request_id, model, created)
 
         def chunk(
             index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
         ) -> str:
-            return sse(
-                {
-                    **head,
-                    "choices": [
-                        {
-                            "index": index,
-                            "delta": delta,
-                            "logprobs": logprobs,
-                            "finish_reason": finish,
-                        }
-                    ],
-                }
-            )
+            return chat_chunk(head, index, delta, finish, logprobs)
 
         deltas = TextDeltas()
         tokens_sent: dict[int, int] = {}
