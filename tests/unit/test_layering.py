@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "kvforge"
 
 LAYERS = {
     0: {"config", "sampling_params", "request", "outputs", "errors", "utils"},
-    1: {"tokenizer", "core", "structured"},
+    1: {"tokenizer", "core", "structured", "quant"},
     2: {"layers", "models", "loader", "sample", "runner"},
     3: {"engine", "output_processor", "beam_search", "async_engine"},
     4: {"entrypoints", "__init__"},
