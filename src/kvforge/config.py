@@ -82,11 +82,17 @@ class ModelConfig:
 
     model: str | None = None
     tokenizer: str | None = None
-    dtype: str = "float32"
+    # Activations: "auto" is float32 with quantized weights kept packed (their matmuls run bf16
+    # kernels); "float32" dequantizes every weight (the reference path); "bfloat16" / "float16"
+    # keep weights packed and run everything in that dtype.
+    dtype: str = "auto"
     device: str = "cpu"
     max_model_len: int | None = None
     seed: int = 0
     chat_template: str | None = None
+    quantization: str | None = None  # "int8" / "int4": quantize float weights on load
+    quantization_group_size: int | None = None  # None: int4 128, int8 per channel; -1 per row
+    quantization_symmetric: bool = True
 
     @property
     def model_path(self) -> str:
@@ -99,6 +105,13 @@ class ModelConfig:
             raise ModelNotFoundError(f"model not found: {self.model_path}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise InvalidRequestError(f"unsupported dtype {self.dtype!r}", "dtype")
+        if self.quantization not in (None, "int8", "int4"):
+            raise InvalidRequestError(
+                f"unknown quantization {self.quantization!r}; use int8 or int4", "quantization"
+            )
+
+
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2", "int8")
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,18 @@ class CacheConfig:
     kv_cache_memory: int | None = None
     num_blocks: int | None = None  # overrides kv_cache_memory, for tests
     enable_prefix_caching: bool = True
+    # "auto" (the model dtype) or one byte per value: "fp8_e4m3", "fp8_e5m2", "int8"
+    kv_cache_dtype: str = "auto"
+    # Compute K/V scales per head from the first forward pass (int8 always does).
+    calculate_kv_scales: bool = False
+
+    def check(self) -> None:
+        """Raise on an unknown KV cache dtype."""
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(
+                f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; use one of {KV_CACHE_DTYPES}",
+                "kv_cache_dtype",
+            )
 
 
 @dataclass(frozen=True)

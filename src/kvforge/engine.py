@@ -29,6 +29,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
         config.scheduler_config.check()
+        config.cache_config.check()
         self.config = config
         self.runner = runner or ModelRunner(config)
         self.tokenizer: Tokenizer = self.runner.loaded.tokenizer

@@ -10,6 +10,7 @@ from kvforge.engine import LLMEngine
 from kvforge.entrypoints.llm import engine_config
 from kvforge.layers.attention import create_attention_backend
 from kvforge.layers.forward_batch import ForwardBatch
+from kvforge.layers.kv_cache import PagedKVCache
 from kvforge.loader import load_model
 from kvforge.runner import ModelRunner
 from kvforge.sampling_params import SamplingParams
@@ -31,8 +32,13 @@ def checkpoint(request, tmp_path_factory):
 
 
 def kv_caches(cfg, num_blocks, block_size=4):
-    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
+    cpu = torch.device("cpu")
+    return [
+        PagedKVCache.allocate(
+            num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, torch.float32, cpu
+        )
+        for _ in range(cfg.num_layers)
+    ]
 
 
 def test_logits_match_transformers(checkpoint):

@@ -1,4 +1,8 @@
-"""Linear layers whose parameters load through ``weight_loader`` (fusing q/k/v, gate/up)."""
+"""Linear layers whose parameters load through ``weight_loader`` (fusing q/k/v, gate/up).
+
+A checkpoint tensor arrives either as float values or, for packed weights, as the common
+``Unpacked`` block form; the latter replaces the float parameter with a quant method.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +10,52 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvforge.layers.quantization import (
+    BaseQuantMethod,
+    BlockInt8Method,
+    create_fused_quant_method,
+    create_quant_method,
+)
+from kvforge.quant.formats import Unpacked
+
+Loaded = torch.Tensor | Unpacked
+
+
+def _check_shape(expected: tuple[int, ...], loaded: Loaded, what: str) -> None:
+    shape = tuple(loaded.codes.shape if isinstance(loaded, Unpacked) else loaded.shape)
+    if shape != expected:
+        raise ValueError(f"{what}: expected {expected}, checkpoint has {shape}")
+
 
 class Linear(nn.Module):
-    """``y = x W^T (+ b)``; ``W`` is [out_features, in_features]."""
+    """``y = x W^T (+ b)``; ``W`` is [out_features, in_features], float or packed."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.in_features, self.out_features = in_features, out_features
+        self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.quant: BaseQuantMethod | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer."""
-        return F.linear(x, self.weight, self.bias)
+        if self.quant is None:
+            assert self.weight is not None
+            return F.linear(x, self.weight, self.bias)
+        y = self.quant(x)
+        return y if self.bias is None else y + self.bias
 
-    def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard: object = None
-    ) -> None:
-        """Copy a checkpoint tensor into ``param``."""
-        if param.shape != loaded.shape:
-            raise ValueError(
-                f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded.shape)}"
-            )
-        param.data.copy_(loaded)
+    def _use_packed(self, method: BaseQuantMethod) -> None:
+        self.quant = method
+        self.weight = None  # the float parameter is no longer needed
+
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard: object = None) -> None:
+        """Copy a checkpoint tensor into ``param`` (or keep packed weights packed)."""
+        _check_shape(tuple(param.shape), loaded, "weight")
+        if isinstance(loaded, Unpacked):
+            self._use_packed(create_quant_method(loaded, param.device))
+        else:
+            param.data.copy_(loaded)
 
 
 class MergedLinear(Linear):
@@ -46,18 +74,53 @@ class MergedLinear(Linear):
         for name, size in shard_sizes.items():
             self.shard_offsets[name] = (offset, size)
             offset += size
+        self._pending: dict[object, Unpacked] = {}
 
-    def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard: object = None
-    ) -> None:
-        """Copy one shard's tensor into its rows."""
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard: object = None) -> None:
+        """Copy one shard's tensor into its rows; packed shards wait for their siblings."""
         offset, size = self.shard_offsets[shard]
-        if loaded.shape[0] != size or loaded.shape[1:] != param.shape[1:]:
-            raise ValueError(
-                f"shard {shard!r}: expected {(size, *param.shape[1:])}, got {tuple(loaded.shape)}"
-            )
-        param.data[offset : offset + size].copy_(loaded)
+        _check_shape((size, *param.shape[1:]), loaded, f"shard {shard!r}")
+        if not isinstance(loaded, Unpacked):
+            param.data[offset : offset + size].copy_(loaded)
+            return
+        self._pending[shard] = loaded
+        if len(self._pending) == len(self.shard_offsets):
+            parts = [self._pending[name] for name in self.shard_offsets]
+            self._pending = {}
+            self._use_packed(create_fused_quant_method(parts, param.device))
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         """Split a fused output back into its shards."""
         return list(y.split([size for _, size in self.shard_offsets.values()], dim=-1))
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding [V, E], float or packed; also the tied LM head."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.weight: nn.Parameter | None = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+        self.quant: BlockInt8Method | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings [T, E] of token ids [T]."""
+        if self.quant is None:
+            assert self.weight is not None
+            return F.embedding(input_ids, self.weight)
+        return self.quant.rows(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden @ W^T``: the tied LM head (float32 out of packed weights)."""
+        if self.quant is None:
+            assert self.weight is not None
+            return F.linear(hidden, self.weight)
+        return self.quant(hidden, precise=True)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard: object = None) -> None:
+        """Copy float weights, or keep block codes (row lookups need the byte layout)."""
+        _check_shape(tuple(param.shape), loaded, "embedding")
+        if isinstance(loaded, Unpacked):
+            self.quant = BlockInt8Method(loaded).to(param.device)
+            self.weight = None
+        else:
+            param.data.copy_(loaded)

@@ -1,4 +1,9 @@
-"""GGUF files: metadata, tokenizer and tensors (dequantized to float32) via the gguf reader."""
+"""GGUF files: metadata, tokenizer and tensors via the gguf reader.
+
+Quantized matrices are yielded either dequantized to float32 (the reference path) or, when
+``packed``, in the common block form (:class:`kvforge.quant.Unpacked`) that the quant methods
+keep in memory.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
-from gguf.quants import dequantize
 
 from kvforge.errors import UnsupportedModelError
 from kvforge.models.registry import ModelFamily
+from kvforge.quant.formats import FLOAT_TYPES, Unpacked, dequantize, unpack_rows
 
 SUPPORTED_TYPES = {
     GGMLQuantizationType[name]
@@ -30,6 +35,7 @@ SUPPORTED_TYPES = {
             "Q4_K",
             "Q5_K",
             "Q6_K",
+            "IQ4_NL",
         ]
     )
 }
@@ -92,28 +98,58 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(weight.shape)
 
 
-def dequantize_tensor(tensor: Any) -> torch.Tensor:
-    """Float32 values of one reader tensor, shaped [rows, columns] (PyTorch order)."""
+def _tensor_shape(tensor: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(tensor.shape))
+
+
+def _raw(tensor: Any) -> torch.Tensor:
     if tensor.tensor_type not in SUPPORTED_TYPES:
         raise UnsupportedModelError(
             f"tensor {tensor.name} has unsupported type {tensor.tensor_type.name}"
         )
-    array = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-    if not array.flags.writeable:  # float tensors come straight from the read-only mmap
-        array = array.copy()
-    shape = tuple(int(d) for d in reversed(tensor.shape))
-    return torch.from_numpy(array.reshape(shape))
+    return torch.from_numpy(np.array(tensor.data))  # a private copy of the mmapped bytes
+
+
+def dequantize_tensor(tensor: Any) -> torch.Tensor:
+    """Float32 values of one reader tensor, shaped [rows, columns] (PyTorch order)."""
+    return dequantize(_raw(tensor), tensor.tensor_type, _tensor_shape(tensor))
+
+
+def is_quantized(tensor: Any) -> bool:
+    """Whether a reader tensor holds a block-quantized type."""
+    return tensor.tensor_type not in FLOAT_TYPES
+
+
+def _permute_rows(value: torch.Tensor | Unpacked, num_heads: int) -> torch.Tensor | Unpacked:
+    if isinstance(value, Unpacked):
+        mins = None if value.mins is None else unpermute_qk(value.mins, num_heads)
+        return Unpacked(
+            unpermute_qk(value.codes, num_heads),
+            unpermute_qk(value.scales, num_heads),
+            mins,
+            value.group,
+        )
+    return unpermute_qk(value, num_heads)
 
 
 def iter_gguf_weights(
-    reader: GGUFReader, family: ModelFamily, num_heads: int, num_kv_heads: int, sandwich: bool
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, float32 tensor) for every tensor in the file."""
+    reader: GGUFReader,
+    family: ModelFamily,
+    num_heads: int,
+    num_kv_heads: int,
+    sandwich: bool,
+    packed: bool = False,
+) -> Iterator[tuple[str, torch.Tensor | Unpacked]]:
+    """(Hugging Face name, float32 tensor or packed blocks) for every tensor in the file."""
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name, sandwich)
-        value = dequantize_tensor(tensor)
+        value: torch.Tensor | Unpacked
+        if packed and is_quantized(tensor) and len(tensor.shape) == 2:
+            value = unpack_rows(_raw(tensor), tensor.tensor_type, _tensor_shape(tensor))
+        else:
+            value = dequantize_tensor(tensor)
         if family.gguf_permutes_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
-            value = unpermute_qk(value, num_heads)
+            value = _permute_rows(value, num_heads)
         elif family.gguf_permutes_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
-            value = unpermute_qk(value, num_kv_heads)
+            value = _permute_rows(value, num_kv_heads)
         yield name, value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +13,16 @@ from gguf import GGUFReader
 from tqdm import tqdm
 
 from kvforge.config import ModelConfig, TransformerConfig
-from kvforge.errors import ModelNotFoundError
+from kvforge.errors import InvalidRequestError, ModelNotFoundError
 from kvforge.layers.attention import BaseAttentionBackend
 from kvforge.loader.gguf_loader import iter_gguf_weights, read_metadata
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config, safetensors_files
 from kvforge.models.common import DecoderLM
 from kvforge.models.registry import family_for_gguf, family_for_hf
+from kvforge.quant.formats import Unpacked
+from kvforge.quant.rtn import quantize_rtn
 from kvforge.tokenizer import Tokenizer, tokenizer_from_gguf
+from kvforge.utils import format_size
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +37,49 @@ class LoadedModel:
     tokenizer: Tokenizer
     config: TransformerConfig
     dtype: torch.dtype
+    weight_bytes: int = 0  # resident bytes of all parameters and packed weights
 
 
-def _progress(
-    items: Iterable[tuple[str, torch.Tensor]], total: int, show: bool
-) -> Iterator[tuple[str, torch.Tensor]]:
+Weights = Iterator[tuple[str, torch.Tensor | Unpacked]]
+_LINEAR_SUFFIXES = ("_proj.weight", "lm_head.weight")
+
+
+def _progress(items: Weights, total: int, show: bool) -> Weights:
     yield from tqdm(items, total=total, desc="Loading weights", unit="tensor", disable=not show)
+
+
+def _quantize_on_load(weights: Weights, model_config: ModelConfig) -> Weights:
+    """Round-to-nearest int8/int4 of every linear layer's float weight as it streams in."""
+    assert model_config.quantization is not None
+    for name, value in weights:
+        if name.endswith(_LINEAR_SUFFIXES):
+            if isinstance(value, Unpacked):
+                raise InvalidRequestError(
+                    "--quantization applies to float checkpoints; this one is already quantized",
+                    "quantization",
+                )
+            value = quantize_rtn(
+                value,
+                model_config.quantization,
+                model_config.quantization_group_size,
+                model_config.quantization_symmetric,
+            )
+        yield name, value
+
+
+def resolve_dtype(model_config: ModelConfig) -> torch.dtype:
+    """Activation dtype: ``auto`` is float32 (packed weights still run bf16 kernels)."""
+    return _DTYPES.get(model_config.dtype, torch.float32)
+
+
+def keeps_packed(model_config: ModelConfig) -> bool:
+    """Quantized weights stay packed unless float32 was asked for (the dequantized reference)."""
+    return model_config.dtype != "float32" or model_config.quantization is not None
+
+
+def _module_bytes(model: torch.nn.Module) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def load_model(
@@ -55,8 +95,13 @@ def load_model(
         family = family_for_gguf(meta["general.architecture"])
         cfg = family.config_from_gguf(meta)
         tokenizer = tokenizer_from_gguf(meta)
-        weights = iter_gguf_weights(
-            reader, family, cfg.num_heads, cfg.num_kv_heads, cfg.sandwich_norm
+        weights: Weights = iter_gguf_weights(
+            reader,
+            family,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.sandwich_norm,
+            packed=keeps_packed(model_config),
         )
         num_tensors = len(reader.tensors)
     elif path.is_dir():
@@ -68,6 +113,8 @@ def load_model(
         num_tensors = sum(1 for _ in safetensors_files(path))
     else:
         raise ModelNotFoundError(f"{path} is neither a .gguf file nor a model directory")
+    if model_config.quantization is not None:
+        weights = _quantize_on_load(weights, model_config)
     if model_config.chat_template is not None:
         tokenizer.chat_template = model_config.chat_template
     device = torch.device(model_config.device)
@@ -75,15 +122,25 @@ def load_model(
         model = DecoderLM(cfg, backend)
     model = model.to_empty(device=device)
     model.load_weights(_progress(weights, num_tensors, show_progress))
-    dtype = _DTYPES.get(model_config.dtype, torch.float32)
-    model = model.to(dtype).eval()
+    dtype = resolve_dtype(model_config)
+    if dtype != torch.float32:  # float32 keeps the packed weights' bf16 scales as they are
+        model = model.to(dtype)
+    model = model.eval()
+    weight_bytes = _module_bytes(model)
     logger.info(
-        "loaded %s (%s, %d layers, %.0fM parameters, %s) in %.1fs",
+        "loaded %s (%s, %d layers, %s) in %.1fs: resident weights %s (file %s)",
         path.name,
         cfg.architecture,
         cfg.num_layers,
-        sum(p.numel() for p in model.parameters()) / 1e6,
         dtype,
         time.perf_counter() - start,
+        format_size(weight_bytes),
+        format_size(_checkpoint_bytes(path)),
     )
-    return LoadedModel(model, tokenizer, cfg, dtype)
+    return LoadedModel(model, tokenizer, cfg, dtype, weight_bytes)
+
+
+def _checkpoint_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in safetensors_files(path))

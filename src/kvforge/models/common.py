@@ -16,11 +16,12 @@ from torch import nn
 from kvforge.config import TransformerConfig
 from kvforge.layers.attention import BaseAttentionBackend
 from kvforge.layers.forward_batch import ForwardBatch
-from kvforge.layers.linear import Linear, MergedLinear
+from kvforge.layers.kv_cache import PagedKVCache
+from kvforge.layers.linear import Linear, MergedLinear, VocabEmbedding
 from kvforge.layers.norm import RMSNorm
 from kvforge.layers.rotary import RotaryEmbedding, apply_rotary
+from kvforge.quant.formats import Unpacked
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 _ACTIVATIONS = {
@@ -61,7 +62,7 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(
-        self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, batch: ForwardBatch
+        self, x: torch.Tensor, rope: Rope, kv_cache: PagedKVCache, batch: ForwardBatch
     ) -> torch.Tensor:
         """x: [T, E] -> [T, E]."""
         num_tokens = x.shape[0]
@@ -110,7 +111,7 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
     def forward(
-        self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, batch: ForwardBatch
+        self, x: torch.Tensor, rope: Rope, kv_cache: PagedKVCache, batch: ForwardBatch
     ) -> torch.Tensor:
         """x: [T, E] -> [T, E]."""
         attn = self.self_attn(self.input_layernorm(x), rope, kv_cache, batch)
@@ -127,7 +128,7 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: TransformerConfig, backend: BaseAttentionBackend) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
@@ -137,9 +138,10 @@ class DecoderLM(nn.Module):
             RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta) if cfg.rope_local_theta else None
         )
 
-    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, kv_caches: list[PagedKVCache]) -> torch.Tensor:
         """Hidden states [T, E] of the batch's tokens, after the final norm."""
-        x = self.embed_tokens(batch.input_ids)
+        # Activations take the dtype of the float parameters (packed embeddings give bf16).
+        x = self.embed_tokens(batch.input_ids).to(self.norm.weight.dtype)
         if self.config.embed_scale != 1.0:
             # Gemma multiplies by sqrt(E) rounded to the activation dtype.
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
@@ -152,14 +154,14 @@ class DecoderLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] (float32) for hidden states [N, E]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight).float()
+        head = self.embed_tokens.logits if self.lm_head is None else self.lm_head
+        logits = head(hidden).float()
         cap = self.config.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Unpacked]]) -> None:
         """Load checkpoint tensors (Hugging Face names) through each layer's weight_loader."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
@@ -180,6 +182,7 @@ class DecoderLM(nn.Module):
             if loader is not None:
                 loader(params[name], tensor, shard)
             else:
+                assert isinstance(tensor, torch.Tensor), f"{name} cannot hold packed weights"
                 params[name].data.copy_(tensor)
             loaded.add(name)
         missing = set(params) - loaded

@@ -12,6 +12,7 @@ from kvforge.config import CacheConfig, EngineConfig
 from kvforge.core.scheduler import SampledToken, SchedulerOutput
 from kvforge.layers.attention import create_attention_backend
 from kvforge.layers.forward_batch import ForwardBatch
+from kvforge.layers.kv_cache import PagedKVCache, block_bytes, kv_storage_dtype
 from kvforge.loader import LoadedModel, load_model
 from kvforge.request import Request
 from kvforge.sample import Sampler, SamplingMetadata, gather_logprobs
@@ -53,26 +54,38 @@ class ModelRunner:
         self.loaded = loaded or load_model(config.model_config, backend, config.show_progress)
         self.model = self.loaded.model
         self.model_config = self.loaded.config
-        self.block_size = config.cache_config.block_size
-        self.num_blocks = self._num_blocks(config.cache_config)
+        cache = config.cache_config
+        self.block_size = cache.block_size
+        self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.loaded.dtype)
+        self.num_blocks = self._num_blocks(cache)
         cfg = self.model_config
-        shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=self.loaded.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.loaded.dtype, device=self.device),
+            PagedKVCache.allocate(
+                self.num_blocks,
+                self.block_size,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                self.loaded.dtype,
+                self.device,
+                cache.kv_cache_dtype,
+                cache.calculate_kv_scales,
             )
             for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
 
+    def _bytes_per_block(self, kv_cache_dtype: str, model_dtype: torch.dtype) -> int:
+        cfg = self.model_config
+        one_layer = block_bytes(
+            kv_cache_dtype, model_dtype, self.block_size, cfg.num_kv_heads, cfg.head_dim
+        )
+        return cfg.num_layers * one_layer
+
     @property
     def bytes_per_block(self) -> int:
         """KV bytes of one block over all layers (K and V)."""
-        cfg = self.model_config
-        itemsize = torch.empty((), dtype=self.loaded.dtype).element_size()
-        return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+        return self._bytes_per_block(self.config.cache_config.kv_cache_dtype, self.loaded.dtype)
 
     def _num_blocks(self, cache: CacheConfig) -> int:
         if cache.num_blocks is not None:
@@ -82,12 +95,21 @@ class ModelRunner:
             budget = min(int(available_memory() * _DEFAULT_KV_FRACTION), _DEFAULT_KV_CAP)
         num_blocks = max(1, budget // self.bytes_per_block)
         logger.info(
-            "KV cache: %s in %d blocks of %d tokens (%s per block)",
+            "KV cache: %s in %d blocks of %d tokens (%s per block, %s)",
             format_size(num_blocks * self.bytes_per_block),
             num_blocks,
             self.block_size,
             format_size(self.bytes_per_block),
+            self.kv_dtype,
         )
+        if cache.kv_cache_dtype != "auto":
+            for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+                logger.info(
+                    "KV cache: %s holds %.1fx the blocks of %s",
+                    cache.kv_cache_dtype,
+                    self._bytes_per_block("auto", dtype) / self.bytes_per_block,
+                    name,
+                )
         return int(num_blocks)
 
     # ------------------------------------------------------------------ step
@@ -220,38 +242,36 @@ class ModelRunner:
         for request_id in request_ids:
             self._generators.pop(request_id, None)
 
-    @torch.inference_mode()
-    def embed(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Mean-pooled, L2-normalized final hidden states [N, E] of whole prompts.
-
-        Runs on scratch KV tensors so the serving cache is untouched.
-        """
+    def _scratch_forward(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Final hidden states [T, E] of whole prompts on scratch KV (the serving cache and
+        its blocks are untouched; the scratch shares the cache's format and scales)."""
         tables, next_block = [], 0
         for ids in prompts:
             count = cdiv(len(ids), self.block_size)
             tables.append(list(range(next_block, next_block + count)))
             next_block += count
-        cfg = self.model_config
-        shape = (next_block, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        scratch = [
-            (
-                torch.zeros(shape, dtype=self.loaded.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.loaded.dtype, device=self.device),
-            )
-            for _ in range(cfg.num_layers)
-        ]
+        scratch = [cache.like(next_block) for cache in self.kv_caches]
         batch = ForwardBatch.build(
             prompts, [0] * len(prompts), tables, self.block_size, self.device
         )
-        hidden = self.model(batch, scratch).float()  # [T, E]
+        return self.model(batch, scratch)
+
+    @torch.inference_mode()
+    def embed(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Mean-pooled, L2-normalized final hidden states [N, E] of whole prompts."""
+        hidden = self._scratch_forward(prompts).float()  # [T, E]
         pooled = torch.stack([chunk.mean(0) for chunk in hidden.split([len(p) for p in prompts])])
         return torch.nn.functional.normalize(pooled, dim=-1)
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Float32 logits [T, V] at every position of one sequence (teacher forcing)."""
+        return self.model.compute_logits(self._scratch_forward([token_ids]))
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for k_cache, v_cache in self.kv_caches:
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
+        for cache in self.kv_caches:
+            cache.copy_blocks(src, dst)

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from kvforge.layers.forward_batch import ForwardBatch
+from kvforge.layers.kv_cache import PagedKVCache
 
 # name -> "module:Class", imported only when chosen
 _BACKENDS: dict[str, str] = {
@@ -24,7 +25,7 @@ class BaseAttentionBackend(ABC):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: PagedKVCache,
         batch: ForwardBatch,
         *,
         scale: float,
@@ -32,8 +33,8 @@ class BaseAttentionBackend(ABC):
     ) -> torch.Tensor:
         """Attention of the batch's new tokens.
 
-        query: [T, H, D]; key, value: [T, KVH, D]; kv_cache: K and V caches, each
-        [num_blocks, block_size, KVH, D]. Returns [T, H, D]. Each query attends causally to its
+        query: [T, H, D]; key, value: [T, KVH, D]; kv_cache: the layer's paged K and V,
+        each [num_blocks, block_size, KVH, D], written and read through its methods. Returns [T, H, D]. Each query attends causally to its
         request's cached context and to the new tokens up to itself, within ``sliding_window``
         most recent positions (itself included) when given.
         """

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from kvforge.layers.attention.base import BaseAttentionBackend
 from kvforge.layers.forward_batch import ForwardBatch
+from kvforge.layers.kv_cache import PagedKVCache
 
 
 def _batch_layout(batch: ForwardBatch, sliding_window: int | None) -> tuple[torch.Tensor, ...]:
@@ -51,22 +52,17 @@ class TorchRefAttentionBackend(BaseAttentionBackend):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: PagedKVCache,
         batch: ForwardBatch,
         *,
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
         """See :meth:`BaseAttentionBackend.forward`."""
-        k_cache, v_cache = kv_cache
-        num_kv_heads, head_dim = k_cache.shape[-2], k_cache.shape[-1]
-        k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, KVH, D]
-        v_flat = v_cache.view(-1, num_kv_heads, v_cache.shape[-1])
-        k_flat.index_copy_(0, batch.slot_mapping, key.to(k_flat.dtype))
-        v_flat.index_copy_(0, batch.slot_mapping, value.to(v_flat.dtype))
+        kv_cache.write(key, value, batch.slot_mapping)
         key_slots, mask, query_index, query_valid = _batch_layout(batch, sliding_window)
-        keys = k_flat[key_slots].transpose(1, 2).to(query.dtype)  # [B, KVH, L, D]
-        values = v_flat[key_slots].transpose(1, 2).to(query.dtype)
+        keys, values = kv_cache.gather(key_slots, query.dtype)  # [B, L, KVH, D]
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, KVH, L, D]
         queries = query[query_index].transpose(1, 2)  # [B, H, Q, D]
         out = F.scaled_dot_product_attention(
             queries,

@@ -1,0 +1,214 @@
+"""Quant methods: a linear layer's packed weights and the matmul that reads them directly.
+
+Every GGUF block type unpacks to ``w = codes * scale + min`` per group of columns (see
+:mod:`kvforge.quant.formats`); a method keeps that packed form and never materialises the
+whole float matrix:
+
+- :class:`Int4PackedMethod`: 4-bit codes with one scale and zero per group of 32..256 columns
+  (Q4_0, Q4_1, Q4_K, int4 on-load), run by ATen's ``_weight_int4pack_mm_for_cpu`` which
+  computes ``(q - 8) * scale + zero`` exactly as these formats define it.
+- :class:`BlockInt8Method`: signed 8-bit codes with per-group scales (and mins): Q8_0, the 5-
+  and 6-bit types, Q2_K/Q3_K, IQ4_NL, int8 on-load. Few rows (decode): one
+  ``_weight_int8pack_mm`` per column group, summed with per-group scales. Many rows (prefill):
+  dequantize a tile of output rows at a time and use the dense matmul.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvforge.quant.formats import Unpacked
+
+# Up to this many input rows the grouped int8 kernel beats dequantize-then-matmul.
+_GROUPED_MAX_ROWS = 8
+_GROUPED_MAX_GROUPS = 48
+_TILE_ROWS = 4096
+_INT4_GROUPS = (32, 64, 128, 256)
+# The CPU int4/int8 kernels run with bf16 activations and scales (fp32 ones fall back, 6-15x
+# slower); a float16 model converts the scales with the rest of its floats.
+_KERNEL_DTYPE = torch.bfloat16
+
+
+class BaseQuantMethod(nn.Module, ABC):
+    """Packed weights of one linear layer [out_features, in_features] and their matmul."""
+
+    out_features: int
+    in_features: int
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T`` for x [..., in_features]."""
+
+    def weight_bytes(self) -> int:
+        """Bytes held by the packed weights."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+
+class Int4PackedMethod(BaseQuantMethod):
+    """4-bit codes in ATen's CPU int4 layout with bf16 scale/zero per group."""
+
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+
+    def __init__(self, weights: Unpacked) -> None:
+        super().__init__()
+        codes = weights.codes.to(torch.int32)
+        if weights.mins is None:  # symmetric codes in [-8, 7]
+            codes, zeros = codes + 8, torch.zeros_like(weights.scales)
+        else:  # codes in [0, 15]: w = q*s + m = (q - 8)*s + (m + 8s)
+            zeros = weights.mins + 8 * weights.scales
+        self.out_features, self.in_features = codes.shape
+        self.group = weights.group
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        # [groups, out_features, 2]: scale and zero of each group
+        self.register_buffer(
+            "scales_zeros",
+            torch.stack([weights.scales.T, zeros.T], -1).to(_KERNEL_DTYPE).contiguous(),
+        )
+
+    @staticmethod
+    def supports(weights: Unpacked, device: torch.device) -> bool:
+        """Whether these codes fit the int4 kernel (CPU, 4-bit codes, a supported group)."""
+        if device.type != "cpu" or weights.group not in _INT4_GROUPS:
+            return False
+        low, high = (-8, 7) if weights.mins is None else (0, 15)
+        codes = weights.codes
+        return bool(codes.min() >= low and codes.max() <= high)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """See :meth:`BaseQuantMethod.forward`."""
+        flat = x.reshape(-1, self.in_features).to(self.scales_zeros.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.packed, self.group, self.scales_zeros
+        )
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class BlockInt8Method(BaseQuantMethod):
+    """Signed 8-bit codes with a scale (and optional min) per group of columns."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+
+    def __init__(self, weights: Unpacked) -> None:
+        super().__init__()
+        rows, cols = weights.codes.shape
+        self.out_features, self.in_features, self.group = rows, cols, weights.group
+        self.num_groups = cols // weights.group
+        # [groups, out_features, group]: each group's codes contiguous for the int8 kernel
+        codes = weights.codes.view(rows, self.num_groups, self.group).transpose(0, 1)
+        self.register_buffer("codes", codes.contiguous())
+        # [groups, out]
+        self.register_buffer("scales", weights.scales.T.to(_KERNEL_DTYPE).contiguous())
+        mins = None if weights.mins is None else weights.mins.T.to(_KERNEL_DTYPE).contiguous()
+        self.register_buffer("mins", mins)
+
+    def _dequantize(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        tile = self.codes[:, start:stop].to(dtype) * self.scales[:, start:stop, None].to(dtype)
+        if self.mins is not None:
+            tile = tile + self.mins[:, start:stop, None].to(dtype)
+        return tile.transpose(0, 1).reshape(stop - start, self.in_features)
+
+    def forward(self, x: torch.Tensor, precise: bool = False) -> torch.Tensor:
+        """See :meth:`BaseQuantMethod.forward`.
+
+        ``precise`` (logits): the grouped path sums its per-group partials in float32, and the
+        tiled path multiplies in float32, so no bf16 rounding lands on the output.
+        """
+        compute = torch.float32 if precise else self.scales.dtype
+        flat = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        grouped = (
+            flat.shape[0] <= _GROUPED_MAX_ROWS
+            and self.num_groups <= _GROUPED_MAX_GROUPS
+            and flat.device.type == "cpu"
+        )
+        if grouped:
+            parts = flat.view(flat.shape[0], self.num_groups, self.group)
+            y = torch.zeros(flat.shape[0], self.out_features, dtype=torch.float32)
+            for g in range(self.num_groups):
+                y += torch.ops.aten._weight_int8pack_mm(
+                    parts[:, g].contiguous(), self.codes[g], self.scales[g]
+                )
+            if self.mins is not None:  # sum_g min[n, g] * sum(x in group g)
+                y += parts.sum(-1).float() @ self.mins.float()
+            y = y.to(compute)
+        else:
+            flat = x.reshape(-1, self.in_features).to(compute)
+            y = torch.cat(
+                [
+                    F.linear(
+                        flat, self._dequantize(s, min(s + _TILE_ROWS, self.out_features), compute)
+                    )
+                    for s in range(0, self.out_features, _TILE_ROWS)
+                ],
+                dim=-1,
+            )
+        return y.to(torch.float32 if precise else x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows ``W[index]`` (embedding lookup) in the scales' dtype."""
+        flat = index.reshape(-1)
+        w = self.codes[:, flat].to(self.scales.dtype) * self.scales[:, flat, None]
+        if self.mins is not None:
+            w = w + self.mins[:, flat, None]
+        return w.transpose(0, 1).reshape(*index.shape, self.in_features)
+
+
+class ConcatMethod(BaseQuantMethod):
+    """Shards of a fused layer whose formats differ (e.g. Q4_K q/k with a Q6_K v)."""
+
+    def __init__(self, shards: list[BaseQuantMethod]) -> None:
+        super().__init__()
+        self.shards = nn.ModuleList(shards)
+        self.in_features = shards[0].in_features
+        self.out_features = sum(s.out_features for s in shards)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """See :meth:`BaseQuantMethod.forward`."""
+        return torch.cat([shard(x) for shard in self.shards], dim=-1)
+
+
+# name -> "module:Class"; create_quant_method picks the first that supports the weights
+_METHODS: dict[str, str] = {
+    "int4": "kvforge.layers.quantization:Int4PackedMethod",
+    "block_int8": "kvforge.layers.quantization:BlockInt8Method",
+}
+
+
+def _method_class(name: str) -> type[BaseQuantMethod]:
+    module_name, class_name = _METHODS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)  # type: ignore[no-any-return]
+
+
+def create_quant_method(weights: Unpacked, device: torch.device) -> BaseQuantMethod:
+    """The fastest method that holds these codes exactly on ``device``."""
+    if Int4PackedMethod.supports(weights, device):
+        return _method_class("int4")(weights).to(device)
+    return _method_class("block_int8")(weights).to(device)
+
+
+def create_fused_quant_method(parts: list[Unpacked], device: torch.device) -> BaseQuantMethod:
+    """One method over stacked shards when their layouts agree, else one per shard."""
+    merged = concat_unpacked(parts)
+    if merged is not None:
+        return create_quant_method(merged, device)
+    return ConcatMethod([create_quant_method(p, device) for p in parts])
+
+
+def concat_unpacked(parts: list[Unpacked]) -> Unpacked | None:
+    """Stack shards along the output dimension when their layouts agree (fused q/k/v)."""
+    first = parts[0]
+    same_group = all(p.group == first.group for p in parts)
+    same_mins = all((p.mins is None) == (first.mins is None) for p in parts)
+    if not (same_group and same_mins):
+        return None
+    mins = None if first.mins is None else torch.cat([p.mins for p in parts])  # type: ignore[misc]
+    return Unpacked(
+        torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins, first.group
+    )

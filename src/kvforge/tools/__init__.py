@@ -1,0 +1,1 @@
+"""Offline tools over a loaded model: quantize, imatrix, perplexity, convert."""
