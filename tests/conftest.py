@@ -66,3 +66,9 @@ def make_engine(smollm: LoadedModel) -> Callable[..., LLMEngine]:
 
 def smollm_path_of(_: LoadedModel) -> str:
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm_packed(smollm_path: str) -> LoadedModel:
+    """The embedded model on the default path: weights packed, bf16 matmul kernels."""
+    return load_model(ModelConfig(model=smollm_path), create_attention_backend(), False)

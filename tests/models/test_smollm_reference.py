@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvforge.layers.forward_batch import ForwardBatch
+from kvforge.layers.kv_cache import PagedKVCache
 from kvforge.sampling_params import SamplingParams
 from tests.helpers import CHAT_PROMPTS, load_transformers_gguf, run_to_completion
 
@@ -43,8 +44,12 @@ def test_prompt_logits_match(smollm, hf_model, prompt_ids):
     worst = 0.0
     for ids in prompt_ids:
         blocks = list(range((len(ids) + 15) // 16))
-        shape = (len(blocks), 16, cfg.num_kv_heads, cfg.head_dim)
-        kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
+        kv = [
+            PagedKVCache.allocate(
+                len(blocks), 16, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu")
+            )
+            for _ in range(cfg.num_layers)
+        ]
         batch = ForwardBatch.build([ids], [0], [blocks], 16, torch.device("cpu"))
         with torch.inference_mode():
             ours = smollm.model.compute_logits(smollm.model(batch, kv))

@@ -11,7 +11,7 @@ LAYERS = {
     0: {"config", "sampling_params", "request", "outputs", "errors", "utils"},
     1: {"tokenizer", "core", "structured", "quant"},
     2: {"layers", "models", "loader", "sample", "runner"},
-    3: {"engine", "output_processor", "beam_search", "async_engine"},
+    3: {"engine", "output_processor", "beam_search", "async_engine", "tools"},
     4: {"entrypoints", "__init__"},
 }
 NO_TORCH = LAYERS[0] | {"core"}

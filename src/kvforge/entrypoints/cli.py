@@ -1,4 +1,5 @@
-"""The ``kvforge`` command: ``generate`` and ``chat`` (serving arrives with the server)."""
+"""The ``kvforge`` command: generate, chat, serve, and the GGUF tools (quantize, imatrix,
+perplexity, convert)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,38 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M-Instruct)",
     )
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: float32 activations, quantized weights kept packed; float32: dequantize all",
+    )
+    group.add_argument(
+        "--quantization",
+        default=None,
+        choices=["int8", "int4"],
+        help="quantize float weights on load",
+    )
+    group.add_argument(
+        "--quantization-group-size",
+        type=int,
+        default=None,
+        help="columns per scale (int4 default 128, int8 default -1: per output channel)",
+    )
+    group.add_argument(
+        "--quantization-asymmetric",
+        dest="quantization_symmetric",
+        action="store_false",
+        help="scale and minimum per group instead of a symmetric scale",
+    )
+    group.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3", "fp8_e5m2", "int8"]
+    )
+    group.add_argument(
+        "--calculate-kv-scales",
+        action="store_true",
+        help="set fp8 KV scales from the first forward pass (int8 always does)",
+    )
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--block-size", type=int, default=16)
     group.add_argument(
@@ -86,6 +118,11 @@ def _make_llm(args: argparse.Namespace) -> Any:
         max_num_batched_tokens=args.max_num_batched_tokens,
         chat_template=template,
         seed=args.seed,
+        quantization=args.quantization,
+        quantization_group_size=args.quantization_group_size,
+        quantization_symmetric=args.quantization_symmetric,
+        kv_cache_dtype=args.kv_cache_dtype,
+        calculate_kv_scales=args.calculate_kv_scales,
     )
 
 
@@ -192,6 +229,122 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Requantize a GGUF file (llama.cpp's llama-quantize)."""
+    from gguf import GGMLQuantizationType
+
+    from kvforge.quant.mixes import MixOptions
+    from kvforge.tools.quantize import quantize_file
+
+    def qtype(name: str | None) -> GGMLQuantizationType | None:
+        if name is None:
+            return None
+        try:
+            return GGMLQuantizationType[name.upper()]
+        except KeyError:
+            raise KVForgeError(f"unknown tensor type {name!r}") from None
+
+    options = MixOptions(
+        args.pure, qtype(args.output_tensor_type), qtype(args.token_embedding_type)
+    )
+    counts = quantize_file(args.input, args.output, args.type, args.imatrix, options)
+    print(f"{args.output}: " + ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())))
+    return 0
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise KVForgeError(f"cannot read {path}: {exc}") from exc
+
+
+def cmd_imatrix(args: argparse.Namespace) -> int:
+    """Collect an importance matrix over calibration text (llama.cpp's llama-imatrix)."""
+    from kvforge.quant.imatrix import write_imatrix
+    from kvforge.tools.perplexity import collect_imatrix, make_runner, text_chunks
+
+    runner = make_runner(args.model, args.dtype)
+    chunks = text_chunks(runner, _read_text(args.file), args.ctx, args.chunks)
+    sums, counts = collect_imatrix(runner, chunks)
+    write_imatrix(args.output, sums, counts, [args.file], len(chunks), args.ctx)
+    print(f"{args.output}: {len(sums)} matrices over {len(chunks)} chunks of {args.ctx} tokens")
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    """Chunked perplexity, and KL divergence against saved base logits."""
+    from kvforge.tools.perplexity import make_runner, perplexity, text_chunks
+
+    runner = make_runner(args.model, args.dtype, args.kv_cache_dtype)
+    chunks = text_chunks(runner, _read_text(args.file), args.ctx, args.chunks)
+    base = args.kl_divergence_base
+    result = perplexity(
+        runner,
+        chunks,
+        save_base=base if base and not args.kl_divergence else None,
+        compare_base=base if base and args.kl_divergence else None,
+    )
+    print(f"perplexity: {result.ppl:.4f} over {result.num_tokens} tokens ({len(chunks)} chunks)")
+    if result.kld is not None:
+        print(f"base perplexity: {result.base_ppl:.4f}")
+        print(f"mean KL divergence: {result.kld:.6f} +- {result.kld_stderr:.6f}")
+        print(f"same top token: {100 * (result.top1 or 0):.2f}%")
+    elif base:
+        print(f"saved base log-probabilities to {base}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a Hugging Face directory to GGUF."""
+    from kvforge.tools.convert import convert
+
+    count = convert(args.input, args.output, args.outtype)
+    print(f"{args.output}: {count} tensors ({args.outtype})")
+    return 0
+
+
+def _add_tool_parsers(sub: Any) -> None:
+    quant = sub.add_parser("quantize", help="requantize a GGUF file (F16, Q8_0, Q4_K_M, ...)")
+    quant.add_argument("input")
+    quant.add_argument("output")
+    quant.add_argument("type", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S/M/L ...")
+    quant.add_argument("--imatrix", default=None, help="importance matrix (imatrix.gguf)")
+    quant.add_argument("--pure", action="store_true", help="one type for all matrices")
+    quant.add_argument("--output-tensor-type", default=None)
+    quant.add_argument("--token-embedding-type", default=None)
+    quant.set_defaults(func=cmd_quantize)
+    for name, helptext, func in (
+        ("imatrix", "collect an importance matrix over calibration text", cmd_imatrix),
+        ("perplexity", "chunked perplexity and KL divergence", cmd_perplexity),
+    ):
+        tool = sub.add_parser(name, help=helptext)
+        tool.add_argument("-m", "--model", default=None, help="GGUF file or HF directory")
+        tool.add_argument("-f", "--file", required=True, help="text file")
+        tool.add_argument("--ctx", type=int, default=512, help="tokens per chunk")
+        tool.add_argument("--chunks", type=int, default=None, help="at most this many chunks")
+        tool.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+        tool.set_defaults(func=func)
+        if name == "imatrix":
+            tool.add_argument("-o", "--output", default="imatrix.gguf")
+        else:
+            tool.add_argument(
+                "--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3", "fp8_e5m2", "int8"]
+            )
+            tool.add_argument(
+                "--kl-divergence-base",
+                default=None,
+                help="log-probabilities file: written, or read with --kl-divergence",
+            )
+            tool.add_argument("--kl-divergence", action="store_true", help="compare with the base")
+    conv = sub.add_parser("convert", help="convert a Hugging Face directory to GGUF")
+    conv.add_argument("input")
+    conv.add_argument("output")
+    conv.add_argument("--outtype", default="f16", choices=["f32", "f16", "q8_0"])
+    conv.set_defaults(func=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``kvforge`` command."""
     parser = argparse.ArgumentParser(prog="kvforge", description="kvforge LLM inference engine")
@@ -227,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-request-bytes", default="16MiB", help="413 for larger bodies")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="SIGTERM drain limit (s)")
     srv.set_defaults(func=cmd_serve)
+    _add_tool_parsers(sub)
     return parser
 
 

@@ -106,7 +106,8 @@ class BlockInt8Method(BaseQuantMethod):
         self.register_buffer("codes", codes.contiguous())
         # [groups, out]
         self.register_buffer("scales", weights.scales.T.to(_KERNEL_DTYPE).contiguous())
-        mins = None if weights.mins is None else weights.mins.T.to(_KERNEL_DTYPE).contiguous()
+        # mins stay float32: w = q*s + m cancels for low-bit types, so m needs the precision
+        mins = None if weights.mins is None else weights.mins.T.float().contiguous()
         self.register_buffer("mins", mins)
 
     def _dequantize(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
@@ -136,7 +137,8 @@ class BlockInt8Method(BaseQuantMethod):
                     parts[:, g].contiguous(), self.codes[g], self.scales[g]
                 )
             if self.mins is not None:  # sum_g min[n, g] * sum(x in group g)
-                y += parts.sum(-1).float() @ self.mins.float()
+                sums = x.reshape(-1, self.num_groups, self.group).float().sum(-1)
+                y += sums @ self.mins.float()
             y = y.to(compute)
         else:
             flat = x.reshape(-1, self.in_features).to(compute)

@@ -261,7 +261,7 @@ def quantize(
 
     ``imatrix`` holds one importance value per column (llama.cpp's in_sum2 / counts).
     """
-    x = torch.as_tensor(np.asarray(data, dtype=np.float32))
+    x = torch.as_tensor(np.array(data, dtype=np.float32))
     if qtype in FLOAT_TYPES:
         if qtype == QT.BF16:
             return gguf_quants.quantize(x.numpy(), qtype)

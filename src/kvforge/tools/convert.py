@@ -1,0 +1,191 @@
+"""``kvforge convert``: a Hugging Face Llama / Qwen2 directory to a GGUF file.
+
+Writes llama.cpp's metadata keys, the byte-level BPE tokenizer (tokens, types, merges, special
+ids, pre-tokenizer name), the chat template and the tensors under GGUF names, with Q/K rows
+interleaved the way llama.cpp's rotary expects for the llama architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFWriter, LlamaFileType
+from tqdm import tqdm
+
+from kvforge.errors import InvalidRequestError, UnsupportedModelError
+from kvforge.loader.gguf_loader import _GLOBAL_NAMES, _LAYER_NAMES, _PRE_NORM
+from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config
+from kvforge.models.registry import family_for_hf
+from kvforge.quant.formats import QT
+from kvforge.quant.quantizers import quantize
+
+logger = logging.getLogger(__name__)
+
+_OUTTYPES = {
+    "f32": (QT.F32, LlamaFileType.ALL_F32),
+    "f16": (QT.F16, LlamaFileType.MOSTLY_F16),
+    "q8_0": (QT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+# token types of llama.cpp
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+# GGUF pre-tokenizer names of the split regexes our GGUF tokenizer knows
+_PRE_BY_REGEX = {
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}": "llama-bpe",
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}": "qwen2",
+}
+
+
+def _gguf_names() -> dict[str, str]:
+    names = {f"{hf}.weight": f"{g}.weight" for g, hf in _GLOBAL_NAMES.items()}
+    for table in (_LAYER_NAMES, _PRE_NORM):
+        for gguf_part, hf_part in table.items():
+            names[hf_part] = gguf_part
+    return names
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """GGUF name of a Hugging Face tensor name."""
+    names = _gguf_names()
+    if hf_name in names:
+        return names[hf_name]
+    parts = hf_name.removeprefix("model.").split(".")
+    if parts[0] != "layers":
+        raise UnsupportedModelError(f"unexpected tensor {hf_name!r}")
+    module, suffix = ".".join(parts[2:-1]), parts[-1]
+    if module not in names:
+        raise UnsupportedModelError(f"unexpected tensor {hf_name!r}")
+    return f"blk.{parts[1]}.{names[module]}.{suffix}"
+
+
+def permute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Interleave the rotary halves of each head's Q/K rows (llama.cpp's layout)."""
+    head_dim = weight.shape[0] // num_heads
+    w = weight.reshape(num_heads, 2, head_dim // 2, *weight.shape[1:])
+    return w.transpose(1, 2).reshape(weight.shape)
+
+
+def _pre_tokenizer_name(spec: dict[str, Any] | None) -> str:
+    if not spec:
+        return "default"
+    parts = spec.get("pretokenizers", [spec])
+    types = [p.get("type") for p in parts]
+    if "Digits" in types and types[-1] == "ByteLevel":
+        return "smollm"
+    for part in parts:
+        pattern = (part.get("pattern") or {}).get("Regex", "")
+        for prefix, name in _PRE_BY_REGEX.items():
+            if pattern.startswith(prefix):
+                return name
+    return "gpt2"
+
+
+def _add_tokenizer(writer: GGUFWriter, directory: Path, hf: dict[str, Any]) -> None:
+    spec = json.loads((directory / "tokenizer.json").read_text())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise UnsupportedModelError("convert supports byte-level BPE tokenizers only")
+    vocab: dict[str, int] = dict(model["vocab"])
+    special = set()
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+        if added.get("special"):
+            special.add(added["id"])
+    tokens = [""] * (max(vocab.values()) + 1)
+    for token, index in vocab.items():
+        tokens[index] = token
+    added_ids = {a["id"] for a in spec.get("added_tokens", [])}
+    types = [
+        _CONTROL if i in special else _USER_DEFINED if i in added_ids else _NORMAL
+        for i in range(len(tokens))
+    ]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    config_file = directory / "tokenizer_config.json"
+    tok_config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    for key, add in (
+        ("bos_token", writer.add_bos_token_id),
+        ("eos_token", writer.add_eos_token_id),
+    ):
+        entry = tok_config.get(key)
+        content = entry.get("content") if isinstance(entry, dict) else entry
+        if content in vocab:
+            add(vocab[content])
+        elif hf.get(f"{key}_id") is not None:
+            add(int(hf[f"{key}_id"]))
+    writer.add_add_bos_token(bool(tok_config.get("add_bos_token", False)))
+    if tok_config.get("chat_template"):
+        writer.add_chat_template(tok_config["chat_template"])
+
+
+def _add_hparams(writer: GGUFWriter, hf: dict[str, Any], name: str) -> tuple[int, int]:
+    num_heads = hf["num_attention_heads"]
+    num_kv_heads = hf.get("num_key_value_heads") or num_heads
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+    writer.add_name(name)
+    writer.add_block_count(hf["num_hidden_layers"])
+    writer.add_context_length(hf.get("max_position_embeddings", 4096))
+    writer.add_embedding_length(hf["hidden_size"])
+    writer.add_feed_forward_length(hf["intermediate_size"])
+    writer.add_head_count(num_heads)
+    writer.add_head_count_kv(num_kv_heads)
+    writer.add_rope_freq_base(float(hf.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(hf.get("rms_norm_eps", 1e-5)))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(hf["vocab_size"])
+    return num_heads, num_kv_heads
+
+
+def convert(
+    src: str | Path, dst: str | Path, outtype: str = "f16", show_progress: bool = True
+) -> int:
+    """Write ``dst`` from the Hugging Face directory ``src``; returns the tensor count."""
+    if outtype not in _OUTTYPES:
+        raise InvalidRequestError(f"unknown outtype {outtype!r}; use f32, f16 or q8_0", "outtype")
+    directory = Path(src)
+    hf = read_hf_config(directory)
+    architecture = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    family = family_for_hf(architecture)
+    if family.name not in _ARCHS:
+        raise UnsupportedModelError(f"convert supports Llama and Qwen2 models, not {architecture}")
+    arch = _ARCHS[family.name]
+    matrix_type, file_type = _OUTTYPES[outtype]
+    writer = GGUFWriter(str(dst), arch=arch)
+    num_heads, num_kv_heads = _add_hparams(writer, hf, directory.name)
+    writer.add_file_type(int(file_type))
+    _add_tokenizer(writer, directory, hf)
+    count = 0
+    tied = hf.get("tie_word_embeddings", False)
+    weights = iter_hf_weights(directory, family)
+    for hf_name, tensor in tqdm(
+        weights, desc="Converting", unit="tensor", disable=not show_progress
+    ):
+        if tied and hf_name == "lm_head.weight":
+            continue
+        name = gguf_tensor_name(hf_name)
+        if arch == "llama" and ".attn_q." in name:
+            tensor = permute_qk(tensor, num_heads)
+        elif arch == "llama" and ".attn_k." in name:
+            tensor = permute_qk(tensor, num_kv_heads)
+        values = tensor.float().numpy()
+        qtype = matrix_type if values.ndim == 2 else QT.F32
+        if qtype == QT.Q8_0 and values.shape[-1] % 32:
+            qtype = QT.F16
+        data = quantize(values, qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+        count += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    logger.info("wrote %s (%s, %d tensors)", dst, outtype, count)
+    return count

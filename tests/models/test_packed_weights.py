@@ -1,0 +1,119 @@
+"""The packed default path against the float32 reference on the embedded model, and on-load
+int8/int4 quantization of a float checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kvforge.entrypoints.llm import engine_config
+from kvforge.layers.quantization import Int4PackedMethod
+from kvforge.runner import ModelRunner
+from kvforge.tools.text import machine_text
+
+NUM_TOKENS = 2048
+
+
+def _runner(loaded, path):  # type: ignore[no-untyped-def]
+    return ModelRunner(engine_config(path, num_blocks=8, show_progress=False), loaded)
+
+
+def _logprobs(runner: ModelRunner, ids: list[int], ctx: int = 512) -> torch.Tensor:
+    return torch.cat(
+        [runner.score(ids[i : i + ctx]).log_softmax(-1) for i in range(0, len(ids), ctx)]
+    )
+
+
+def test_packed_default_agrees_with_float32(smollm, smollm_packed, smollm_path):
+    ids = smollm.tokenizer.encode(machine_text(min_chars=6 * NUM_TOKENS))[:NUM_TOKENS]
+    assert len(ids) == NUM_TOKENS
+    base = _logprobs(_runner(smollm, smollm_path), ids)
+    packed = _logprobs(_runner(smollm_packed, smollm_path), ids)
+    kld = float((base.exp() * (base - packed)).sum(-1).mean())
+    top1 = float((base.argmax(-1) == packed.argmax(-1)).float().mean())
+    print(f"packed vs float32 over {NUM_TOKENS} tokens: top-1 {top1:.4f}, mean KLD {kld:.5f}")
+    assert top1 >= 0.98
+    assert kld <= 0.01
+
+
+def test_packed_weights_stay_packed_and_small(smollm_packed, smollm_path):
+    layer = smollm_packed.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj.quant, Int4PackedMethod)
+    assert layer.self_attn.qkv_proj.weight is None
+    ratio = smollm_packed.weight_bytes / os.path.getsize(smollm_path)
+    print(f"resident weights {smollm_packed.weight_bytes / 2**20:.1f} MiB = {ratio:.2f}x the file")
+    assert ratio <= 1.3
+
+
+def test_packed_engine_answers(smollm_packed, smollm_path):
+    from kvforge.engine import LLMEngine
+    from kvforge.sampling_params import SamplingParams
+    from tests.helpers import run_to_completion
+
+    config = engine_config(smollm_path, num_blocks=64, show_progress=False)
+    engine = LLMEngine(config, ModelRunner(config, smollm_packed))
+    prompt = engine.tokenizer.encode_chat(
+        [{"role": "user", "content": "What is the capital of France?"}]
+    )
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=16))
+    (output,) = run_to_completion(engine).values()
+    assert "Paris" in output.outputs[0].text
+
+
+@pytest.mark.parametrize(
+    ("method", "group", "symmetric"),
+    [("int8", None, True), ("int8", 32, False), ("int4", 32, True), ("int4", 64, False)],
+)
+def test_on_load_quantization_of_hf_checkpoint(tmp_path, method, group, symmetric):
+    """The packed model equals transformers running the same round-to-nearest weights."""
+    from kvforge.config import ModelConfig
+    from kvforge.layers.attention import create_attention_backend
+    from kvforge.loader import load_model
+    from kvforge.quant.rtn import quantize_rtn
+    from tests.models.tiny_checkpoints import write_checkpoint
+
+    reference = write_checkpoint("llama", tmp_path)
+    config = ModelConfig(
+        model=str(tmp_path),
+        quantization=method,
+        quantization_group_size=group,
+        quantization_symmetric=symmetric,
+    )
+    loaded = load_model(config, create_attention_backend(), False)
+    assert loaded.model.layers[0].mlp.down_proj.quant is not None
+    config = engine_config(str(tmp_path), num_blocks=16, block_size=4, show_progress=False)
+    ids = list(range(3, 40))
+    ours = ModelRunner(config, loaded).score(ids).log_softmax(-1)
+    with torch.inference_mode():
+        exact = reference(torch.tensor([ids])).logits[0].log_softmax(-1)
+        for name, module in reference.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith("_proj"):
+                fake = quantize_rtn(module.weight, method, group, symmetric).dequantize()
+                module.weight.copy_(fake)
+        same_weights = reference(torch.tensor([ids])).logits[0].log_softmax(-1)
+    kld_same = float((same_weights.exp() * (same_weights - ours)).sum(-1).mean())
+    kld_exact = float((exact.exp() * (exact - ours)).sum(-1).mean())
+    print(
+        f"{method} group={group} symmetric={symmetric}: KLD vs same weights {kld_same:.5f}, "
+        f"vs float {kld_exact:.5f}"
+    )
+    # A random tiny model has very sharp logits: bf16 kernel rounding alone shows up here.
+    assert kld_same < 0.03
+    assert kld_same < kld_exact / 3
+    if method == "int8":
+        assert kld_exact < 0.01
+
+
+def test_quantization_rejects_bad_group(tmp_path):
+    from kvforge.config import ModelConfig
+    from kvforge.errors import InvalidRequestError
+    from kvforge.layers.attention import create_attention_backend
+    from kvforge.loader import load_model
+    from tests.models.tiny_checkpoints import write_checkpoint
+
+    write_checkpoint("llama", tmp_path)
+    config = ModelConfig(model=str(tmp_path), quantization="int4", quantization_group_size=48)
+    with pytest.raises(InvalidRequestError, match="group size"):
+        load_model(config, create_attention_backend(), False)
