@@ -17,10 +17,17 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     args = parser.parse_args()
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, kv_cache_memory="2GiB")
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_memory="2GiB",
+    )
     tokenizer = llm.get_tokenizer()
     base = tokenizer.encode(
         "The history of computing is long and varied. " * 64, add_special_tokens=False

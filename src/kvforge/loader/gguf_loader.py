@@ -40,7 +40,7 @@ SUPPORTED_TYPES = {
     )
 }
 
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -53,13 +53,13 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 # Pre-norm models call the MLP's norm ffn_norm; sandwich-norm (Gemma) files add two more.
-_PRE_NORM = {"ffn_norm": "post_attention_layernorm"}
+PRE_NORM_NAMES = {"ffn_norm": "post_attention_layernorm"}
 _SANDWICH = {
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-_GLOBAL_NAMES = {
+GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
@@ -80,12 +80,12 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
 def hf_tensor_name(gguf_name: str, sandwich_norm: bool) -> str:
     """Hugging Face name of a GGUF tensor name (``blk.3.attn_q.weight`` -> ...)."""
     stem, suffix = gguf_name.rsplit(".", 1)
-    if stem in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[stem]}.{suffix}"
+    if stem in GLOBAL_NAMES:
+        return f"{GLOBAL_NAMES[stem]}.{suffix}"
     parts = stem.split(".")
     if len(parts) != 3 or parts[0] != "blk":
         raise UnsupportedModelError(f"unexpected GGUF tensor {gguf_name!r}")
-    table = {**_LAYER_NAMES, **(_SANDWICH if sandwich_norm else _PRE_NORM)}
+    table = {**LAYER_NAMES, **(_SANDWICH if sandwich_norm else PRE_NORM_NAMES)}
     if parts[2] not in table:
         raise UnsupportedModelError(f"unexpected GGUF tensor {gguf_name!r}")
     return f"model.layers.{parts[1]}.{table[parts[2]]}.{suffix}"

@@ -243,6 +243,8 @@ def _weights(
     sigma2 = (x * x).view(x.shape[0], -1).mean(-1, keepdim=True)
     if imatrix is not None:
         return imatrix * torch.sqrt(sigma2 + x * x)
+    if qtype in (QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1):
+        return torch.ones_like(x)
     if qtype in _SYMMETRIC_WEIGHTED:
         return x * x + 1e-12
     if qtype == QT.Q2_K:
@@ -268,9 +270,6 @@ def quantize(
         return x.to(torch.float16 if qtype == QT.F16 else torch.float32).numpy()
     if qtype not in _QUANTIZERS:
         raise ValueError(f"quantization to {qtype.name} is not supported")
-    if imatrix is None and qtype in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1):
-        # llama.cpp's reference (unweighted) legacy quantizers, as the gguf package has them.
-        return gguf_quants.quantize(x.numpy(), qtype)
     block, size = block_shape(qtype)
     cols = x.shape[-1]
     if cols % block:

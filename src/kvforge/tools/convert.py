@@ -18,7 +18,7 @@ from gguf import GGUFWriter, LlamaFileType
 from tqdm import tqdm
 
 from kvforge.errors import InvalidRequestError, UnsupportedModelError
-from kvforge.loader.gguf_loader import _GLOBAL_NAMES, _LAYER_NAMES, _PRE_NORM
+from kvforge.loader.gguf_loader import GLOBAL_NAMES, LAYER_NAMES, PRE_NORM_NAMES
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config
 from kvforge.models.registry import family_for_hf
 from kvforge.quant.formats import QT
@@ -42,8 +42,8 @@ _PRE_BY_REGEX = {
 
 
 def _gguf_names() -> dict[str, str]:
-    names = {f"{hf}.weight": f"{g}.weight" for g, hf in _GLOBAL_NAMES.items()}
-    for table in (_LAYER_NAMES, _PRE_NORM):
+    names = {f"{hf}.weight": f"{g}.weight" for g, hf in GLOBAL_NAMES.items()}
+    for table in (LAYER_NAMES, PRE_NORM_NAMES):
         for gguf_part, hf_part in table.items():
             names[hf_part] = gguf_part
     return names
