@@ -59,3 +59,22 @@ def test_cuda_matches_cpu(tmp_path, arch):
         for _ in range(12):
             tokens.append(int(reference(torch.tensor([tokens])).logits[0, -1].argmax()))
     assert results["cuda"][0][0] == tokens[len(prompts[0]) :]
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8_e4m3"])
+def test_cuda_packed_weights_and_kv_match_cpu(smollm_path, kv_cache_dtype):
+    """Packed GGUF weights (tiled int8 path on CUDA) and one-byte KV agree with the CPU."""
+    ids = list(range(1000, 1200))
+    logits = {}
+    for device in ("cpu", "cuda"):
+        config = engine_config(
+            smollm_path,
+            device=device,
+            num_blocks=32,
+            kv_cache_dtype=kv_cache_dtype,
+            calculate_kv_scales=True,
+            show_progress=False,
+        )
+        logits[device] = ModelRunner(config).score(ids).float().cpu().log_softmax(-1)
+    kld = (logits["cpu"].exp() * (logits["cpu"] - logits["cuda"])).sum(-1).mean()
+    assert kld < 0.01

@@ -41,7 +41,8 @@ class LoadedModel:
 
 
 Weights = Iterator[tuple[str, torch.Tensor | Unpacked]]
-_LINEAR_SUFFIXES = ("_proj.weight", "lm_head.weight")
+# Like BitsAndBytes in vLLM, the LM head (whose logits feed sampling) stays in float.
+_LINEAR_SUFFIXES = ("_proj.weight",)
 
 
 def _progress(items: Weights, total: int, show: bool) -> Weights:
@@ -128,11 +129,15 @@ def load_model(
     model = model.eval()
     weight_bytes = _module_bytes(model)
     logger.info(
-        "loaded %s (%s, %d layers, %s) in %.1fs: resident weights %s (file %s)",
+        "loaded %s (%s, %d layers, %s activations, %s weights) in %.1fs: "
+        "resident weights %s (file %s)",
         path.name,
         cfg.architecture,
         cfg.num_layers,
-        dtype,
+        str(dtype).removeprefix("torch."),
+        "packed"
+        if any(getattr(m, "quant", None) is not None for m in model.modules())
+        else "float",
         time.perf_counter() - start,
         format_size(weight_bytes),
         format_size(_checkpoint_bytes(path)),

@@ -123,10 +123,13 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
         for t, k in zip(tokens, types)
         if k == _CONTROL
     ]
+    # NOTE: only pieces the model vocabulary holds under the same id; a SentencePiece vocabulary
+    # stores spaces as "▁", so a user-defined "  " would otherwise get a new id past the
+    # embedding table (the normalizer already maps such runs onto their pieces).
     user = [
         AddedToken(t, special=False, normalized=False)
-        for t, k in zip(tokens, types)
-        if k == _USER_DEFINED
+        for i, (t, k) in enumerate(zip(tokens, types))
+        if k == _USER_DEFINED and backend.token_to_id(t) == i
     ]
     backend.add_special_tokens(special)
     backend.add_tokens(user)
