@@ -99,9 +99,7 @@ def test_on_load_quantization_of_hf_checkpoint(tmp_path, method, group, symmetri
         f"{method} group={group} symmetric={symmetric}: KLD vs same weights {kld_same:.5f}, "
         f"vs float {kld_exact:.5f}"
     )
-    # A random tiny model has very sharp logits: bf16 kernel rounding alone shows up here.
-    assert kld_same < 0.03
-    assert kld_same < kld_exact / 3
+    assert kld_same < 5e-3  # only the kernels' bf16 rounding differs
     if method == "int8":
         assert kld_exact < 0.01
 

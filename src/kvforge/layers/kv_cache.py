@@ -10,6 +10,12 @@ Shapes: K and V are [num_blocks, block_size, KVH, D].
   flattens the outlier channels of K), then each token's head is quantized with its own
   float16 scale (absmax / 127), as llama.cpp's q8_0 cache does per block. The token scales
   cost 2 bytes per head_dim values (about 3% at D = 64).
+
+Calculated scales also record each channel's mean over the first pass and quantize the values
+minus that mean (added back on read). A constant K offset only shifts every logit of a query
+by the same amount and a constant V offset passes through the softmax average unchanged, so
+the offsets cost nothing in exactness while the stored residuals are smaller (SageAttention's
+"smooth K").
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ class KVScales:
 
     k: torch.Tensor  # [KVH, D] float32
     v: torch.Tensor
+    # Per-channel means of the first pass, subtracted before quantizing (see the module doc).
+    k_center: torch.Tensor | None = None
+    v_center: torch.Tensor | None = None
     is_set: bool = False
 
 
@@ -131,15 +140,21 @@ class PagedKVCache:
         headroom = _SCALE_HEADROOM[self.kv_cache_dtype]
         if self.kv_cache_dtype != "int8":  # fp8: map the largest expected value near the top
             headroom /= _max_value(self.k.dtype)
+        centers = []
         for target, x in ((self.scales.k, key), (self.scales.v, value)):
-            amax = x.detach().abs().float().amax(dim=0)  # [KVH, D]
+            center = x.detach().float().mean(dim=0)  # [KVH, D]
+            amax = (x.detach().float() - center).abs().amax(dim=0)
             target.copy_(torch.where(amax > 0, amax * headroom, torch.ones_like(amax)))
+            centers.append(center)
+        self.scales.k_center, self.scales.v_center = centers
         self.scales.is_set = True
 
     def _encode(
-        self, x: torch.Tensor, scale: torch.Tensor
+        self, x: torch.Tensor, scale: torch.Tensor, center: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stored values of x [T, KVH, D] and, for int8, their per-token scales [T, KVH]."""
+        if center is not None:
+            x = x.float() - center
         scaled = x.float() / scale  # channel scales flatten outlier channels first
         if self.k.dtype != torch.int8:
             limit = _max_value(self.k.dtype)
@@ -157,11 +172,11 @@ class PagedKVCache:
             return
         if self.calculate_scales and not self.scales.is_set:
             self._set_scales(key, value)
-        for cache, token_cache, x, scale in (
-            (self.k, self.k_token_scale, key, self.scales.k),
-            (self.v, self.v_token_scale, value, self.scales.v),
+        for cache, token_cache, x, scale, center in (
+            (self.k, self.k_token_scale, key, self.scales.k, self.scales.k_center),
+            (self.v, self.v_token_scale, value, self.scales.v, self.scales.v_center),
         ):
-            stored, token = self._encode(x, scale)
+            stored, token = self._encode(x, scale, center)
             self._store(cache, stored, slot_mapping)
             if token_cache is not None and token is not None:
                 token_cache.view(-1, token.shape[-1]).index_copy_(0, slot_mapping, token)
@@ -175,9 +190,9 @@ class PagedKVCache:
     def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V at flat ``slots`` (any shape S) as [*S, KVH, D] in ``dtype``."""
         out = []
-        for cache, token_cache, scale in (
-            (self.k, self.k_token_scale, self.scales.k),
-            (self.v, self.v_token_scale, self.scales.v),
+        for cache, token_cache, scale, center in (
+            (self.k, self.k_token_scale, self.scales.k, self.scales.k_center),
+            (self.v, self.v_token_scale, self.scales.v, self.scales.v_center),
         ):
             flat = cache.view(-1, *cache.shape[-2:])
             values = _raw(flat)[slots].view(cache.dtype).to(dtype)
@@ -185,6 +200,8 @@ class PagedKVCache:
                 values = values * scale.to(dtype)
             if token_cache is not None:
                 values = values * token_cache.view(-1, cache.shape[-2])[slots][..., None].to(dtype)
+            if self.is_quantized and center is not None:
+                values = values + center.to(dtype)
             out.append(values)
         return out[0], out[1]
 
