@@ -38,6 +38,16 @@ class LoadedModel:
     config: TransformerConfig
     dtype: torch.dtype
     weight_bytes: int = 0  # resident bytes of all parameters and packed weights
+    is_packed: bool = False  # some weights are kept quantized
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The 16/32-bit KV dtype of ``--kv-cache-dtype auto``: the activation dtype, except
+        bfloat16 under float32 activations with packed weights (the weights are approximate
+        already; a bf16 cache halves KV memory at no measurable cost in agreement)."""
+        if self.is_packed and self.dtype == torch.float32:
+            return torch.bfloat16
+        return self.dtype
 
 
 Weights = Iterator[tuple[str, torch.Tensor | Unpacked]]
@@ -128,6 +138,7 @@ def load_model(
         model = model.to(dtype)
     model = model.eval()
     weight_bytes = _module_bytes(model)
+    is_packed = any(getattr(m, "quant", None) is not None for m in model.modules())
     logger.info(
         "loaded %s (%s, %d layers, %s activations, %s weights) in %.1fs: "
         "resident weights %s (file %s)",
@@ -135,14 +146,12 @@ def load_model(
         cfg.architecture,
         cfg.num_layers,
         str(dtype).removeprefix("torch."),
-        "packed"
-        if any(getattr(m, "quant", None) is not None for m in model.modules())
-        else "float",
+        "packed" if is_packed else "float",
         time.perf_counter() - start,
         format_size(weight_bytes),
         format_size(_checkpoint_bytes(path)),
     )
-    return LoadedModel(model, tokenizer, cfg, dtype, weight_bytes)
+    return LoadedModel(model, tokenizer, cfg, dtype, weight_bytes, is_packed)
 
 
 def _checkpoint_bytes(path: Path) -> int:

@@ -56,7 +56,7 @@ class ModelRunner:
         self.model_config = self.loaded.config
         cache = config.cache_config
         self.block_size = cache.block_size
-        self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.loaded.dtype)
+        self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.loaded.kv_dtype)
         self.num_blocks = self._num_blocks(cache)
         cfg = self.model_config
         self.kv_caches = [
@@ -65,7 +65,7 @@ class ModelRunner:
                 self.block_size,
                 cfg.num_kv_heads,
                 cfg.head_dim,
-                self.loaded.dtype,
+                self.loaded.kv_dtype,
                 self.device,
                 cache.kv_cache_dtype,
                 cache.calculate_kv_scales,
@@ -85,7 +85,7 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         """KV bytes of one block over all layers (K and V)."""
-        return self._bytes_per_block(self.config.cache_config.kv_cache_dtype, self.loaded.dtype)
+        return self._bytes_per_block(self.config.cache_config.kv_cache_dtype, self.loaded.kv_dtype)
 
     def _num_blocks(self, cache: CacheConfig) -> int:
         if cache.num_blocks is not None:
