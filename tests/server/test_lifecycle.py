@@ -129,7 +129,13 @@ def test_api_key_is_required_but_health_is_public(guarded):
 
 def test_queue_limit_gives_429(guarded):
     headers = {"Authorization": "Bearer s3cret"}
-    body = {"prompt": "Tell me a long story.", "max_tokens": 500, "stream": True}
+    # ignore_eos: the first request must still be running when the others arrive
+    body = {
+        "prompt": "Tell me a long story.",
+        "max_tokens": 500,
+        "stream": True,
+        "ignore_eos": True,
+    }
     first_running, done = threading.Event(), threading.Event()
     results: dict[str, int] = {}
 
