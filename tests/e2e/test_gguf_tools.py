@@ -125,6 +125,10 @@ def test_bad_inputs_give_clear_errors(workdir, f32_source, capsys):
     assert "unknown type" in capsys.readouterr().err
     assert main(["perplexity", "-m", str(f32_source), "-f", str(workdir / "missing.txt")]) == 2
     assert "cannot read" in capsys.readouterr().err
+    assert main(["quantize", str(workdir / "missing.gguf"), str(workdir / "x.gguf"), "Q4_0"]) == 2
+    assert "no GGUF file" in capsys.readouterr().err
+    assert main(["convert", str(workdir), str(workdir / "x.gguf")]) == 2
+    assert "config.json" in capsys.readouterr().err
 
 
 def _hf_dir_from_gguf(gguf_path: str, directory: Path) -> None:

@@ -152,7 +152,7 @@ def convert(
     if outtype not in _OUTTYPES:
         raise InvalidRequestError(f"unknown outtype {outtype!r}; use f32, f16 or q8_0", "outtype")
     directory = Path(src)
-    hf = read_hf_config(directory)
+    hf = read_hf_config(directory)  # raises ModelNotFoundError without a config.json
     architecture = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
     family = family_for_hf(architecture)
     if family.name not in _ARCHS:

@@ -15,6 +15,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize
 from tqdm import tqdm
 
+from kvforge.errors import ModelNotFoundError
 from kvforge.quant.imatrix import read_imatrix
 from kvforge.quant.mixes import MixOptions, file_type_id, parse_file_type, tensor_type
 from kvforge.quant.quantizers import quantize
@@ -50,6 +51,8 @@ def quantize_file(
     """Write ``dst`` as ``file_type``; returns how many tensors got each type."""
     file_type = parse_file_type(file_type)
     options = options or MixOptions()
+    if not Path(src).is_file():
+        raise ModelNotFoundError(f"no GGUF file at {src}")
     reader = GGUFReader(str(src))
     arch = str(reader.fields["general.architecture"].contents())
     importance: dict[str, np.ndarray] = {}
