@@ -122,36 +122,42 @@ class BlockInt8Method(BaseQuantMethod):
         ``precise`` (logits): the grouped path sums its per-group partials in float32, and the
         tiled path multiplies in float32, so no bf16 rounding lands on the output.
         """
-        compute = torch.float32 if precise else self.scales.dtype
-        flat = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        flat = x.reshape(-1, self.in_features)
         grouped = (
             flat.shape[0] <= _GROUPED_MAX_ROWS
             and self.num_groups <= _GROUPED_MAX_GROUPS
             and flat.device.type == "cpu"
         )
         if grouped:
-            parts = flat.view(flat.shape[0], self.num_groups, self.group)
-            y = torch.zeros(flat.shape[0], self.out_features, dtype=torch.float32)
-            for g in range(self.num_groups):
-                y += torch.ops.aten._weight_int8pack_mm(
-                    parts[:, g].contiguous(), self.codes[g], self.scales[g]
-                )
-            if self.mins is not None:  # sum_g min[n, g] * sum(x in group g)
-                sums = x.reshape(-1, self.num_groups, self.group).float().sum(-1)
-                y += sums @ self.mins.float()
-            y = y.to(compute)
+            y = self._grouped(flat)
         else:
-            flat = x.reshape(-1, self.in_features).to(compute)
-            y = torch.cat(
-                [
-                    F.linear(
-                        flat, self._dequantize(s, min(s + _TILE_ROWS, self.out_features), compute)
-                    )
-                    for s in range(0, self.out_features, _TILE_ROWS)
-                ],
-                dim=-1,
-            )
+            y = self._tiled(flat, torch.float32 if precise else self.scales.dtype)
         return y.to(torch.float32 if precise else x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _grouped(self, flat: torch.Tensor) -> torch.Tensor:
+        """Float32 [N, out]: one int8 kernel call per column group, partials summed in float32."""
+        parts = flat.to(self.scales.dtype).view(flat.shape[0], self.num_groups, self.group)
+        y = torch.zeros(flat.shape[0], self.out_features, dtype=torch.float32)
+        for g in range(self.num_groups):
+            y += torch.ops.aten._weight_int8pack_mm(
+                parts[:, g].contiguous(), self.codes[g], self.scales[g]
+            )
+        if self.mins is not None:  # sum_g min[n, g] * sum(x in group g)
+            sums = flat.float().view(flat.shape[0], self.num_groups, self.group).sum(-1)
+            y += sums @ self.mins.float()
+        return y
+
+    def _tiled(self, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[N, out] in ``dtype``: dequantize a tile of output rows at a time, dense matmul."""
+        flat = flat.to(dtype)
+        tiles = range(0, self.out_features, _TILE_ROWS)
+        return torch.cat(
+            [
+                F.linear(flat, self._dequantize(s, min(s + _TILE_ROWS, self.out_features), dtype))
+                for s in tiles
+            ],
+            dim=-1,
+        )
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Dequantized rows ``W[index]`` (embedding lookup) in the scales' dtype."""

@@ -13,6 +13,7 @@ import numpy as np
 from gguf import GGUFReader, GGUFWriter
 
 from kvforge.errors import InvalidRequestError
+from kvforge.quant.gguf_file import finish
 
 
 def write_imatrix(
@@ -32,10 +33,7 @@ def write_imatrix(
     for name in sorted(sums):
         writer.add_tensor(f"{name}.in_sum2", sums[name].astype(np.float32).reshape(1, -1))
         writer.add_tensor(f"{name}.counts", np.array([[counts[name]]], dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
 
 
 def read_imatrix(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, object]]:

@@ -232,7 +232,7 @@ _QUANTIZERS: dict[GGMLQuantizationType, Callable[..., torch.Tensor]] = {
     QT.Q3_K: _k_symmetric(QT.Q3_K, 4, 32),
     QT.Q6_K: _k_symmetric(QT.Q6_K, 32, 128),
 }
-_SYMMETRIC_WEIGHTED = {QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q3_K, QT.Q6_K, QT.IQ4_NL}
+_SYMMETRIC_WEIGHTED = {QT.Q8_0, QT.Q3_K, QT.Q6_K, QT.IQ4_NL}
 
 
 def _weights(

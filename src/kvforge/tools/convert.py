@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from gguf import GGUFWriter, LlamaFileType
 from tqdm import tqdm
@@ -22,7 +21,7 @@ from kvforge.loader.gguf_loader import GLOBAL_NAMES, LAYER_NAMES, PRE_NORM_NAMES
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config
 from kvforge.models.registry import family_for_hf
 from kvforge.quant.formats import QT
-from kvforge.quant.quantizers import quantize
+from kvforge.quant.gguf_file import add_tensor, finish
 
 logger = logging.getLogger(__name__)
 
@@ -180,12 +179,8 @@ def convert(
         qtype = matrix_type if values.ndim == 2 else QT.F32
         if qtype == QT.Q8_0 and values.shape[-1] % 32:
             qtype = QT.F16
-        data = quantize(values, qtype)
-        writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+        add_tensor(writer, name, values, qtype)
         count += 1
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
+    finish(writer)
     logger.info("wrote %s (%s, %d tensors)", dst, outtype, count)
     return count

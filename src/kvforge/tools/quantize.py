@@ -16,9 +16,9 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from kvforge.errors import ModelNotFoundError
+from kvforge.quant.gguf_file import add_tensor, finish
 from kvforge.quant.imatrix import read_imatrix
 from kvforge.quant.mixes import MixOptions, file_type_id, parse_file_type, tensor_type
-from kvforge.quant.quantizers import quantize
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,8 @@ def quantize_file(
                 gqa,
                 options,
             )
-        data = quantize(values, qtype, importance.get(tensor.name))
-        writer.add_tensor(tensor.name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+        add_tensor(writer, tensor.name, values, qtype, importance.get(tensor.name))
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
+    finish(writer)
     logger.info("wrote %s (%s): %s", dst, file_type, counts)
     return counts
