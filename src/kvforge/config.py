@@ -126,6 +126,9 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"
     # Compute K/V scales per head from the first forward pass (int8 always does).
     calculate_kv_scales: bool = False
+    # One-byte caches: exact copies kept of recent blocks (each running sequence's first and
+    # last two). None sizes it from max_num_seqs within 1/64 of the budget; 0 turns it off.
+    kv_cache_recent_blocks: int | None = None
 
     def check(self) -> None:
         """Raise on an unknown KV cache dtype."""
@@ -133,6 +136,10 @@ class CacheConfig:
             raise InvalidRequestError(
                 f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; use one of {KV_CACHE_DTYPES}",
                 "kv_cache_dtype",
+            )
+        if self.kv_cache_recent_blocks is not None and self.kv_cache_recent_blocks < 0:
+            raise InvalidRequestError(
+                "kv_cache_recent_blocks must be >= 0", "kv_cache_recent_blocks"
             )
 
 

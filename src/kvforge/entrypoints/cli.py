@@ -54,6 +54,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="set fp8 KV scales from the first forward pass (int8 always does)",
     )
+    group.add_argument(
+        "--kv-cache-recent-blocks",
+        type=int,
+        default=None,
+        help="one-byte KV: exact copies of this many recent blocks (default: 3 per sequence "
+        "within 1/64 of the KV memory; 0: none)",
+    )
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument("--block-size", type=int, default=16)
     group.add_argument(
@@ -123,6 +130,7 @@ def _make_llm(args: argparse.Namespace) -> Any:
         quantization_symmetric=args.quantization_symmetric,
         kv_cache_dtype=args.kv_cache_dtype,
         calculate_kv_scales=args.calculate_kv_scales,
+        kv_cache_recent_blocks=args.kv_cache_recent_blocks,
     )
 
 

@@ -29,6 +29,7 @@ def engine_config(
     quantization_symmetric: bool = True,
     kv_cache_dtype: str = "auto",
     calculate_kv_scales: bool = False,
+    kv_cache_recent_blocks: int | None = None,
     max_model_len: int | None = None,
     seed: int = 0,
     chat_template: str | None = None,
@@ -63,6 +64,7 @@ def engine_config(
             enable_prefix_caching=enable_prefix_caching,
             kv_cache_dtype=kv_cache_dtype,
             calculate_kv_scales=calculate_kv_scales,
+            kv_cache_recent_blocks=kv_cache_recent_blocks,
         ),
         scheduler_config=SchedulerConfig(
             max_num_seqs=max_num_seqs,

@@ -12,7 +12,7 @@ from kvforge.config import CacheConfig, EngineConfig
 from kvforge.core.scheduler import SampledToken, SchedulerOutput
 from kvforge.layers.attention import create_attention_backend
 from kvforge.layers.forward_batch import ForwardBatch
-from kvforge.layers.kv_cache import PagedKVCache, block_bytes, kv_storage_dtype
+from kvforge.layers.kv_cache import PagedKVCache, RecentBlocks, block_bytes, kv_storage_dtype
 from kvforge.loader import LoadedModel, load_model
 from kvforge.request import Request
 from kvforge.sample import Sampler, SamplingMetadata, gather_logprobs
@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 # Default KV budget when none is given: this share of available RAM, at most 4 GiB.
 _DEFAULT_KV_FRACTION = 0.25
 _DEFAULT_KV_CAP = 4 << 30
+# One-byte KV caches keep exact copies of each running sequence's first and last two blocks
+# (see RecentBlocks), by default in at most this share of the KV budget.
+_RECENT_PER_SEQUENCE = 3
+_RECENT_BUDGET_SHARE = 1 / 64
 
 
 class TokenLogprobs(NamedTuple):
@@ -57,7 +61,10 @@ class ModelRunner:
         cache = config.cache_config
         self.block_size = cache.block_size
         self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.loaded.kv_dtype)
-        self.num_blocks = self._num_blocks(cache)
+        self.num_blocks, recent_capacity = self._num_blocks(cache)
+        self.recent = (
+            RecentBlocks(recent_capacity, self.num_blocks, self.device) if recent_capacity else None
+        )
         cfg = self.model_config
         self.kv_caches = [
             PagedKVCache.allocate(
@@ -69,6 +76,7 @@ class ModelRunner:
                 self.device,
                 cache.kv_cache_dtype,
                 cache.calculate_kv_scales,
+                recent=self.recent,
             )
             for _ in range(cfg.num_layers)
         ]
@@ -87,13 +95,25 @@ class ModelRunner:
         """KV bytes of one block over all layers (K and V)."""
         return self._bytes_per_block(self.config.cache_config.kv_cache_dtype, self.loaded.kv_dtype)
 
-    def _num_blocks(self, cache: CacheConfig) -> int:
-        if cache.num_blocks is not None:
-            return cache.num_blocks
+    def _num_blocks(self, cache: CacheConfig) -> tuple[int, int]:
+        """Blocks in the pool and exact recent-block copies that fit the KV budget."""
         budget = cache.kv_cache_memory
-        if budget is None:
+        if budget is None and cache.num_blocks is None:
             budget = min(int(available_memory() * _DEFAULT_KV_FRACTION), _DEFAULT_KV_CAP)
-        num_blocks = max(1, budget // self.bytes_per_block)
+        exact_block = self._bytes_per_block("auto", self.loaded.kv_dtype)
+        recent = 0
+        if cache.kv_cache_dtype != "auto" and cache.kv_cache_recent_blocks is not None:
+            recent = cache.kv_cache_recent_blocks
+        elif cache.kv_cache_dtype != "auto":
+            recent = _RECENT_PER_SEQUENCE * self.config.scheduler_config.max_num_seqs
+            if budget is not None:
+                share = int(budget * _RECENT_BUDGET_SHARE) // exact_block
+                recent = min(recent, max(_RECENT_PER_SEQUENCE, share))
+        if cache.num_blocks is not None:
+            return cache.num_blocks, recent
+        assert budget is not None
+        recent_bytes = (recent + 1) * exact_block if recent else 0  # +1: the spare slot
+        num_blocks = max(1, (budget - recent_bytes) // self.bytes_per_block)
         logger.info(
             "KV cache: %s in %d blocks of %d tokens (%s per block, %s)",
             format_size(num_blocks * self.bytes_per_block),
@@ -103,14 +123,21 @@ class ModelRunner:
             self.kv_dtype,
         )
         if cache.kv_cache_dtype != "auto":
+            if recent:
+                logger.info(
+                    "KV cache: exact %s copies of %d recent blocks (%s)",
+                    self.loaded.kv_dtype,
+                    recent,
+                    format_size(recent_bytes),
+                )
             for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
                 logger.info(
-                    "KV cache: %s holds %.1fx the blocks of %s",
+                    "KV cache: %s holds %.2fx the blocks of %s in the same memory",
                     cache.kv_cache_dtype,
-                    self._bytes_per_block("auto", dtype) / self.bytes_per_block,
+                    num_blocks / (budget // self._bytes_per_block("auto", dtype)),
                     name,
                 )
-        return int(num_blocks)
+        return int(num_blocks), recent
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -140,6 +167,8 @@ class ModelRunner:
                 sample_reqs.append((request, len(logit_rows)))
                 logit_rows.append(offset + num_new - 1)
             offset += num_new
+        if self.recent is not None:
+            self.recent.update(tables, starts, [len(c) for c in chunks], self.block_size)
         batch = ForwardBatch.build(chunks, starts, tables, self.block_size, self.device)
         hidden = self.model(batch, self.kv_caches)
         logits = self.model.compute_logits(
@@ -242,19 +271,44 @@ class ModelRunner:
         for request_id in request_ids:
             self._generators.pop(request_id, None)
 
-    def _scratch_forward(self, prompts: list[list[int]]) -> torch.Tensor:
+    def _scratch_forward(
+        self, prompts: list[list[int]], chunk_size: int | None = None
+    ) -> torch.Tensor:
         """Final hidden states [T, E] of whole prompts on scratch KV (the serving cache and
-        its blocks are untouched; the scratch shares the cache's format and scales)."""
+        its blocks are untouched; the scratch shares the cache's format and scales).
+
+        With ``chunk_size``, every prompt advances that many tokens per forward pass, so
+        later tokens read earlier ones back from the cache as decoding does (1: one token
+        per step)."""
         tables, next_block = [], 0
         for ids in prompts:
             count = cdiv(len(ids), self.block_size)
             tables.append(list(range(next_block, next_block + count)))
             next_block += count
-        scratch = [cache.like(next_block) for cache in self.kv_caches]
-        batch = ForwardBatch.build(
-            prompts, [0] * len(prompts), tables, self.block_size, self.device
+        recent = (
+            self.recent.like(_RECENT_PER_SEQUENCE * len(prompts), next_block)
+            if self.recent is not None
+            else None
         )
-        return self.model(batch, scratch)
+        scratch = [cache.like(next_block, recent) for cache in self.kv_caches]
+        longest = max(len(ids) for ids in prompts)
+        step = chunk_size or longest
+        parts: list[list[torch.Tensor]] = [[] for _ in prompts]
+        for start in range(0, longest, step):
+            active = [i for i, ids in enumerate(prompts) if start < len(ids)]
+            chunks = [prompts[i][start : start + step] for i in active]
+            starts = [start] * len(active)
+            if recent is not None:
+                recent.update(
+                    [tables[i] for i in active], starts, [len(c) for c in chunks], self.block_size
+                )
+            batch = ForwardBatch.build(
+                chunks, starts, [tables[i] for i in active], self.block_size, self.device
+            )
+            hidden = self.model(batch, scratch)
+            for i, part in zip(active, hidden.split([len(c) for c in chunks])):
+                parts[i].append(part)
+        return torch.cat([torch.cat(p) for p in parts])
 
     @torch.inference_mode()
     def embed(self, prompts: list[list[int]]) -> torch.Tensor:
@@ -264,9 +318,20 @@ class ModelRunner:
         return torch.nn.functional.normalize(pooled, dim=-1)
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int]) -> torch.Tensor:
-        """Float32 logits [T, V] at every position of one sequence (teacher forcing)."""
-        return self.model.compute_logits(self._scratch_forward([token_ids]))
+    def score(self, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
+        """Float32 logits [T, V] at every position of one sequence (teacher forcing); see
+        :meth:`score_many` for ``chunk_size``."""
+        return self.score_many([token_ids], chunk_size)[0]
+
+    @torch.inference_mode()
+    def score_many(
+        self, sequences: list[list[int]], chunk_size: int | None = None
+    ) -> list[torch.Tensor]:
+        """Float32 logits [T_i, V] of several sequences in one batch. ``chunk_size`` feeds
+        each that many tokens per step, as chunked prefill (or, at 1, decoding) would."""
+        hidden = self._scratch_forward(sequences, chunk_size)
+        logits = self.model.compute_logits(hidden)
+        return list(logits.split([len(s) for s in sequences]))
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
