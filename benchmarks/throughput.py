@@ -19,12 +19,14 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--kv-cache-recent-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     args = parser.parse_args()
     llm = LLM(
         args.model,
         dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_recent_blocks=args.kv_cache_recent_blocks,
         max_num_seqs=args.max_num_seqs,
         kv_cache_memory="2GiB",
     )
