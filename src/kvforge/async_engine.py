@@ -8,17 +8,18 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvforge.engine import LLMEngine
-from kvforge.errors import KVForgeError, QueueFullError
+from kvforge.errors import KVForgeError, QueueFullError, RequestFailedError
 from kvforge.outputs import RequestOutput
 from kvforge.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+DEFAULT_NUM_WORKERS = 4
 
 
 class EngineDeadError(KVForgeError):
@@ -41,9 +42,17 @@ class AsyncLLM:
     cannot starve them and they never block a step.
     """
 
-    def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_queued_requests: int | None = None,
+        num_workers: int = DEFAULT_NUM_WORKERS,
+    ) -> None:
         self.engine = engine
         self.max_queued_requests = max_queued_requests
+        # Bounded pool for CPU work that must stay off the event loop and off the engine
+        # thread: chat templates, tokenization, grammar compilation.
+        self.workers = ThreadPoolExecutor(num_workers, thread_name_prefix="kvforge-worker")
         self._commands: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], Future[Any]]] = (
             queue.SimpleQueue()
         )
@@ -83,6 +92,10 @@ class AsyncLLM:
         """Awaitable :meth:`submit`."""
         return await asyncio.wrap_future(self.submit(fn))
 
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in the bounded worker pool (never on the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
+
     # -------------------------------------------------------------- requests
     async def generate(
         self,
@@ -97,7 +110,9 @@ class AsyncLLM:
         if params.structured_outputs is not None:
             # Compile in a worker thread (cached): the engine keeps stepping meanwhile.
             manager = await self.acall(lambda engine: engine.structured_outputs())
-            await loop.run_in_executor(None, manager.compile, params.structured_outputs)
+            await self.offload(manager.compile, params.structured_outputs)
+        if isinstance(prompt, str) and "prompt_token_ids" not in kwargs:
+            kwargs["prompt_token_ids"] = await self.offload(self.engine.tokenizer.encode, prompt)
 
         def add(engine: LLMEngine) -> None:
             waiting = len(engine.scheduler.waiting)
@@ -169,7 +184,10 @@ class AsyncLLM:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+            item: RequestOutput | BaseException = output
+            if output.error is not None:
+                item = RequestFailedError(f"the request failed in the engine: {output.error}")
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in list(self._streams.values()):
@@ -202,3 +220,4 @@ class AsyncLLM:
 
         self.submit(stop)
         self._thread.join(timeout=10)
+        self.workers.shutdown(wait=False, cancel_futures=True)

@@ -87,14 +87,22 @@ class LLMEngine:
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> str:
-        """Validate and queue a request; returns its id. Bad input raises InvalidRequestError."""
+        """Validate and queue a request; returns its id. Bad input raises InvalidRequestError.
+
+        ``prompt_token_ids`` are the ids of a text ``prompt`` tokenized by the caller (the
+        server tokenizes in worker threads, never on the engine thread).
+        """
         params = params or SamplingParams()
         params.validate_vocab(self.vocab_size)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.output_processor.states or request_id in self._beam_states:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        prompt_ids = self.tokenize_prompt(prompt)
+        if prompt_token_ids is not None:
+            prompt_ids = self.tokenize_prompt(prompt_token_ids)
+        else:
+            prompt_ids = self.tokenize_prompt(prompt)
         max_tokens = self._check_length(prompt_ids, params)
         constraint = params.structured_outputs
         if constraint is not None:
@@ -153,7 +161,7 @@ class LLMEngine:
         for index in range(params.num_samples):
             child_params = params
             if params.seed is not None and index > 0:  # distinct but reproducible samples
-                child_params = dataclasses.replace(params, seed=params.seed + index)
+                child_params = dataclasses.replace(params, seed=(params.seed + index) % 2**64)
             children.append(child(index, child_params, children[0] if index else None))
         children[0].num_pending_forks = len(children) - 1
         self.output_processor.add(state, children)
@@ -170,6 +178,12 @@ class LLMEngine:
                 "prompt",
             )
         room = self.max_model_len - num_prompt
+        if params.min_tokens > room:
+            raise ContextLengthError(
+                f"min_tokens ({params.min_tokens}) exceeds the room left in the context "
+                f"({room} tokens after a {num_prompt}-token prompt)",
+                "min_tokens",
+            )
         if params.max_tokens is None:
             return room
         if params.max_tokens > room:
@@ -201,16 +215,55 @@ class LLMEngine:
         if scheduler_output.is_empty:
             return []
         runner_output = self.runner.execute(scheduler_output)
+        # NOTE: a failure that belongs to one request fails that request only (its blocks are
+        # freed, its caller gets an error output); anything else propagates and stops the loop.
+        self.scheduler.finish_requests(runner_output.failed, RequestStatus.FINISHED_ABORTED)
         changed = self.scheduler.update(scheduler_output, runner_output.sampled)
-        outputs, stopped = self.output_processor.process(changed, runner_output)
+        outputs, stopped, failed = self.output_processor.process(changed, runner_output)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        outputs.extend(self._fail_requests({**runner_output.failed, **failed}))
         outputs.extend(self._step_beams(runner_output))
         return outputs
+
+    def _fail_requests(self, failures: dict[str, str]) -> list[RequestOutput]:
+        """Finish the user requests owning the failed child ids with an error output."""
+        outputs: list[RequestOutput] = []
+        for child_id, error in failures.items():
+            logger.error("request %s failed: %s", child_id, error)
+            result = self.output_processor.fail(child_id, error)
+            if result is None:
+                result = self._fail_beam_group(child_id, error)
+            if result is not None:
+                output, children = result
+                self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
+                outputs.append(output)
+        return outputs
+
+    def _fail_beam_group(self, child_id: str, error: str) -> tuple[RequestOutput, list[str]] | None:
+        for request_id, group in self.beam_groups.items():
+            if any(beam.request_id == child_id for beam in group.live):
+                return self._drop_beam_group(request_id, error)
+        return None
+
+    def _drop_beam_group(self, request_id: str, error: str) -> tuple[RequestOutput, list[str]]:
+        group = self.beam_groups.pop(request_id)
+        state = self._beam_states.pop(request_id)
+        output = RequestOutput(
+            request_id, state.prompt, state.prompt_token_ids, [], True, error=error
+        )
+        return output, [beam.request_id for beam in group.live]
 
     def _step_beams(self, runner_output) -> list[RequestOutput]:  # type: ignore[no-untyped-def]
         finished: list[RequestOutput] = []
         for request_id, group in list(self.beam_groups.items()):
-            group.step(self.scheduler, runner_output)
+            try:
+                group.step(self.scheduler, runner_output)
+            except Exception as exc:  # noqa: BLE001 - fails this beam search only
+                logger.error("beam search %s failed", request_id, exc_info=exc)
+                output, children = self._drop_beam_group(request_id, f"{type(exc).__name__}: {exc}")
+                self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
+                finished.append(output)
+                continue
             if group.finished:
                 del self.beam_groups[request_id]
                 finished.append(self._beam_output(self._beam_states.pop(request_id), group))

@@ -35,7 +35,24 @@ class UnsupportedModelError(KVForgeError):
     http_status = 400
 
 
+class ModelFileError(KVForgeError):
+    """A model file is corrupt, truncated or malformed (HTTP 400); ``str()`` is one line,
+    ``"<path>: <what is wrong>"``."""
+
+    http_status = 400
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"{path}: {' '.join(problem.split())}")
+        self.path = str(path)
+
+
 class QueueFullError(KVForgeError):
     """Too many requests wait for admission (HTTP 429)."""
 
     http_status = 429
+
+
+class RequestFailedError(KVForgeError):
+    """One request failed inside the engine; the engine and other requests go on (HTTP 500)."""
+
+    http_status = 500

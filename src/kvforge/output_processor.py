@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -10,6 +11,8 @@ from kvforge.request import Request, RequestStatus
 from kvforge.runner import ModelRunnerOutput, TokenLogprobs
 from kvforge.sampling_params import SamplingParams
 from kvforge.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,12 +81,17 @@ class OutputProcessor:
 
     def process(
         self, changed: list[Request], runner_output: ModelRunnerOutput
-    ) -> tuple[list[RequestOutput], list[str]]:
-        """Outputs of the requests touched this step and child ids stopped by a stop string."""
+    ) -> tuple[list[RequestOutput], list[str], dict[str, str]]:
+        """Outputs of the requests touched this step, child ids stopped by a stop string, and
+        child ids that failed here (or in the scheduler) with the reason."""
         touched: dict[str, RequestState] = {}
         stopped: list[str] = []
+        failed: dict[str, str] = {}
         for child_id, (first_pos, entries) in runner_output.prompt_logprobs.items():
-            state, _ = self._by_child[child_id]
+            found = self._by_child.get(child_id)
+            if found is None:
+                continue
+            state = found[0]
             assert state.prompt_logprobs is not None
             for offset, entry in enumerate(entries):
                 # Entry k scores prompt token first_pos + k + 1; a recompute repeats old ones.
@@ -93,19 +101,59 @@ class OutputProcessor:
             found = self._by_child.get(request.request_id)
             if found is None:
                 continue
-            state, seq = found
-            touched[state.request_id] = state
-            hit_stop = seq.detokenizer.add_token(request.output_token_ids[-1])
-            sample_logprobs = runner_output.logprobs.get(request.request_id)
-            if seq.logprobs is not None and sample_logprobs is not None:
-                seq.logprobs.append(self._logprob_dict(sample_logprobs))
-            if hit_stop and not request.is_finished:
-                stopped.append(request.request_id)
-                seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_reason
-            elif request.is_finished:
-                seq.finish_reason = request.status.finish_reason
-                seq.stop_reason = request.stop_reason
-        return [self._make_output(s) for s in touched.values() if self._should_emit(s)], stopped
+            if request.error is not None:
+                failed[request.request_id] = request.error
+                continue
+            try:
+                self._advance(request, *found, runner_output, stopped)
+            except Exception as exc:  # noqa: BLE001 - fails this request only
+                logger.error("output processing failed for %s", request.request_id, exc_info=exc)
+                failed[request.request_id] = f"{type(exc).__name__}: {exc}"
+                continue
+            touched[found[0].request_id] = found[0]
+        outputs = [
+            self._make_output(s)
+            for s in touched.values()
+            if self._should_emit(s) and s.request_id in self.states
+        ]
+        return outputs, stopped, failed
+
+    def _advance(
+        self,
+        request: Request,
+        state: RequestState,
+        seq: SequenceState,
+        runner_output: ModelRunnerOutput,
+        stopped: list[str],
+    ) -> None:
+        hit_stop = seq.detokenizer.add_token(request.output_token_ids[-1])
+        sample_logprobs = runner_output.logprobs.get(request.request_id)
+        if seq.logprobs is not None and sample_logprobs is not None:
+            seq.logprobs.append(self._logprob_dict(sample_logprobs))
+        if hit_stop and not request.is_finished:
+            stopped.append(request.request_id)
+            seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_reason
+        elif request.is_finished:
+            seq.finish_reason = request.status.finish_reason
+            seq.stop_reason = request.stop_reason
+
+    def fail(self, child_id: str, error: str) -> tuple[RequestOutput, list[str]] | None:
+        """Finish the request owning ``child_id`` with ``error``; returns its final output and
+        every child id (for the scheduler to free), or None if the request is gone."""
+        found = self._by_child.get(child_id)
+        if found is None:
+            return None
+        state = found[0]
+        children = self.abort(state.request_id)
+        output = RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=[],
+            finished=True,
+            error=error,
+        )
+        return output, children
 
     def _should_emit(self, state: RequestState) -> bool:
         # best_of keeps only the n best sequences, known once all are finished.

@@ -70,3 +70,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    # Set when the request failed inside the engine (then ``finished`` is True).
+    error: str | None = None

@@ -73,6 +73,8 @@ class Request:
     cumulative_logprob: float = 0.0
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
+    # Why the request failed inside the engine (set with a FINISHED_ABORTED status).
+    error: str | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

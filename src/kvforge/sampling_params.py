@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvforge.errors import InvalidRequestError
 
 _GREEDY_EPS = 1e-5
+# OpenAI's limit on top alternatives per token.
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 64
+# Beam scores divide by length ** length_penalty; larger exponents overflow a float.
+MAX_LENGTH_PENALTY = 10.0
+_INT_FIELDS = (
+    "n",
+    "best_of",
+    "top_k",
+    "seed",
+    "max_tokens",
+    "min_tokens",
+    "logprobs",
+    "prompt_logprobs",
+)
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "length_penalty",
+)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -34,6 +63,13 @@ class StructuredOutputsParams:
                 f"choice; got {given or 'none'}",
                 "structured_outputs",
             )
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise InvalidRequestError("a JSON schema must be an object or a string", "json")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidRequestError(f"{name} must be a string", name)
+        if self.choice is not None and not isinstance(self.choice, list):
+            raise InvalidRequestError("choice must be a list of strings", "choice")
         if self.choice is not None and (
             not self.choice or not all(isinstance(c, str) and c for c in self.choice)
         ):
@@ -93,13 +129,56 @@ class SamplingParams:
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if isinstance(self.stop, str):
             self.stop_list = [self.stop]
         else:
             self.stop_list = list(self.stop or [])
-        if self.top_k < 0:  # vLLM accepts -1 for "no top-k"
+        if self.top_k == -1:  # vLLM's "no top-k"
             self.top_k = 0
         self.validate()
+
+    def _check_types(self) -> None:
+        """Strict types: no bools or strings for numbers, no NaN or infinity (values from JSON
+        bodies arrive unchecked through /generate and the offline API)."""
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise InvalidRequestError(f"{name} must be an integer, got {value!r}", name)
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+                raise InvalidRequestError(f"{name} must be a finite number, got {value!r}", name)
+        for name in (
+            "ignore_eos",
+            "include_stop_str_in_output",
+            "skip_special_tokens",
+            "use_beam_search",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name} must be a boolean", name)
+        if self.stop is not None and not isinstance(self.stop, str):
+            if not isinstance(self.stop, (list, tuple)) or not all(
+                isinstance(x, str) for x in self.stop
+            ):
+                raise InvalidRequestError("stop must be a string or a list of strings", "stop")
+            if len(self.stop) > MAX_STOP_STRINGS:
+                raise InvalidRequestError(f"stop takes at most {MAX_STOP_STRINGS} strings", "stop")
+        if self.stop_token_ids is not None and (
+            not isinstance(self.stop_token_ids, (list, tuple))
+            or not all(_is_int(t) for t in self.stop_token_ids)
+        ):
+            raise InvalidRequestError("stop_token_ids must be a list of integers", "stop_token_ids")
+        if self.logit_bias is not None and (
+            not isinstance(self.logit_bias, dict)
+            or not all(
+                _is_int(k) and (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+                for k, v in self.logit_bias.items()
+            )
+        ):
+            raise InvalidRequestError(
+                "logit_bias must map token ids to finite numbers", "logit_bias"
+            )
 
     @property
     def is_greedy(self) -> bool:
@@ -119,6 +198,10 @@ class SamplingParams:
 
         if self.n < 1:
             fail("n", "must be at least 1")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            fail("seed", "must fit in 64 bits")
+        if self.top_k < 0:
+            fail("top_k", "must be -1 (off), 0 (off) or positive")
         if self.best_of is not None and self.best_of < self.n:
             fail("best_of", f"must be >= n ({self.n})")
         if self.temperature < 0:
@@ -133,16 +216,18 @@ class SamplingParams:
             fail("frequency_penalty", "must be in [-2, 2]")
         if not -2 <= self.presence_penalty <= 2:
             fail("presence_penalty", "must be in [-2, 2]")
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            fail("length_penalty", f"must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}]")
         if self.max_tokens is not None and self.max_tokens < 1:
             fail("max_tokens", "must be at least 1")
         if self.min_tokens < 0:
             fail("min_tokens", "must be non-negative")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and self.logprobs < 0:
-            fail("logprobs", "must be non-negative")
-        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            fail("prompt_logprobs", "must be non-negative")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            fail("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            fail("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}]")
         if any(not s for s in self.stop_list):
             fail("stop", "must not contain empty strings")
         if self.logit_bias is not None:
@@ -164,7 +249,12 @@ class SamplingParams:
                 )
 
     def validate_vocab(self, vocab_size: int) -> None:
-        """Check token ids in the parameters against the model's vocabulary."""
+        """Check token ids and top_k in the parameters against the model's vocabulary."""
+        if self.top_k > vocab_size:
+            raise InvalidRequestError(
+                f"top_k must be at most the vocabulary size {vocab_size}, got {self.top_k}",
+                "top_k",
+            )
         for token_id in list(self.logit_bias or {}) + list(self.stop_token_ids or []):
             if not 0 <= int(token_id) < vocab_size:
                 raise InvalidRequestError(

@@ -46,3 +46,13 @@ def available_memory() -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+_LOG_TIME = re.compile(r"\[\d{2}:\d{2}:\d{2}\]\s*")
+_SOURCE_PATH = re.compile(r"(?:[\w.+-]*/)+[\w.+-]+\.(?:cc|cpp|cxx|c|h|hpp|py|rs)(?::\d+)?:?\s*")
+
+
+def sanitize_message(message: str) -> str:
+    """A library's error message without log timestamps or source paths, on one line."""
+    text = _SOURCE_PATH.sub("", _LOG_TIME.sub("", message)).strip()
+    return " ".join(text.split()) or "unknown error"

@@ -96,3 +96,23 @@ def server(tmp_path_factory) -> Iterator[ServerHandle]:
     )
     yield handle
     stop_server(handle)
+
+
+@pytest.fixture(scope="session")
+def guarded(tmp_path_factory) -> Iterator[ServerHandle]:
+    """A server with an API key, CORS origins, a one-request queue and short read timeouts."""
+    handle = start_server(
+        tmp_path_factory.mktemp("guarded"),
+        "--api-key",
+        "s3cret",
+        "--max-queued-requests",
+        "1",
+        "--max-num-seqs",
+        "1",
+        "--allowed-origins",
+        "http://ok.example",
+        "--timeout-header-read",
+        "2",
+    )
+    yield handle
+    stop_server(handle)

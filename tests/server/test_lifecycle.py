@@ -8,9 +8,8 @@ import threading
 import time
 
 import httpx
-import pytest
 
-from tests.server.conftest import start_server, stop_server
+from tests.server.conftest import start_server
 
 
 def metric(server, name: str, labels: str = "") -> float:
@@ -91,21 +90,6 @@ def test_metrics_move_with_requests(server):
     assert metric(server, "kvforge:time_to_first_token_seconds_count") == ttft_before + 3
     assert metric(server, "kvforge:prefix_cache_queries_total") > queries_before
     assert metric(server, "kvforge:prefix_cache_hits_total") > 0  # the second identical prompt
-
-
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory):
-    handle = start_server(
-        tmp_path_factory.mktemp("guarded"),
-        "--api-key",
-        "s3cret",
-        "--max-queued-requests",
-        "1",
-        "--max-num-seqs",
-        "1",
-    )
-    yield handle
-    stop_server(handle)
 
 
 def test_api_key_is_required_but_health_is_public(guarded):

@@ -232,9 +232,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_request_bytes=parse_size(args.max_request_bytes),
         max_queued_requests=args.max_queued_requests,
         shutdown_timeout=args.shutdown_timeout,
+        timeout_header_read=args.timeout_header_read,
+        timeout_keep_alive=args.timeout_keep_alive,
+        limit_concurrency=args.limit_concurrency,
     )
-    serve(AsyncLLM(llm.engine, args.max_queued_requests), config, args.host, args.port)
-    return 0
+    return serve(AsyncLLM(llm.engine, args.max_queued_requests), config, args.host, args.port)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -387,6 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--max-request-bytes", default="16MiB", help="413 for larger bodies")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="SIGTERM drain limit (s)")
+    srv.add_argument(
+        "--timeout-header-read",
+        type=float,
+        default=10.0,
+        help="close a connection whose request has not arrived within this many seconds",
+    )
+    srv.add_argument(
+        "--timeout-keep-alive", type=int, default=5, help="close idle keep-alive connections (s)"
+    )
+    srv.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=512,
+        help="open connections and tasks beyond which new requests get 503",
+    )
     srv.set_defaults(func=cmd_serve)
     _add_tool_parsers(sub)
     return parser

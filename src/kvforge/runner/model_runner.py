@@ -46,6 +46,8 @@ class ModelRunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # request id -> (position of the first entry's context end, entries for following tokens)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # request id -> why sampling it failed (that request fails; the rest of the batch goes on)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -176,13 +178,33 @@ class ModelRunner:
         )
         result = ModelRunnerOutput()
         if sample_reqs:
-            self._sample(logits, sample_reqs, result)
+            self._sample_isolated(logits, sample_reqs, result)
         for request, row, count, first_pos in prompt_reqs:
-            result.prompt_logprobs[request.request_id] = (
-                first_pos,
-                self._prompt_logprobs(logits[row : row + count], request, first_pos),
-            )
+            try:
+                entries = self._prompt_logprobs(logits[row : row + count], request, first_pos)
+            except Exception as exc:  # noqa: BLE001 - fails this request only
+                result.failed[request.request_id] = _describe(exc)
+                continue
+            result.prompt_logprobs[request.request_id] = (first_pos, entries)
         return result
+
+    def _sample_isolated(
+        self, logits: torch.Tensor, reqs: list[tuple[Request, int]], result: ModelRunnerOutput
+    ) -> None:
+        """Sample the batch; if that raises, sample row by row so only the culprits fail."""
+        try:
+            self._sample(logits, reqs, result)
+            return
+        except Exception as exc:  # noqa: BLE001 - attributed below
+            if len(reqs) == 1:
+                result.failed[reqs[0][0].request_id] = _describe(exc)
+                return
+        logger.warning("batched sampling failed; sampling %d requests one by one", len(reqs))
+        for item in reqs:
+            try:
+                self._sample(logits, [item], result)
+            except Exception as exc:  # noqa: BLE001 - fails this request only
+                result.failed[item[0].request_id] = _describe(exc)
 
     def _sample(
         self, logits: torch.Tensor, reqs: list[tuple[Request, int]], result: ModelRunnerOutput
@@ -340,3 +362,9 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for cache in self.kv_caches:
             cache.copy_blocks(src, dst)
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line account of a per-request failure, logged with its traceback."""
+    logger.error("request failed in the model runner", exc_info=exc)
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]

@@ -13,6 +13,7 @@ from kvforge.sampling_params import StructuredOutputsParams
 from kvforge.structured.backend import BaseGrammarBackend, BaseGrammarMatcher
 from kvforge.structured.gbnf import normalize_gbnf
 from kvforge.structured.schema_check import check_json_schema
+from kvforge.utils import sanitize_message
 
 
 def _vocab_type(tokenizer: Any) -> xgr.VocabType:
@@ -73,7 +74,8 @@ class XGrammarBackend(BaseGrammarBackend):
         """See BaseGrammarBackend."""
         try:
             if params.json_object:
-                return self.compiler.compile_builtin_json_grammar()
+                # OpenAI's json_object mode means a JSON object, not any JSON value.
+                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if params.json is not None:
                 schema = json.loads(params.json) if isinstance(params.json, str) else params.json
                 check_json_schema(schema)
@@ -91,7 +93,7 @@ class XGrammarBackend(BaseGrammarBackend):
                 f"the JSON schema is not valid JSON: {exc}", "json_schema"
             ) from exc
         except (RuntimeError, ValueError, TypeError) as exc:
-            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            message = sanitize_message(str(exc)) if str(exc).strip() else type(exc).__name__
             raise InvalidRequestError(
                 f"invalid {params.kind} constraint: {message}", params.kind
             ) from exc

@@ -1,10 +1,21 @@
-"""Chat templates rendered in a sandboxed Jinja2 environment (templates come from files)."""
+"""Chat templates rendered in a sandboxed Jinja2 environment.
+
+Templates may come from a request (``chat_template``), so rendering is bounded three ways:
+the sandbox forbids attribute tricks, :class:`_BoundedEnvironment` refuses string or list
+products and sums longer than the output cap before they are built, and
+:func:`render_chat_template` stops a render that runs past its time budget (a per-thread trace
+hook, so only the rendering thread pays for it) or whose output passes the cap.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
+import time
+from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
+from types import FrameType
 from typing import Any
 
 import jinja2
@@ -13,6 +24,47 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from kvforge.errors import InvalidRequestError
 
 MAX_TEMPLATE_CHARS = 64 * 1024
+# A rendered prompt longer than this is refused (far beyond any context the engine runs).
+MAX_RENDERED_CHARS = 4 << 20
+RENDER_TIME_BUDGET_S = 2.0
+# Names the renderer passes itself; a request's chat_template_kwargs may not override them.
+RESERVED_TEMPLATE_NAMES = frozenset(
+    {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "special_tokens"}
+)
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """A sandbox whose operators and calls cannot build a value larger than the output cap."""
+
+    intercepted_binops = frozenset({"*", "+", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        """Check the size of sequence products and sums (and exponents) before computing."""
+        if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+            raise InvalidRequestError("chat template exponent is too large", "chat_template")
+        size = None
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
+                    size = len(seq) * count
+        elif operator == "+" and isinstance(left, (str, list, tuple)):
+            size = len(left) + (len(right) if hasattr(right, "__len__") else 0)
+        if size is not None and size > MAX_RENDERED_CHARS:
+            raise InvalidRequestError(
+                f"chat template builds a value of {size} items, more than {MAX_RENDERED_CHARS}",
+                "chat_template",
+            )
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        """Refuse calls with a huge integer argument (``'x'.ljust(10**10)``, ``'{:>9999999999}'``)."""
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, int) and abs(value) > MAX_RENDERED_CHARS:
+                raise InvalidRequestError(
+                    f"chat template passes {value} to a call, more than {MAX_RENDERED_CHARS}",
+                    "chat_template",
+                )
+        return super().call(__context, __obj, *args, **kwargs)
 
 
 def _raise_exception(message: str) -> None:
@@ -36,7 +88,7 @@ def compile_template(source: str) -> jinja2.Template:
             f"chat template is {len(source)} characters, more than {MAX_TEMPLATE_CHARS}",
             "chat_template",
         )
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     env.filters["tojson"] = _tojson
@@ -56,17 +108,66 @@ def render_chat_template(
     special_tokens: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> str:
-    """Render ``messages`` (OpenAI shape) to prompt text with a chat template."""
+    """Render ``messages`` (OpenAI shape) to prompt text with a chat template.
+
+    Raises InvalidRequestError when the template fails, runs longer than
+    ``RENDER_TIME_BUDGET_S`` or writes more than ``MAX_RENDERED_CHARS``.
+    """
     if not messages:
         raise InvalidRequestError("messages must not be empty", "messages")
+    template = compile_template(source)
+    context = {
+        "messages": messages,
+        "add_generation_prompt": add_generation_prompt,
+        **(special_tokens or {}),
+        **kwargs,
+    }
+    parts: list[str] = []
+    size = 0
     try:
-        return compile_template(source).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            **(special_tokens or {}),
-            **kwargs,
-        )
+        with _time_budget(RENDER_TIME_BUDGET_S):
+            for part in template.generate(context):
+                size += len(part)
+                if size > MAX_RENDERED_CHARS:
+                    raise InvalidRequestError(
+                        f"chat template output exceeds {MAX_RENDERED_CHARS} characters",
+                        "chat_template",
+                    )
+                parts.append(part)
     except InvalidRequestError:
         raise
-    except (jinja2.TemplateError, TypeError, KeyError, AttributeError) as exc:
+    except (jinja2.TemplateError, TypeError, KeyError, AttributeError, ValueError) as exc:
         raise InvalidRequestError(f"chat template failed to render: {exc}", "messages") from exc
+    except (OverflowError, MemoryError, RecursionError) as exc:
+        raise InvalidRequestError(
+            f"chat template is too expensive to render: {type(exc).__name__}", "chat_template"
+        ) from exc
+    return "".join(parts)
+
+
+class _time_budget:  # noqa: N801 - used as a context manager
+    """Raise InvalidRequestError inside the current thread once ``seconds`` have passed.
+
+    A trace hook on this thread only (``sys.settrace``) checks the clock on every executed
+    line of the template's code; other threads (the event loop, the engine) are untouched.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = 0.0
+        self._previous: Callable[..., Any] | None = None
+
+    def _trace(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > self.deadline:
+            raise InvalidRequestError(
+                f"chat template took longer than {self.seconds:g}s to render", "chat_template"
+            )
+        return self._trace
+
+    def __enter__(self) -> None:
+        self.deadline = time.monotonic() + self.seconds
+        self._previous = sys.gettrace()
+        sys.settrace(self._trace)
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(self._previous)

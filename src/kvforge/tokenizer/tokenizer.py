@@ -9,7 +9,7 @@ from typing import Any
 from tokenizers import Tokenizer as BackendTokenizer
 
 from kvforge.errors import InvalidRequestError, ModelNotFoundError
-from kvforge.tokenizer.chat_template import render_chat_template
+from kvforge.tokenizer.chat_template import RESERVED_TEMPLATE_NAMES, render_chat_template
 
 
 class Tokenizer:
@@ -42,7 +42,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; prepends BOS when the model wants it and it is not there."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except Exception as exc:
+            check_text(text)
+            raise InvalidRequestError(f"cannot tokenize the text: {exc}", "prompt") from exc
         if (
             add_special_tokens
             and self.add_bos_token
@@ -79,6 +83,11 @@ class Tokenizer:
         ``continue_final_message`` leaves the last (assistant) message open for the model to
         continue: the text is cut right after that message's content.
         """
+        reserved = sorted(RESERVED_TEMPLATE_NAMES & kwargs.keys())
+        if reserved:
+            raise InvalidRequestError(
+                f"chat_template_kwargs may not set {reserved}", "chat_template_kwargs"
+            )
         template = chat_template or self.chat_template
         if template is None:
             raise InvalidRequestError(
@@ -162,3 +171,13 @@ class Tokenizer:
             ),
             chat_template=template,
         )
+
+
+def check_text(text: str, param: str = "prompt") -> None:
+    """Raise InvalidRequestError for text that is not valid Unicode (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{param} contains an invalid character (lone surrogate) at index {exc.start}", param
+        ) from exc

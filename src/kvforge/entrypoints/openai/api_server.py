@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,9 +33,10 @@ from kvforge.entrypoints.openai.protocol import (
     TokenizeRequest,
 )
 from kvforge.entrypoints.openai.serving import ChatServing
-from kvforge.errors import KVForgeError
+from kvforge.errors import InvalidRequestError, KVForgeError
 
 logger = logging.getLogger("kvforge.server")
+T = TypeVar("T")
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -58,6 +60,12 @@ class ServerConfig:
     max_request_bytes: int = 16 << 20
     max_queued_requests: int | None = None
     shutdown_timeout: float = 30.0
+    # Connection hygiene: a request's headers and body must arrive within this many seconds
+    # (slowloris); idle keep-alive connections close after timeout_keep_alive; beyond
+    # limit_concurrency open connections and tasks uvicorn answers 503.
+    timeout_header_read: float = 10.0
+    timeout_keep_alive: int = 5
+    limit_concurrency: int = 512
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -138,6 +146,9 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(llm)
     serving = ChatServing(llm, list(config.served_model_names), metrics)
     app.state.llm, app.state.draining, app.state.config = llm, False, config
+    # NOTE: the last middleware added is the outermost. CORS wraps the guard, so a browser's
+    # preflight is answered before the API key is checked and a 401 carries CORS headers.
+    app.add_middleware(GuardMiddleware, config=config, state=app.state)
     if config.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -146,8 +157,6 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
             allow_headers=["*"],
         )
 
-    app.add_middleware(GuardMiddleware, config=config, state=app.state)
-
     @app.exception_handler(KVForgeError)
     async def kvforge_error(_: Request, exc: KVForgeError) -> JSONResponse:
         return error_response(exc.http_status, str(exc), getattr(exc, "param", None))
@@ -155,6 +164,9 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidRequestError):  # raised by one of our validators
+            return error_response(400, str(cause), cause.param)
         location = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
@@ -165,7 +177,15 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
 
-    def respond(result: dict[str, Any] | list[Any] | AsyncIterator[str]) -> Response:
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("internal error", exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+    async def respond(request: Request, work: Awaitable[Any]) -> Response:
+        result = await _unless_disconnected(request, work)
+        if result is None:  # the client left; nobody reads this
+            return Response(status_code=499)
         if isinstance(result, (dict, list)):
             return JSONResponse(result)
         return StreamingResponse(_first_error_as_event(result), media_type="text/event-stream")
@@ -204,30 +224,53 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         }
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
-        return respond(await serving.completions(body))
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        return await respond(request, serving.completions(body))
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> Response:
-        return respond(await serving.chat(body))
+    async def chat(request: Request, body: ChatCompletionRequest) -> Response:
+        return await respond(request, serving.chat(body))
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest) -> Response:
-        return respond(await serving.embeddings(body))
+    async def embeddings(request: Request, body: EmbeddingRequest) -> Response:
+        return await respond(request, serving.embeddings(body))
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> Response:
-        return respond(serving.tokenize(body))
+    async def tokenize(request: Request, body: TokenizeRequest) -> Response:
+        return await respond(request, serving.tokenize(body))
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> Response:
-        return respond(serving.detokenize(body))
+    async def detokenize(request: Request, body: DetokenizeRequest) -> Response:
+        return await respond(request, serving.detokenize(body))
 
     @app.post("/generate")
-    async def generate(body: GenerateRequest) -> Response:
-        return respond(await serving.generate(body))
+    async def generate(request: Request, body: GenerateRequest) -> Response:
+        return await respond(request, serving.generate(body))
 
     return app
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await ``work`` unless the client disconnects first; then cancel it (which aborts its
+    engine requests) and return None."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    logger.info("client disconnected: cancelling its request")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 async def _first_error_as_event(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -248,18 +291,37 @@ async def _first_error_as_event(events: AsyncIterator[str]) -> AsyncIterator[str
         yield "data: [DONE]\n\n"
 
 
-def serve(llm: AsyncLLM, config: ServerConfig, host: str, port: int) -> None:
-    """Run the server until SIGINT / SIGTERM; SIGTERM drains in-flight requests first."""
+def serve(llm: AsyncLLM, config: ServerConfig, host: str, port: int) -> int:
+    """Run the server until SIGINT / SIGTERM; SIGTERM drains in-flight requests first.
+
+    Returns the exit code: 0 after a signal, 1 when the engine loop died (a fault no request
+    could be blamed for), so that a supervisor restarts the process.
+    """
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         """SIGTERM starts a drain instead of uvicorn's immediate shutdown (and exits 0)."""
 
         loop: asyncio.AbstractEventLoop | None = None
+        engine_died = False
 
         async def serve(self, sockets: Any = None) -> None:
             self.loop = asyncio.get_running_loop()
-            await super().serve(sockets)
+            watch = asyncio.ensure_future(self._watch_engine())
+            try:
+                await super().serve(sockets)
+            finally:
+                watch.cancel()
+
+        async def _watch_engine(self) -> None:
+            while not self.should_exit:
+                if llm.error is not None:
+                    logger.error("the engine loop died (%s): shutting down", llm.error)
+                    self.engine_died = True
+                    app.state.draining = True
+                    self.should_exit = True
+                    return
+                await asyncio.sleep(0.2)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             if sig == signal.SIGTERM and self.loop is not None:
@@ -271,7 +333,16 @@ def serve(llm: AsyncLLM, config: ServerConfig, host: str, port: int) -> None:
 
     app = build_app(llm, config)
     server = DrainingServer(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=1,
+            http=_read_timeout_protocol(config.timeout_header_read),
+            timeout_keep_alive=config.timeout_keep_alive,
+            limit_concurrency=config.limit_concurrency,
+        )
     )
     logger.info(
         "serving %s on http://%s:%d (OpenAI API under /v1)",
@@ -283,6 +354,42 @@ def serve(llm: AsyncLLM, config: ServerConfig, host: str, port: int) -> None:
         server.run()
     finally:
         llm.shutdown()
+    return 1 if server.engine_died else 0
+
+
+def _read_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose request has not fully arrived
+    ``seconds`` after the connection opened or the previous response ended (uvicorn itself
+    waits for headers forever, so slow clients could hold every connection)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class ReadTimeoutProtocol(H11Protocol):
+        _read_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+            self._read_timer = self.loop.call_later(seconds, self._on_read_timeout)
+
+        def _on_read_timeout(self) -> None:
+            if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+            super().connection_lost(exc)
+
+    return ReadTimeoutProtocol
 
 
 async def _drain(app: FastAPI, llm: AsyncLLM, server: Any, config: ServerConfig) -> None:

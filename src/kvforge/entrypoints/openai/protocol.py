@@ -4,24 +4,90 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvforge.errors import InvalidRequestError
 from kvforge.sampling_params import SamplingParams, StructuredOutputsParams
+from kvforge.tokenizer.chat_template import RESERVED_TEMPLATE_NAMES
 
+# Samples per request (n, best_of, beams): each is a sequence in the batch.
 MAX_N = 16
+# chat_template_kwargs may not collide with what the renderer passes itself.
+RESERVED_CHAT_TEMPLATE_KWARGS = RESERVED_TEMPLATE_NAMES | {
+    "chat_template",
+    "continue_final_message",
+}
 
 
-class StreamOptions(BaseModel):
+class APIModel(BaseModel):
+    """Base of request bodies and their parts: strict types ("3" and true are not numbers),
+    finite numbers only, unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class RequestBody(APIModel):
+    """A whole request body: also refuses text that is not valid Unicode anywhere in it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        check_unicode(data)
+        return data
+
+
+def check_unicode(data: Any) -> None:
+    """Raise InvalidRequestError if any string (or key) in ``data`` has a lone surrogate."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequestError(
+                    "the request contains an invalid character (a lone surrogate)"
+                ) from exc
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def check_num_samples(params: SamplingParams) -> SamplingParams:
+    """The server's cap on sequences per request (``n``, ``best_of``, beam width)."""
+    for name in ("n", "best_of"):
+        value = getattr(params, name)
+        if value is not None and value > MAX_N:
+            raise InvalidRequestError(f"{name} must be at most {MAX_N}, got {value}", name)
+    return params
+
+
+class StreamOptions(APIModel):
     """``stream_options`` of OpenAI requests."""
 
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    """Sampling fields shared by completions and chat (OpenAI names plus vLLM extensions)."""
+class JsonSchemaFormat(APIModel):
+    """``response_format.json_schema``: a named schema."""
 
-    model_config = ConfigDict(extra="ignore")
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(APIModel):
+    """OpenAI ``response_format``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class SamplingFields(RequestBody):
+    """Sampling fields shared by completions and chat (OpenAI names plus vLLM extensions)."""
 
     model: str | None = None
     n: int = 1
@@ -50,7 +116,7 @@ class SamplingFields(BaseModel):
     priority: int = 0
     cache_salt: str | None = None
     # structured outputs (OpenAI response_format plus the names vLLM / SGLang users send)
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None
     json_schema: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -65,22 +131,15 @@ class SamplingFields(BaseModel):
         """The one constraint this body asks for, or None; conflicting ones raise 400."""
         found: list[tuple[str, StructuredOutputsParams]] = []
         fmt = self.response_format
-        if fmt is not None:
-            kind = fmt.get("type")
-            if kind == "json_object":
-                found.append(("response_format", StructuredOutputsParams(json_object=True)))
-            elif kind == "json_schema":
-                spec = fmt.get("json_schema") or {}
-                schema = spec.get("schema")
-                if schema is None:
-                    raise InvalidRequestError(
-                        "response_format.json_schema.schema is required", "response_format"
-                    )
-                found.append(("response_format", StructuredOutputsParams(json=schema)))
-            elif kind != "text":
+        if fmt is not None and fmt.type == "json_object":
+            found.append(("response_format", StructuredOutputsParams(json_object=True)))
+        elif fmt is not None and fmt.type == "json_schema":
+            schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+            if schema is None:
                 raise InvalidRequestError(
-                    f"unsupported response_format type {kind!r}", "response_format"
+                    "response_format.json_schema.schema is required", "response_format"
                 )
+            found.append(("response_format", StructuredOutputsParams(json=schema)))
         pairs: list[tuple[str, Any, str]] = [
             ("guided_json", self.guided_json, "json"),
             ("json_schema", self.json_schema, "json"),
@@ -106,13 +165,11 @@ class SamplingFields(BaseModel):
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
     ) -> SamplingParams:
         """SamplingParams for this body; invalid values raise InvalidRequestError."""
-        if self.n > MAX_N:
-            raise InvalidRequestError(f"n must be at most {MAX_N}, got {self.n}", "n")
         try:
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         except ValueError as exc:
             raise InvalidRequestError("logit_bias keys must be token ids", "logit_bias") from exc
-        return SamplingParams(
+        params = SamplingParams(
             n=self.n,
             best_of=self.best_of,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -137,6 +194,7 @@ class SamplingFields(BaseModel):
             length_penalty=self.length_penalty,
             structured_outputs=self.structured_outputs(),
         )
+        return check_num_samples(params)
 
     @property
     def include_usage(self) -> bool:
@@ -153,15 +211,30 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
 
 
-class ChatMessage(BaseModel):
+class FunctionCall(APIModel):
+    """The function part of a past tool call: a name and its JSON arguments."""
+
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(APIModel):
+    """A tool call in an assistant message."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(APIModel):
     """One message of a conversation."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
     def as_template_dict(self) -> dict[str, Any]:
@@ -181,6 +254,19 @@ class ChatMessage(BaseModel):
         return message
 
 
+class ToolChoiceFunction(APIModel):
+    """``tool_choice.function``."""
+
+    name: str
+
+
+class ToolChoice(APIModel):
+    """A named ``tool_choice``: ``{"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"] = "function"
+    function: ToolChoiceFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -194,8 +280,17 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: str | ToolChoice | None = None
     parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _check_template_kwargs(self) -> ChatCompletionRequest:
+        reserved = sorted(RESERVED_CHAT_TEMPLATE_KWARGS & (self.chat_template_kwargs or {}).keys())
+        if reserved:
+            raise InvalidRequestError(
+                f"chat_template_kwargs may not set {reserved}", "chat_template_kwargs"
+            )
+        return self
 
     @property
     def effective_max_tokens(self) -> int | None:
@@ -218,10 +313,8 @@ class ChatCompletionRequest(SamplingFields):
         return self.top_logprobs or 0
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(RequestBody):
     """POST /v1/embeddings."""
-
-    model_config = ConfigDict(extra="ignore")
 
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
@@ -229,10 +322,8 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestBody):
     """POST /tokenize: a prompt or chat messages."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     prompt: str | None = None
@@ -241,19 +332,15 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(RequestBody):
     """POST /detokenize."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     tokens: list[int]
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(RequestBody):
     """POST /generate in SGLang's native shape."""
-
-    model_config = ConfigDict(extra="ignore")
 
     text: str | None = None
     input_ids: list[int] | None = None
@@ -299,7 +386,4 @@ class GenerateRequest(BaseModel):
         if kwargs.get("top_k") == -1:
             kwargs["top_k"] = 0
         kwargs["structured_outputs"] = structured
-        try:
-            return SamplingParams(**kwargs)
-        except TypeError as exc:
-            raise InvalidRequestError(f"invalid sampling_params: {exc}", "sampling_params") from exc
+        return check_num_samples(SamplingParams(**kwargs))

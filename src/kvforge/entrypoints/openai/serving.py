@@ -11,6 +11,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from pydantic import BaseModel
+
 from kvforge.async_engine import AsyncLLM
 from kvforge.entrypoints.openai.metrics import RequestTracker, ServerMetrics
 from kvforge.entrypoints.openai.protocol import (
@@ -33,6 +35,7 @@ from kvforge.sampling_params import SamplingParams
 logger = logging.getLogger("kvforge.server")
 
 Prompt = str | list[int]
+MAX_EMBEDDING_INPUTS = 2048
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -346,14 +349,21 @@ class ChatServing(OpenAIServing):
         """POST /v1/chat/completions."""
         model = self.check_model(body.model)
         tools = functions(body.tools)
-        mode, names = chosen_functions(tools, body.tool_choice)
-        messages = render_messages(
-            [m.as_template_dict() for m in body.messages],
-            tools if mode != "none" else {},
-            body.chat_template or self.tokenizer.chat_template,
+        choice = body.tool_choice
+        mode, names = chosen_functions(
+            tools, choice.model_dump() if isinstance(choice, BaseModel) else choice
         )
-        prompt = self.chat_prompt(body, messages)
         params = body.sampling_params(body.effective_max_tokens, body.num_logprobs)
+
+        def render() -> list[int]:
+            messages = render_messages(
+                [m.as_template_dict() for m in body.messages],
+                tools if mode != "none" else {},
+                body.chat_template or self.tokenizer.chat_template,
+            )
+            return self.chat_prompt(body, messages)
+
+        prompt = await self.llm.offload(render)
         if mode in ("required", "named"):
             if params.structured_outputs is not None:
                 raise InvalidRequestError(
@@ -484,7 +494,12 @@ class ChatServing(OpenAIServing):
         if not raw:
             raise InvalidRequestError("input must not be empty", "input")
         engine = self.llm.engine
-        prompts = [engine.tokenize_prompt(item) for item in raw]  # tokenizer only: thread-safe
+        if len(raw) > MAX_EMBEDDING_INPUTS:
+            raise InvalidRequestError(
+                f"input has {len(raw)} items, at most {MAX_EMBEDDING_INPUTS} are allowed", "input"
+            )
+        # The tokenizer is thread-safe: tokenize in the worker pool, off the event loop.
+        prompts = await self.llm.offload(lambda: [engine.tokenize_prompt(item) for item in raw])
         for ids in prompts:
             if len(ids) > engine.max_model_len:
                 raise InvalidRequestError(
@@ -509,13 +524,15 @@ class ChatServing(OpenAIServing):
         }
 
     # ---------------------------------------------------------- tokenization
-    def tokenize(self, body: Any) -> dict[str, Any]:
-        """POST /tokenize: a prompt or chat messages to token ids."""
+    async def tokenize(self, body: Any) -> dict[str, Any]:
+        """POST /tokenize: a prompt or chat messages to token ids (in the worker pool)."""
         self.check_model(body.model)
         if body.messages is not None:
-            tokens = self.chat_prompt(body)
+            tokens = await self.llm.offload(self.chat_prompt, body)
         elif body.prompt is not None:
-            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = await self.llm.offload(
+                self.tokenizer.encode, body.prompt, body.add_special_tokens
+            )
         else:
             raise InvalidRequestError("give either prompt or messages", "prompt")
         return {
@@ -524,11 +541,12 @@ class ChatServing(OpenAIServing):
             "tokens": tokens,
         }
 
-    def detokenize(self, body: Any) -> dict[str, Any]:
+    async def detokenize(self, body: Any) -> dict[str, Any]:
         """POST /detokenize: token ids to text."""
         self.check_model(body.model)
         self.tokenizer.check_token_ids(body.tokens, self.llm.engine.vocab_size)
-        return {"prompt": self.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        text = await self.llm.offload(self.tokenizer.decode, body.tokens, False)
+        return {"prompt": text}
 
     # --------------------------------------------------------- native API
     def _generate_result(

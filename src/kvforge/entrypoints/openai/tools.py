@@ -98,12 +98,7 @@ def render_messages(
         if calls:
             text = "".join(
                 "<tool_call>"
-                + json.dumps(
-                    {
-                        "name": c["function"]["name"],
-                        "arguments": json.loads(c["function"].get("arguments") or "{}"),
-                    }
-                )
+                + json.dumps({"name": c["function"]["name"], "arguments": _arguments(c)})
                 + "</tool_call>"
                 for c in calls
             )
@@ -116,6 +111,19 @@ def render_messages(
         else:
             out.insert(0, {"role": "system", "content": instruction})
     return out
+
+
+def _arguments(call: dict[str, Any]) -> Any:
+    """The parsed arguments of a past tool call (a JSON string, or already an object)."""
+    arguments = call["function"].get("arguments") or "{}"
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(
+            f"tool call arguments are not valid JSON: {exc.msg}", "messages"
+        ) from exc
 
 
 def _as_calls(value: Any, tools: dict[str, dict[str, Any]]) -> list[dict[str, Any]] | None:
