@@ -1,4 +1,5 @@
-"""GGUF files: metadata, tokenizer and tensors via the gguf reader.
+"""GGUF files: metadata, tokenizer and tensors via the gguf reader (open files with
+:func:`kvforge.loader.gguf_check.open_gguf`, which checks them first).
 
 Quantized matrices are yielded either dequantized to float32 (the reference path) or, when
 ``packed``, in the common block form (:class:`kvforge.quant.Unpacked`) that the quant methods
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
-from kvforge.errors import UnsupportedModelError
+from kvforge.errors import ModelFileError, UnsupportedModelError
 from kvforge.models.registry import ModelFamily
 from kvforge.quant.formats import FLOAT_TYPES, Unpacked, dequantize, unpack_rows
 
@@ -66,13 +67,20 @@ GLOBAL_NAMES = {
 }
 
 
+def _file_of(reader: GGUFReader) -> str:
+    return str(getattr(reader.data, "filename", None) or "GGUF file")
+
+
 def read_metadata(reader: GGUFReader) -> dict[str, Any]:
     """All key/value fields as Python values, plus ``__tensor_names__``."""
     meta: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
-        meta[key] = field.contents()
+        try:
+            meta[key] = field.contents()
+        except (ValueError, IndexError, TypeError) as exc:  # e.g. a string that is not UTF-8
+            raise ModelFileError(_file_of(reader), f"metadata key {key!r}: {exc}") from exc
     meta["__tensor_names__"] = {t.name for t in reader.tensors}
     return meta
 
@@ -144,10 +152,13 @@ def iter_gguf_weights(
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name, sandwich)
         value: torch.Tensor | Unpacked
-        if packed and is_quantized(tensor) and len(tensor.shape) == 2:
-            value = unpack_rows(_raw(tensor), tensor.tensor_type, _tensor_shape(tensor))
-        else:
-            value = dequantize_tensor(tensor)
+        try:
+            if packed and is_quantized(tensor) and len(tensor.shape) == 2:
+                value = unpack_rows(_raw(tensor), tensor.tensor_type, _tensor_shape(tensor))
+            else:
+                value = dequantize_tensor(tensor)
+        except (ValueError, IndexError) as exc:  # check_gguf_file should have caught it
+            raise ModelFileError(_file_of(reader), f"tensor {tensor.name!r}: {exc}") from exc
         if family.gguf_permutes_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
             value = _permute_rows(value, num_heads)
         elif family.gguf_permutes_qk and name.endswith(("k_proj.weight", "k_proj.bias")):

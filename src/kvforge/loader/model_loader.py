@@ -7,18 +7,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from gguf import GGUFReader
 from tqdm import tqdm
 
 from kvforge.config import ModelConfig, TransformerConfig
-from kvforge.errors import InvalidRequestError, ModelNotFoundError
+from kvforge.errors import InvalidRequestError, KVForgeError, ModelFileError, ModelNotFoundError
 from kvforge.layers.attention import BaseAttentionBackend
+from kvforge.loader.gguf_check import open_gguf
 from kvforge.loader.gguf_loader import iter_gguf_weights, read_metadata
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config, safetensors_files
 from kvforge.models.common import DecoderLM
-from kvforge.models.registry import family_for_gguf, family_for_hf
+from kvforge.models.registry import ModelFamily, family_for_gguf, family_for_hf
 from kvforge.quant.formats import Unpacked
 from kvforge.quant.rtn import quantize_rtn
 from kvforge.tokenizer import Tokenizer, tokenizer_from_gguf
@@ -78,6 +79,22 @@ def _quantize_on_load(weights: Weights, model_config: ModelConfig) -> Weights:
         yield name, value
 
 
+def _gguf_model(
+    path: Path, meta: dict[str, Any]
+) -> tuple[ModelFamily, TransformerConfig, Tokenizer]:
+    """Family, config and tokenizer from GGUF metadata; missing or mistyped keys are a
+    :class:`ModelFileError`, not a KeyError traceback."""
+    try:
+        family = family_for_gguf(meta["general.architecture"])
+        return family, family.config_from_gguf(meta), tokenizer_from_gguf(meta)
+    except KVForgeError:
+        raise
+    except KeyError as exc:
+        raise ModelFileError(path, f"metadata key {exc} is missing") from exc
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ModelFileError(path, f"invalid metadata: {exc}") from exc
+
+
 def resolve_dtype(model_config: ModelConfig) -> torch.dtype:
     """Activation dtype: ``auto`` is float32 (packed weights still run bf16 kernels)."""
     return _DTYPES.get(model_config.dtype, torch.float32)
@@ -101,11 +118,8 @@ def load_model(
     path = Path(model_config.model_path)
     start = time.perf_counter()
     if path.is_file() and path.suffix == ".gguf":
-        reader = GGUFReader(str(path))
-        meta = read_metadata(reader)
-        family = family_for_gguf(meta["general.architecture"])
-        cfg = family.config_from_gguf(meta)
-        tokenizer = tokenizer_from_gguf(meta)
+        reader = open_gguf(path)
+        family, cfg, tokenizer = _gguf_model(path, read_metadata(reader))
         weights: Weights = iter_gguf_weights(
             reader,
             family,
@@ -132,7 +146,12 @@ def load_model(
     with torch.device("meta"):
         model = DecoderLM(cfg, backend)
     model = model.to_empty(device=device)
-    model.load_weights(_progress(weights, num_tensors, show_progress))
+    try:
+        model.load_weights(_progress(weights, num_tensors, show_progress))
+    except KVForgeError:
+        raise
+    except ValueError as exc:  # tensors missing, unexpected or of the wrong shape
+        raise ModelFileError(path, str(exc)) from exc
     dtype = resolve_dtype(model_config)
     if dtype != torch.float32:  # float32 keeps the packed weights' bf16 scales as they are
         model = model.to(dtype)

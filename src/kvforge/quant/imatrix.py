@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFReader, GGUFWriter
 
-from kvforge.errors import InvalidRequestError
+from kvforge.errors import InvalidRequestError, ModelFileError
 from kvforge.quant.gguf_file import finish
 
 
@@ -37,17 +37,25 @@ def write_imatrix(
 
 
 def read_imatrix(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, object]]:
-    """Importance per column for each weight name, and the file's metadata."""
+    """Importance per column for each weight name, and the file's metadata.
+
+    Run :func:`kvforge.loader.gguf_check.check_gguf_file` on an untrusted file first: the gguf
+    reader believes the counts in the file (this layer cannot import the loader's check).
+    """
     try:
         reader = GGUFReader(str(path))
-    except (OSError, ValueError) as exc:
+        tensors = {t.name: np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}
+        meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("imatrix.")}
+    except OSError as exc:
         raise InvalidRequestError(f"cannot read imatrix file {path}: {exc}", "imatrix") from exc
-    tensors = {t.name: np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ModelFileError(path, f"not a valid imatrix file: {exc}") from exc
     importance = {}
     for name, values in tensors.items():
         if name.endswith(".in_sum2"):
             weight = name.removesuffix(".in_sum2")
-            count = float(tensors[f"{weight}.counts"][0])
-            importance[weight] = values / max(count, 1.0)
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("imatrix.")}
+            counts = tensors.get(f"{weight}.counts")
+            if counts is None or counts.size == 0:
+                raise ModelFileError(path, f"{weight}.in_sum2 has no {weight}.counts tensor")
+            importance[weight] = values / max(float(counts[0]), 1.0)
     return importance, meta

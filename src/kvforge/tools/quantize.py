@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize
 from tqdm import tqdm
 
-from kvforge.errors import ModelNotFoundError
+from kvforge.errors import ModelFileError, ModelNotFoundError, UnsupportedModelError
+from kvforge.loader.gguf_check import check_gguf_file, open_gguf
 from kvforge.quant.gguf_file import add_tensor, finish
 from kvforge.quant.imatrix import read_imatrix
 from kvforge.quant.mixes import MixOptions, file_type_id, parse_file_type, tensor_type
@@ -40,6 +42,13 @@ def copy_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:
         writer.add_key_value(key, field.contents(), vtype, sub_type)
 
 
+def _contents(reader: GGUFReader, path: str | Path, key: str) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        raise ModelFileError(path, f"metadata key {key!r} is missing")
+    return field.contents()
+
+
 def quantize_file(
     src: str | Path,
     dst: str | Path,
@@ -53,8 +62,10 @@ def quantize_file(
     options = options or MixOptions()
     if not Path(src).is_file():
         raise ModelNotFoundError(f"no GGUF file at {src}")
-    reader = GGUFReader(str(src))
-    arch = str(reader.fields["general.architecture"].contents())
+    reader = open_gguf(src)
+    if imatrix is not None:
+        check_gguf_file(imatrix)  # read_imatrix sits below the loader and cannot check it
+    arch = str(_contents(reader, src, "general.architecture"))
     importance: dict[str, np.ndarray] = {}
     writer = GGUFWriter(str(dst), arch=arch)
     copy_metadata(reader, writer)
@@ -67,7 +78,7 @@ def quantize_file(
         if "imatrix.chunk_count" in meta:
             writer.add_int32("quantize.imatrix.chunks_count", int(meta["imatrix.chunk_count"]))  # type: ignore[call-overload]
     names = {t.name for t in reader.tensors}
-    num_layers = int(reader.fields[f"{arch}.block_count"].contents())
+    num_layers = int(_contents(reader, src, f"{arch}.block_count"))
     heads = reader.fields.get(f"{arch}.attention.head_count")
     kv_heads = reader.fields.get(f"{arch}.attention.head_count_kv")
     gqa = int(heads.contents()) // int(kv_heads.contents()) if heads and kv_heads else 1
@@ -76,7 +87,13 @@ def quantize_file(
         reader.tensors, desc=f"Quantizing to {file_type}", disable=not show_progress
     ):
         shape = tuple(int(d) for d in reversed(tensor.shape))
-        values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        except NotImplementedError:
+            raise UnsupportedModelError(
+                f"{src}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
+                "which cannot be dequantized"
+            ) from None
         if len(shape) < 2:
             qtype = tensor_type(tensor.name, shape[-1], "F32", num_layers, True)
         else:
