@@ -3,6 +3,7 @@ behaviour) and the server goes on serving; nothing heavy runs on the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -307,3 +308,24 @@ def test_cors_preflight_is_answered_before_auth(guarded):
         headers={"Origin": "http://evil.example"},
     )
     assert other.status_code == 401 and "access-control-allow-origin" not in other.headers
+
+
+def test_health_stays_fast_while_a_huge_enum_compiles(guarded):
+    schema = {"type": "string", "enum": [f"value{i}" for i in range(100_000)]}
+
+    def hostile() -> None:
+        # The client gives up early; the compile goes on in the worker pool regardless.
+        with contextlib.suppress(httpx.TimeoutException):
+            httpx.post(
+                f"{guarded.url}/v1/completions",
+                json={"prompt": "hi", "max_tokens": 1, "json_schema": schema},
+                headers={"Authorization": "Bearer s3cret"},
+                timeout=4,
+            )
+
+    worker = threading.Thread(target=hostile)
+    worker.start()
+    time.sleep(0.5)
+    latencies = _health_latencies(guarded, 2.0)
+    worker.join()
+    assert max(latencies) < 0.1, max(latencies)

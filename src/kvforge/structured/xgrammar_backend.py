@@ -75,7 +75,7 @@ class XGrammarBackend(BaseGrammarBackend):
         try:
             if params.json_object:
                 # OpenAI's json_object mode means a JSON object, not any JSON value.
-                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=True)
             if params.json is not None:
                 schema = json.loads(params.json) if isinstance(params.json, str) else params.json
                 check_json_schema(schema)

@@ -27,6 +27,7 @@ MAX_TEMPLATE_CHARS = 64 * 1024
 # A rendered prompt longer than this is refused (far beyond any context the engine runs).
 MAX_RENDERED_CHARS = 4 << 20
 RENDER_TIME_BUDGET_S = 2.0
+_YIELD_EVERY = 256  # trace events between voluntary GIL hand-offs
 # Names the renderer passes itself; a request's chat_template_kwargs may not override them.
 RESERVED_TEMPLATE_NAMES = frozenset(
     {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "special_tokens"}
@@ -149,15 +150,20 @@ class _time_budget:  # noqa: N801 - used as a context manager
     """Raise InvalidRequestError inside the current thread once ``seconds`` have passed.
 
     A trace hook on this thread only (``sys.settrace``) checks the clock on every executed
-    line of the template's code; other threads (the event loop, the engine) are untouched.
+    line of the template's code, and now and then yields the GIL so that other threads (the
+    event loop above all) keep answering while a hostile template runs.
     """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.deadline = 0.0
+        self.num_events = 0
         self._previous: Callable[..., Any] | None = None
 
     def _trace(self, frame: FrameType, event: str, arg: Any) -> Any:
+        self.num_events += 1
+        if self.num_events % _YIELD_EVERY == 0:
+            time.sleep(0)  # hand the GIL to the event loop: a long render must not starve it
         if time.monotonic() > self.deadline:
             raise InvalidRequestError(
                 f"chat template took longer than {self.seconds:g}s to render", "chat_template"
