@@ -329,3 +329,23 @@ def test_health_stays_fast_while_a_huge_enum_compiles(guarded):
     latencies = _health_latencies(guarded, 2.0)
     worker.join()
     assert max(latencies) < 0.1, max(latencies)
+
+
+def test_embeddings_are_bounded_and_batched(server, guarded):
+    too_many = {"input": [[17] * 1000] * 70}  # 70,000 tokens in one request
+    response = httpx.post(
+        f"{guarded.url}/v1/embeddings",
+        json=too_many,
+        headers={"Authorization": "Bearer s3cret"},
+        timeout=60,
+    )
+    assert_error(response, 400, "tokens")
+    # 5 x 1000 tokens run as two forward passes; each vector equals the one computed alone.
+    inputs = [[100 + i] * 1000 for i in range(5)]
+    batched = httpx.post(f"{server.url}/v1/embeddings", json={"input": inputs}, timeout=300)
+    assert batched.status_code == 200, batched.text
+    vectors = [item["embedding"] for item in batched.json()["data"]]
+    for ids, vector in zip(inputs[::4], vectors[::4]):
+        alone = httpx.post(f"{server.url}/v1/embeddings", json={"input": [ids]}, timeout=300)
+        expected = alone.json()["data"][0]["embedding"]
+        assert max(abs(a - b) for a, b in zip(vector, expected)) < 1e-3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import time
@@ -11,9 +12,11 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import torch
 from pydantic import BaseModel
 
 from kvforge.async_engine import AsyncLLM
+from kvforge.engine import LLMEngine
 from kvforge.entrypoints.openai.metrics import RequestTracker, ServerMetrics
 from kvforge.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -36,6 +39,25 @@ logger = logging.getLogger("kvforge.server")
 
 Prompt = str | list[int]
 MAX_EMBEDDING_INPUTS = 2048
+MAX_EMBEDDING_TOKENS = 1 << 16
+EMBEDDING_BATCH_TOKENS = 4096
+
+
+def _embed(engine: LLMEngine, group: list[list[int]]) -> torch.Tensor:
+    return engine.runner.embed(group)
+
+
+def _token_groups(prompts: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
+    """Consecutive prompts grouped so that each group holds at most ``max_tokens`` tokens."""
+    groups: list[list[list[int]]] = [[]]
+    size = 0
+    for ids in prompts:
+        if groups[-1] and size + len(ids) > max_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(ids)
+        size += len(ids)
+    return groups
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -506,8 +528,17 @@ class ChatServing(OpenAIServing):
                     f"input has {len(ids)} tokens, more than the context length {engine.max_model_len}",
                     "input",
                 )
-        vectors = await self.llm.acall(lambda e: e.runner.embed(prompts))
         total = sum(len(p) for p in prompts)
+        if total > MAX_EMBEDDING_TOKENS:
+            raise InvalidRequestError(
+                f"input has {total} tokens in all, at most {MAX_EMBEDDING_TOKENS} are allowed",
+                "input",
+            )
+        # Bounded forward passes (scratch KV grows with the batch); the engine steps between.
+        parts = []
+        for group in _token_groups(prompts, max(EMBEDDING_BATCH_TOKENS, engine.max_model_len)):
+            parts.append(await self.llm.acall(functools.partial(_embed, group=group)))
+        vectors = torch.cat(parts)
         if body.encoding_format == "base64":  # little-endian float32, as the OpenAI client expects
             data: list[Any] = [
                 base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors
