@@ -12,7 +12,11 @@ from kvforge.errors import InvalidRequestError
 _GREEDY_EPS = 1e-5
 # OpenAI's limit on top alternatives per token.
 MAX_LOGPROBS = 20
+# Stop strings are checked against the text after every token, token lists every step: bound
+# what one request can make the engine thread do.
 MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_TOKEN_ENTRIES = 1024
 # Beam scores divide by length ** length_penalty; larger exponents overflow a float.
 MAX_LENGTH_PENALTY = 10.0
 _INT_FIELDS = (
@@ -164,6 +168,15 @@ class SamplingParams:
                 raise InvalidRequestError("stop must be a string or a list of strings", "stop")
             if len(self.stop) > MAX_STOP_STRINGS:
                 raise InvalidRequestError(f"stop takes at most {MAX_STOP_STRINGS} strings", "stop")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if any(len(stop) > MAX_STOP_STRING_CHARS for stop in stops):
+            raise InvalidRequestError(
+                f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters long", "stop"
+            )
+        for name in ("stop_token_ids", "logit_bias"):
+            value = getattr(self, name)
+            if value is not None and hasattr(value, "__len__") and len(value) > MAX_TOKEN_ENTRIES:
+                raise InvalidRequestError(f"{name} takes at most {MAX_TOKEN_ENTRIES} entries", name)
         if self.stop_token_ids is not None and (
             not isinstance(self.stop_token_ids, (list, tuple))
             or not all(_is_int(t) for t in self.stop_token_ids)

@@ -189,6 +189,19 @@ HOSTILE = [
         "length_penalty",
     ),
     ("bad regex", "/v1/completions", {"prompt": "hi", "regex": "("}, "regex"),
+    ("stop string too long", "/v1/completions", {"prompt": "hi", "stop": ["x" * 5000]}, "stop"),
+    (
+        "too many stop token ids",
+        "/v1/completions",
+        {"prompt": "hi", "stop_token_ids": [5] * 5000},
+        "stop_token_ids",
+    ),
+    (
+        "too many sequences",
+        "/v1/completions",
+        {"prompt": ["hi"] * 200, "n": 16, "max_tokens": 1},
+        "sequences",
+    ),
 ]
 
 

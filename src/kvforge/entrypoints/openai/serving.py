@@ -39,6 +39,7 @@ logger = logging.getLogger("kvforge.server")
 
 Prompt = str | list[int]
 MAX_EMBEDDING_INPUTS = 2048
+MAX_SEQUENCES_PER_REQUEST = 1024
 MAX_EMBEDDING_TOKENS = 1 << 16
 EMBEDDING_BATCH_TOKENS = 4096
 
@@ -229,6 +230,12 @@ class OpenAIServing:
         prompts = self.completion_prompts(body)
         echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
         params = body.sampling_params(body.max_tokens, body.logprobs, echo_logprobs)
+        if len(prompts) * params.num_samples > MAX_SEQUENCES_PER_REQUEST:
+            raise InvalidRequestError(
+                f"{len(prompts)} prompts x {params.num_samples} samples exceed "
+                f"{MAX_SEQUENCES_PER_REQUEST} sequences per request",
+                "prompt",
+            )
         base_id = f"cmpl-{uuid.uuid4().hex}"
         streams = [self.run(p, params, f"{base_id}-{i}", body) for i, p in enumerate(prompts)]
         created = int(time.time())
