@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import re
 import time
 from collections.abc import Sequence
 
@@ -22,6 +23,8 @@ from kvforge.structured import StructuredOutputManager, create_grammar_backend
 from kvforge.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+# User request ids: printable, bounded, and never containing '#' (internal child ids do).
+_REQUEST_ID = re.compile(r"[\w.:@/+=~-]{1,256}")
 
 
 class LLMEngine:
@@ -72,9 +75,13 @@ class LLMEngine:
         """Token ids of a text prompt, or validated ids of a token prompt."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
+        elif isinstance(prompt, Sequence) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            ids = list(prompt)  # type: ignore[arg-type]  # checked above: not a str
             self.tokenizer.check_token_ids(ids, self.vocab_size)
+        else:
+            raise InvalidRequestError("a prompt is a string or a list of token ids", "prompt")
         if not ids:
             raise InvalidRequestError("the prompt is empty", "prompt")
         return ids
@@ -95,8 +102,17 @@ class LLMEngine:
         server tokenizes in worker threads, never on the engine thread).
         """
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling params must be a SamplingParams", "params")
+        params.check()  # again: the caller may have changed fields since construction
         params.validate_vocab(self.vocab_size)
         request_id = request_id or f"req-{next(self._ids)}"
+        if not _REQUEST_ID.fullmatch(request_id):
+            raise InvalidRequestError(
+                "a request id is 1-256 letters, digits or ._:@/+=~- (no '#', which the engine "
+                "uses for the ids of samples and beams)",
+                "request_id",
+            )
         if request_id in self.output_processor.states or request_id in self._beam_states:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         if prompt_token_ids is not None:
@@ -105,8 +121,8 @@ class LLMEngine:
             prompt_ids = self.tokenize_prompt(prompt)
         max_tokens = self._check_length(prompt_ids, params)
         constraint = params.structured_outputs
-        if constraint is not None:
-            self.structured_outputs().compile(constraint)  # fail closed before admission
+        if constraint is not None:  # fail closed before admission
+            self.structured_outputs().check_satisfiable(constraint, self.vocab_size)
         sched = self.config.scheduler_config
         if not sched.enable_chunked_prefill and len(prompt_ids) > sched.max_num_batched_tokens:
             raise ContextLengthError(

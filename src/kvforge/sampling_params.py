@@ -40,8 +40,21 @@ _FLOAT_FIELDS = (
 )
 
 
+_OPTIONAL_FIELDS = ("best_of", "seed", "max_tokens", "logprobs", "prompt_logprobs")
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> bool:
+    """An int or float that converts to a finite float (no bools, NaN, inf, 10**400)."""
+    if not (_is_int(value) or isinstance(value, float)):
+        return False
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -142,17 +155,29 @@ class SamplingParams:
             self.top_k = 0
         self.validate()
 
+    def check(self) -> None:
+        """Run every check again (after fields were changed since construction)."""
+        self._check_types()
+        self.validate()
+
     def _check_types(self) -> None:
         """Strict types: no bools or strings for numbers, no NaN or infinity (values from JSON
         bodies arrive unchecked through /generate and the offline API)."""
         for name in _INT_FIELDS:
             value = getattr(self, name)
-            if value is not None and not _is_int(value):
+            if (value is not None or name not in _OPTIONAL_FIELDS) and not _is_int(value):
                 raise InvalidRequestError(f"{name} must be an integer, got {value!r}", name)
         for name in _FLOAT_FIELDS:
-            value = getattr(self, name)
-            if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
-                raise InvalidRequestError(f"{name} must be a finite number, got {value!r}", name)
+            if not _is_finite_number(getattr(self, name)):
+                raise InvalidRequestError(
+                    f"{name} must be a finite number, got {str(getattr(self, name))[:40]}", name
+                )
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise InvalidRequestError(
+                "structured_outputs must be a StructuredOutputsParams", "structured_outputs"
+            )
         for name in (
             "ignore_eos",
             "include_stop_str_in_output",
@@ -184,10 +209,7 @@ class SamplingParams:
             raise InvalidRequestError("stop_token_ids must be a list of integers", "stop_token_ids")
         if self.logit_bias is not None and (
             not isinstance(self.logit_bias, dict)
-            or not all(
-                _is_int(k) and (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-                for k, v in self.logit_bias.items()
-            )
+            or not all(_is_int(k) and _is_finite_number(v) for k, v in self.logit_bias.items())
         ):
             raise InvalidRequestError(
                 "logit_bias must map token ids to finite numbers", "logit_bias"
@@ -251,6 +273,9 @@ class SamplingParams:
                         "logit_bias",
                     )
         if self.use_beam_search:
+            if self.n > MAX_LOGPROBS // 2:
+                # Each beam proposes 2 * width candidates from the top logprobs.
+                fail("n", f"is the beam width, at most {MAX_LOGPROBS // 2}")
             if self.temperature != 0 and not self.is_greedy:
                 # Beam search is deterministic; vLLM ignores temperature there, we insist.
                 self.temperature = 0.0

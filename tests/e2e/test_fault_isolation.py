@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from kvforge.async_engine import AsyncLLM, EngineDeadError
+from kvforge.errors import InvalidRequestError
 from kvforge.sample import Sampler
 from kvforge.sampling_params import SamplingParams, StructuredOutputsParams
 from tests.helpers import CHAT_PROMPTS, run_to_completion
@@ -169,3 +170,24 @@ def test_model_failure_stops_the_loop_and_the_server_exits_nonzero(make_engine):
     assert not llm.is_healthy
     with pytest.raises(EngineDeadError):
         llm.submit(lambda e: None).result()
+
+
+@pytest.mark.parametrize(
+    "prompt,params,field",
+    [
+        (None, GREEDY, "prompt"),
+        (5, GREEDY, "prompt"),
+        ([1, "a"], GREEDY, "prompt"),
+        ("hi", {"max_tokens": 2}, "params"),
+        ("hi", "mutated", "temperature"),
+    ],
+)
+def test_offline_requests_with_bad_values_raise_typed_errors(make_engine, prompt, params, field):
+    engine = make_engine()
+    if params == "mutated":
+        params = SamplingParams(max_tokens=2)
+        params.temperature = float("nan")
+    with pytest.raises(InvalidRequestError) as info:
+        engine.add_request(prompt, params)
+    assert info.value.param == field
+    assert not engine.has_unfinished_requests()

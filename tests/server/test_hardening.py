@@ -196,6 +196,86 @@ HOSTILE = [
         {"prompt": "hi", "stop_token_ids": [5] * 5000},
         "stop_token_ids",
     ),
+    *[
+        (f"template {name}", "/v1/chat/completions", {"messages": MESSAGES, "chat_template": t}, n)
+        for name, t, n in [
+            ("divides by zero", "{{ 1/0 }}", "chat template"),
+            ("modulo by zero", "{{ 1 % 0 }}", "chat template"),
+            ("undefined name", "{{ 'inf'|float * 0 }}", "chat template"),
+            ("nested ifs", "{% if 1 %}" * 200 + "{% endif %}" * 200, "chat template"),
+            ("deep parentheses", "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}", "chat template"),
+            ("printf width", "{{ '%0999999999d' % 1 }}", "chat template"),
+            ("format width", "{{ '{:>999999999}'.format(1) }}", "chat template"),
+            ("format filter width", "{{ '%0999999999d'|format(1) }}", "chat template"),
+            (
+                "doubling with ~",
+                "{% set ns = namespace(s='a') %}{% for i in range(40) %}"
+                "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+                "chat template",
+            ),
+            ("long strftime format", "{{ strftime_now('%Y' * 100000) }}", "chat template"),
+        ]
+    ],
+    *[
+        (
+            f"reserved chat_template_kwargs {key}",
+            "/v1/chat/completions",
+            {"messages": MESSAGES, "chat_template_kwargs": {key: 1}},
+            key,
+        )
+        for key in ("self", "source")
+    ],
+    (
+        "tool call arguments nested too deep",
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"function": {"name": "f", "arguments": "[" * 5000 + "]" * 5000}}
+                    ],
+                },
+            ]
+        },
+        "arguments",
+    ),
+    ("generate n null", "/generate", {"text": "hi", "sampling_params": {"n": None}}, "n"),
+    (
+        "generate temperature 10**400",
+        "/generate",
+        {"text": "hi", "sampling_params": {"temperature": 10**400}},
+        "temperature",
+    ),
+    ("unsatisfiable regex", "/v1/completions", {"prompt": "hi", "regex": "[^\\s\\S]"}, "regex"),
+    (
+        "unsatisfiable grammar",
+        "/v1/completions",
+        {"prompt": "hi", "grammar": "root ::= a\na ::= a"},
+        "grammar",
+    ),
+    (
+        "beam width above 10",
+        "/v1/completions",
+        {"prompt": "hi", "use_beam_search": True, "n": 11, "max_tokens": 2},
+        "beam width",
+    ),
+    (
+        "required tool call with beam search",
+        "/v1/chat/completions",
+        {
+            "messages": MESSAGES,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "tool_choice": "required",
+            "use_beam_search": True,
+            "n": 2,
+        },
+        "beam",
+    ),
+    ("rid with '#'", "/generate", {"text": "hi", "rid": "x#0"}, "request id"),
+    ("rid with a newline", "/generate", {"text": "hi", "rid": "a\nb"}, "request id"),
+    ("rid too long", "/generate", {"text": "hi", "rid": "r" * 1000}, "request id"),
     (
         "too many sequences",
         "/v1/completions",
@@ -362,3 +442,31 @@ def test_embeddings_are_bounded_and_batched(server, guarded):
         alone = httpx.post(f"{server.url}/v1/embeddings", json={"input": [ids]}, timeout=300)
         expected = alone.json()["data"][0]["embedding"]
         assert max(abs(a - b) for a, b in zip(vector, expected)) < 1e-3
+
+
+def test_multi_line_messages_are_one_line(server):
+    template = "{{ raise_exception('boom\\nline2') }}"
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": MESSAGES, "chat_template": template},
+    )
+    assert_error(response, 400, "boom line2")
+    garbage = httpx.post(
+        f"{server.url}/v1/completions",
+        content=b'{"prompt": "hi"} trailing',
+        headers={"content-type": "application/json"},
+    )
+    assert_error(garbage, 400, "JSON")
+    assert garbage.json()["error"]["param"] is None
+
+
+def test_sample_ids_cannot_collide_with_request_ids(server):
+    """n > 1 samples run under internal ids; a user id can never take one of them."""
+    body = {
+        "text": "Once upon a time",
+        "rid": "x",
+        "sampling_params": {"max_new_tokens": 8, "n": 2, "temperature": 0.8, "ignore_eos": True},
+    }
+    response = httpx.post(f"{server.url}/generate", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert [len(r["output_ids"]) for r in response.json()] == [8, 8]

@@ -103,17 +103,21 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params or SamplingParams()] * len(prompt_list)
-        ids = []
-        for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
-            if isinstance(prompt, dict):
-                prompt = prompt.get("prompt_token_ids") or prompt.get("prompt") or ""
-            ids.append(
-                self.engine.add_request(
-                    prompt,  # type: ignore[arg-type]
-                    params,
-                    priority=priority[i] if priority else 0,
+        ids: list[str] = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+                if isinstance(prompt, dict):
+                    prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))  # type: ignore[assignment]
+                ids.append(
+                    self.engine.add_request(
+                        prompt,  # type: ignore[arg-type]
+                        params,
+                        priority=priority[i] if priority else 0,
+                    )
                 )
-            )
+        except BaseException:
+            self.engine.abort_request(ids)  # nothing half-queued stays behind
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(

@@ -97,6 +97,22 @@ class StructuredOutputManager:
         """A matcher for a new request."""
         return self.backend.matcher(self.compile(params))
 
+    def check_satisfiable(self, params: StructuredOutputsParams, vocab_size: int) -> None:
+        """Raise InvalidRequestError when the constraint allows no first token at all (a
+        grammar that matches nothing), before the request is admitted."""
+        import torch
+
+        matcher = self.matcher(params)
+        if matcher.is_terminated():
+            return
+        bitmask = torch.zeros((1, -(-vocab_size // 32)), dtype=torch.int32)
+        matcher.fill_bitmask(bitmask, 0)
+        if not bool(bitmask.any()):
+            raise InvalidRequestError(
+                f"the {params.kind} constraint cannot be satisfied: it allows no output",
+                params.kind,
+            )
+
 
 def create_grammar_backend(name: str, tokenizer: Any, vocab_size: int) -> BaseGrammarBackend:
     """Instantiate a registered backend (imported only now)."""

@@ -92,6 +92,10 @@ class XGrammarBackend(BaseGrammarBackend):
             raise InvalidRequestError(
                 f"the JSON schema is not valid JSON: {exc}", "json_schema"
             ) from exc
+        except RecursionError as exc:
+            raise InvalidRequestError(
+                f"the {params.kind} constraint is nested too deeply", params.kind
+            ) from exc
         except (RuntimeError, ValueError, TypeError) as exc:
             message = sanitize_message(str(exc)) if str(exc).strip() else type(exc).__name__
             raise InvalidRequestError(

@@ -43,7 +43,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; prepends BOS when the model wants it and it is not there."""
         try:
-            ids = self.backend.encode(text, add_special_tokens=False).ids
+            # encode_batch releases the GIL (encode does not): a long text cannot stall the
+            # event loop or the engine thread while it is tokenized in a worker.
+            ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         except Exception as exc:
             check_text(text)
             raise InvalidRequestError(f"cannot tokenize the text: {exc}", "prompt") from exc
@@ -60,12 +62,12 @@ class Tokenizer:
         """Text of ``token_ids``."""
         return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def check_token_ids(self, token_ids: list[int], vocab_size: int) -> None:
+    def check_token_ids(self, token_ids: list[int], vocab_size: int, param: str = "prompt") -> None:
         """Raise InvalidRequestError for token ids outside the model's vocabulary."""
         for token_id in token_ids:
             if not 0 <= token_id < vocab_size:
                 raise InvalidRequestError(
-                    f"token id {token_id} is out of range [0, {vocab_size})", "prompt"
+                    f"token id {token_id} is out of range [0, {vocab_size})", param
                 )
 
     def apply_chat_template(

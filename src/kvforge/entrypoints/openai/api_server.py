@@ -34,6 +34,7 @@ from kvforge.entrypoints.openai.protocol import (
 )
 from kvforge.entrypoints.openai.serving import ChatServing
 from kvforge.errors import InvalidRequestError, KVForgeError
+from kvforge.tokenizer.chat_template import one_line
 
 logger = logging.getLogger("kvforge.server")
 T = TypeVar("T")
@@ -69,10 +70,10 @@ class ServerConfig:
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    """An OpenAI-style error body."""
+    """An OpenAI-style error body (the message on one line)."""
     body = {
         "error": {
-            "message": message,
+            "message": one_line(message),
             "type": _ERROR_TYPES.get(status, "server_error"),
             "param": param,
             "code": status,
@@ -170,7 +171,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         location = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
+            return error_response(400, "the request body is not valid JSON")
         return error_response(400, f"{location + ': ' if location else ''}{message}", location)
 
     @app.exception_handler(StarletteHTTPException)
@@ -281,7 +282,7 @@ async def _first_error_as_event(events: AsyncIterator[str]) -> AsyncIterator[str
     except KVForgeError as exc:
         body = {
             "error": {
-                "message": str(exc),
+                "message": one_line(str(exc)),
                 "type": _ERROR_TYPES.get(exc.http_status, "server_error"),
                 "param": getattr(exc, "param", None),
                 "code": exc.http_status,

@@ -41,7 +41,7 @@ Prompt = str | list[int]
 MAX_EMBEDDING_INPUTS = 2048
 MAX_SEQUENCES_PER_REQUEST = 1024
 MAX_EMBEDDING_TOKENS = 1 << 16
-EMBEDDING_BATCH_TOKENS = 4096
+EMBEDDING_BATCH_TOKENS = 512  # per forward pass (one longer prompt runs alone)
 
 
 def _embed(engine: LLMEngine, group: list[list[int]]) -> torch.Tensor:
@@ -394,6 +394,11 @@ class ChatServing(OpenAIServing):
 
         prompt = await self.llm.offload(render)
         if mode in ("required", "named"):
+            if params.use_beam_search:
+                raise InvalidRequestError(
+                    "tool_choice required or named is not supported with beam search",
+                    "tool_choice",
+                )
             if params.structured_outputs is not None:
                 raise InvalidRequestError(
                     "tool_choice cannot be combined with another constraint", "tool_choice"
@@ -543,7 +548,7 @@ class ChatServing(OpenAIServing):
             )
         # Bounded forward passes (scratch KV grows with the batch); the engine steps between.
         parts = []
-        for group in _token_groups(prompts, max(EMBEDDING_BATCH_TOKENS, engine.max_model_len)):
+        for group in _token_groups(prompts, EMBEDDING_BATCH_TOKENS):
             parts.append(await self.llm.acall(functools.partial(_embed, group=group)))
         vectors = torch.cat(parts)
         if body.encoding_format == "base64":  # little-endian float32, as the OpenAI client expects
@@ -582,7 +587,7 @@ class ChatServing(OpenAIServing):
     async def detokenize(self, body: Any) -> dict[str, Any]:
         """POST /detokenize: token ids to text."""
         self.check_model(body.model)
-        self.tokenizer.check_token_ids(body.tokens, self.llm.engine.vocab_size)
+        self.tokenizer.check_token_ids(body.tokens, self.llm.engine.vocab_size, "tokens")
         text = await self.llm.offload(self.tokenizer.decode, body.tokens, False)
         return {"prompt": text}
 

@@ -120,9 +120,10 @@ def _arguments(call: dict[str, Any]) -> Any:
         return arguments
     try:
         return json.loads(arguments)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, digit limits, nesting
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "too large or deep"
         raise InvalidRequestError(
-            f"tool call arguments are not valid JSON: {exc.msg}", "messages"
+            f"tool call arguments are not valid JSON: {reason}", "messages"
         ) from exc
 
 
