@@ -188,7 +188,9 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         if result is None:  # the client left; nobody reads this
             return Response(status_code=499)
         if isinstance(result, (dict, list)):
-            return JSONResponse(result)
+            # Rendered in the worker pool: a large body (2,048 embeddings) must not hold the loop.
+            body = await llm.offload(_render_json, result)
+            return Response(body, media_type="application/json")
         return StreamingResponse(_first_error_as_event(result), media_type="text/event-stream")
 
     @app.get("/health")
@@ -249,6 +251,13 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         return await respond(request, serving.generate(body))
 
     return app
+
+
+def _render_json(content: Any) -> bytes:
+    """JSON bytes as Starlette's JSONResponse renders them."""
+    return json.dumps(
+        content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    ).encode("utf-8")
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
