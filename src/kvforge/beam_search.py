@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from kvforge.core.scheduler import Scheduler
 from kvforge.request import Request, RequestStatus
-from kvforge.runner import ModelRunnerOutput
+from kvforge.runner import ModelRunnerOutput, TokenLogprobs
 
 
 def beam_score(num_tokens: int, cumulative_logprob: float, length_penalty: float) -> float:
@@ -48,6 +48,9 @@ class BeamSearchGroup:
     live: list[Request]
     completed: list[Beam] = field(default_factory=list)
     _counter: itertools.count = field(default_factory=itertools.count)
+    # Live beam id -> logprobs of the token it produced. Beams may produce theirs in different
+    # steps (token budget, preemption), so each is kept until the group expands.
+    _entries: dict[str, TokenLogprobs] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -57,13 +60,18 @@ class BeamSearchGroup:
     def step(self, scheduler: Scheduler, runner_output: ModelRunnerOutput) -> None:
         """Hold beams that produced a token; expand once all of them have."""
         for beam in self.live:
-            if beam.request_id in runner_output.logprobs:
+            entry = runner_output.logprobs.get(beam.request_id)
+            if entry is not None:
+                # NOTE: a held beam is never scheduled again (a preempted one is not
+                # readmitted), so this is its only token until the expansion below.
                 beam.is_held = True
+                self._entries[beam.request_id] = entry
         if not all(beam.is_held for beam in self.live):
             return
+        entries, self._entries = self._entries, {}
         candidates: list[tuple[float, Request, int, float]] = []
         for beam in self.live:
-            entry = runner_output.logprobs[beam.request_id]
+            entry = entries[beam.request_id]
             base = beam.cumulative_logprob - entry.logprob  # undo the greedy token's logprob
             for token_id, logprob in entry.top[: 2 * self.width]:
                 tokens = [*beam.output_token_ids[:-1], token_id]

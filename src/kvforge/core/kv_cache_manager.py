@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from kvforge.core.block_pool import BlockPool
 from kvforge.core.prefix_cache import RadixNode, RadixPrefixCache
 from kvforge.request import Request
@@ -55,8 +57,6 @@ class KVCacheManager:
         token_ids = request.all_token_ids
         usable = (len(token_ids) - 1) // self.block_size * self.block_size
         nodes = self.prefix_cache.match(self._namespace(request), token_ids[:usable])
-        if nodes:
-            self._cache_state[request.request_id] = (nodes[-1], len(nodes))
         return [node.block_id for node in nodes]
 
     def allocate_slots(
@@ -78,13 +78,17 @@ class KVCacheManager:
         )
         evictable_reused = sum(1 for b in computed_blocks if self.pool.ref_cnt[b] == 0)
         if num_needed + needs_copy > self.num_available_blocks - evictable_reused:
-            if computed_blocks:  # a waiting request: forget the match made for it
-                self._cache_state.pop(request.request_id, None)
             return False
-        for block_id in computed_blocks:
-            self.pool.incref(block_id)
-            self.prefix_cache.acquire(block_id)
-        request.block_ids.extend(computed_blocks)
+        if computed_blocks:
+            # NOTE: computed blocks come first, so the request holds the whole matched path:
+            # its cache state may point at the deepest one (see the prefix cache's NOTE).
+            assert not request.block_ids, "computed blocks are for a request without blocks"
+            for block_id in computed_blocks:
+                self.pool.incref(block_id)
+                self.prefix_cache.acquire(block_id)
+            request.block_ids.extend(computed_blocks)
+            node = self.prefix_cache.node_of(computed_blocks[-1])
+            self._cache_state[request.request_id] = (node, len(computed_blocks))
         if needs_copy:
             # Copy-on-write: the shared block keeps its other owners; we write into a copy.
             shared = request.block_ids[write_index]
@@ -118,13 +122,25 @@ class KVCacheManager:
         size = self.block_size
         for index in range(num_cached, num_full):
             key = tuple(token_ids[index * size : (index + 1) * size])
-            node = self.prefix_cache.insert(node, key, request.block_ids[index])
+            block_id = request.block_ids[index]
+            node = self.prefix_cache.insert(node, key, block_id)
+            if node.block_id != block_id:
+                # Another request cached these tokens first. Adopt its block and drop ours
+                # (identical KV of identical tokens), so the request holds every block on its
+                # tree path and later blocks go under a node it holds (the prefix cache's NOTE).
+                # Safe for the runner: the block is full and computed, so only read from now on.
+                assert not self.prefix_cache.is_cached(block_id)
+                self.pool.incref(node.block_id)
+                self.prefix_cache.acquire(node.block_id)
+                self._decref(block_id)
+                request.block_ids[index] = node.block_id
         self._cache_state[request.request_id] = (node, num_full)
 
     def fork(self, parent: Request, child: Request) -> None:
         """Give ``child`` shared references to the parent's computed blocks (copy-on-write)."""
         assert not child.block_ids
         num_blocks = cdiv(parent.num_computed_tokens, self.block_size)
+        assert len(parent.block_ids) >= num_blocks
         child.block_ids = parent.block_ids[:num_blocks]
         for block_id in child.block_ids:
             self.pool.incref(block_id)
@@ -149,6 +165,41 @@ class KVCacheManager:
         """Evict every unreferenced cached block."""
         self.prefix_cache.reset()
 
-    def check_integrity(self) -> None:
-        """Assert that every block is exactly one of free, cached, in use."""
+    def check_integrity(self, requests: Iterable[Request] | None = None) -> None:
+        """Assert that every block is exactly one of free, cached, in use.
+
+        With ``requests`` (every request holding blocks), also assert that each block's
+        reference count is the number of requests holding it, and that each request's cached
+        blocks are the tree path from its namespace's root.
+        """
         self.prefix_cache.check_integrity()
+        if requests is None:
+            return
+        holders = [0] * self.pool.num_blocks
+        request_ids = set()
+        for request in requests:
+            request_ids.add(request.request_id)
+            assert len(set(request.block_ids)) == len(request.block_ids), (
+                f"{request.request_id} holds a block twice"
+            )
+            for block_id in request.block_ids:
+                holders[block_id] += 1
+            self._check_cache_state(request)
+        for block_id, (count, expected) in enumerate(zip(self.pool.ref_cnt, holders)):
+            assert count == expected, f"block {block_id}: count {count}, {expected} holders"
+        assert set(self._cache_state) <= request_ids, "cache state of a gone request"
+
+    def _check_cache_state(self, request: Request) -> None:
+        state = self._cache_state.get(request.request_id)
+        if state is None:
+            return
+        node, num_cached = state
+        assert num_cached <= len(request.block_ids)
+        for index in reversed(range(num_cached)):
+            assert node.block_id == request.block_ids[index], (
+                f"{request.request_id}: block {index} is {request.block_ids[index]}, its "
+                f"tree node holds {node.block_id}"
+            )
+            assert node.parent is not None
+            node = node.parent
+        assert node is self.prefix_cache.root(self._namespace(request)), "path not from root"

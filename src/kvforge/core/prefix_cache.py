@@ -6,12 +6,14 @@ from the root is the token prefix whose KV the block continues. Roots are per na
 
 NOTE: a request holding a node's block also holds every ancestor's block (KV of a prefix),
 so a node's reference count is never above its parent's. Hence an unreferenced node has an
-unreferenced subtree, and evicting a node together with its subtree is always safe.
+unreferenced subtree, and evicting a node together with its subtree is always safe. It holds
+because a request only inserts under a node whose block it holds, and when it finds its
+tokens already cached under another block it adopts that block and drops its duplicate
+(SGLang does the same), instead of hanging its later blocks under a node it does not hold.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 
 from kvforge.core.block_pool import BlockPool
@@ -83,15 +85,21 @@ class RadixPrefixCache:
     def insert(self, parent: RadixNode, key: tuple[int, ...], block_id: int) -> RadixNode:
         """Add ``block_id`` as ``parent``'s child for ``key``; keep an existing node instead.
 
-        Returns the node now at that place; its block may differ from ``block_id`` when
-        another request computed the same tokens first (then ``block_id`` stays uncached).
+        Returns the node now at that place. Its block differs from ``block_id`` when another
+        request computed the same tokens first: the caller must then switch to the cached
+        block (see ``KVCacheManager.cache_blocks``), so that the NOTE above stays true.
         """
         node = parent.children.get(key)
-        if node is None and block_id not in self._nodes:
+        if node is None:
+            assert block_id not in self._nodes, f"block {block_id} is cached elsewhere"
             node = RadixNode(key, block_id, parent)
             parent.children[key] = node
             self._nodes[block_id] = node
-        return node if node is not None else self._nodes[block_id]
+        return node
+
+    def node_of(self, block_id: int) -> RadixNode:
+        """The tree node of a cached block."""
+        return self._nodes[block_id]
 
     def acquire(self, block_id: int) -> None:
         """A cached block gets a reference: it is no longer evictable."""
@@ -131,8 +139,20 @@ class RadixPrefixCache:
         """Evict every unreferenced cached block."""
         self.evict(len(self._evictable))
 
+    def _iter_nodes(self) -> list[RadixNode]:
+        """Every node reachable from a root, parents before children."""
+        nodes: list[RadixNode] = []
+        stack = [child for root in self._roots.values() for child in root.children.values()]
+        while stack:
+            node = stack.pop()
+            nodes.append(node)
+            stack.extend(node.children.values())
+        return nodes
+
     def check_integrity(self) -> None:
-        """Assert free + cached-unreferenced + in-use == total, each block in one state."""
+        """Assert free + cached-unreferenced + in-use == total, each block in one state, and
+        the tree invariants: every cached block reachable, evictable exactly when unreferenced,
+        never referenced more than its parent (the NOTE in the module docstring)."""
         pool = self.pool
         free = set(pool.free_block_ids)
         assert len(free) == len(pool.free_block_ids), "block on the free list twice"
@@ -144,9 +164,18 @@ class RadixPrefixCache:
             f"!= total {pool.num_blocks}"
         )
         assert len(in_use) == pool.num_in_use
-        for block_id in evictable:
-            assert block_id in self._nodes
-        for node in itertools.chain.from_iterable(
-            r.children.values() for r in self._roots.values()
-        ):
-            assert node.parent is not None
+        nodes = self._iter_nodes()
+        assert len(nodes) == len(self._nodes), "a cached block is not reachable from a root"
+        for node in nodes:
+            block_id = node.block_id
+            assert self._nodes.get(block_id) is node, f"block {block_id} cached twice"
+            assert block_id not in free, f"cached block {block_id} is on the free list"
+            count = pool.ref_cnt[block_id]
+            assert (count == 0) == (block_id in evictable), f"block {block_id} evictable state"
+            parent = node.parent
+            assert parent is not None and parent.children.get(node.key) is node
+            if parent.block_id >= 0:
+                assert count <= pool.ref_cnt[parent.block_id], (
+                    f"block {block_id} (count {count}) is referenced more than its parent "
+                    f"{parent.block_id} (count {pool.ref_cnt[parent.block_id]})"
+                )

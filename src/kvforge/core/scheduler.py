@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from kvforge.config import SchedulerConfig
 from kvforge.core.kv_cache_manager import KVCacheManager
 from kvforge.request import Request, RequestStatus
+from kvforge.utils import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Scheduler:
             if num_new == 0:
                 continue
             while not self.kv.allocate_slots(request, num_new):
-                victim = self._pick_victim(exclude=scheduled_ids)
+                victim = self._pick_victim(exclude=scheduled_ids, requester=request)
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
@@ -109,6 +110,8 @@ class Scheduler:
                 budget -= num_new
         if not preempted:
             budget = self._admit_waiting(output, budget)
+            if not output.scheduled:
+                budget = self._preempt_held_for_waiting(output, budget)
         output.blocks_to_copy = self.kv.take_copies()
         output.finished_request_ids, self._finished_ids = self._finished_ids, []
         now = time.monotonic()
@@ -132,9 +135,16 @@ class Scheduler:
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> int:
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # NOTE: held beams (waiting for their group's expansion) take no slot of the batch; if
+        # they did, a preempted sibling could never come back and the group would never expand.
+        num_held = sum(1 for r in self.running if r.is_held)
+        while (
+            self.waiting and budget > 0 and len(self.running) - num_held < self.config.max_num_seqs
+        ):
             request = min(self.waiting, key=self._priority_key)
-            if request.fork_parent is not None:  # forks when the parent's prompt is computed
+            # A fork starts when its parent's prompt is computed; a held beam that was
+            # preempted waits for its group's expansion (its sampled token is already known).
+            if request.fork_parent is not None or request.is_held:
                 self.waiting.remove(request)
                 skipped.append(request)
                 continue
@@ -142,15 +152,17 @@ class Scheduler:
                 self.kv.get_computed_blocks(request) if request.num_computed_tokens == 0 else []
             )
             num_computed = len(computed) * self.kv.block_size
-            num_new = min(request.num_tokens - num_computed, budget)
-            if request.num_pending_forks:
+            num_new = request.num_tokens - num_computed
+            if request.num_pending_forks:  # a fork parent stops one short of its prompt
                 num_new = min(num_new, request.num_prompt_tokens - 1 - num_computed)
-            if self.config.long_prefill_token_threshold:
-                num_new = min(num_new, self.config.long_prefill_token_threshold)
-            if (
-                not self.config.enable_chunked_prefill
-                and num_new < request.num_tokens - num_computed
-            ):
+            # NOTE: without chunked prefill a request waits for a step with budget for all its
+            # tokens; only a recompute after preemption longer than any step's budget (prompt
+            # plus outputs) is chunked anyway, or it could never run again.
+            if self.config.enable_chunked_prefill or num_new > self.config.max_num_batched_tokens:
+                num_new = min(num_new, budget)
+                if self.config.long_prefill_token_threshold:
+                    num_new = min(num_new, self.config.long_prefill_token_threshold)
+            elif num_new > budget:
                 break
             if not self.kv.allocate_slots(request, num_new, computed):
                 break
@@ -177,13 +189,18 @@ class Scheduler:
                 parent.status == RequestStatus.RUNNING
                 and parent.num_computed_tokens >= parent.num_prompt_tokens - 1
             )
-            if not ready or len(self.running) >= self.config.max_num_seqs:
+            if not ready:
+                continue
+            parent.num_pending_forks -= 1
+            child.fork_parent = None
+            if len(self.running) >= self.config.max_num_seqs:
+                # No room to fork now. The parent must not wait for a slot (every slot could
+                # be held by parents waiting for their forks): the child computes the prompt
+                # itself once admitted, from the parent's full blocks in the prefix cache.
                 continue
             self.kv.fork(parent, child)
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
-            child.fork_parent = None
-            parent.num_pending_forks -= 1
             child.status = RequestStatus.RUNNING
             self.waiting.remove(child)
             self.running.append(child)
@@ -196,9 +213,34 @@ class Scheduler:
         child.status = RequestStatus.RUNNING
         self.running.append(child)
 
-    def _pick_victim(self, exclude: set[str]) -> Request:
+    def _preempt_held_for_waiting(self, output: SchedulerOutput, budget: int) -> int:
+        """Nothing could run: free held beams' blocks until a waiting request is admitted.
+
+        Held beams only keep KV for their group's expansion. When they fill the cache while
+        their preempted siblings wait for blocks, no group could ever expand; preempting them
+        is safe (their sampled tokens are known; expansion forks them and recomputes).
+        """
+        while not output.scheduled and any(not r.is_held for r in self.waiting):
+            held = {r.request_id for r in self.running if r.is_held}
+            if not held:
+                break
+            active = {r.request_id for r in self.running} - held
+            self._preempt(self._pick_victim(exclude=active))
+            budget = self._admit_waiting(output, budget)
+        return budget
+
+    def _pick_victim(self, exclude: set[str], requester: Request | None = None) -> Request:
         # NOTE: the request being scheduled is never in ``exclude``, so this is never empty.
         candidates = [r for r in self.running if r.request_id not in exclude]
+        victim = self._last_in_policy(candidates)
+        held = [r for r in candidates if r.is_held]
+        if victim is requester and held:
+            # Rather than give up on the requester (maybe the beam the held ones wait for:
+            # preempting itself forever while they keep the blocks), preempt an idle held beam.
+            victim = self._last_in_policy(held)
+        return victim
+
+    def _last_in_policy(self, candidates: list[Request]) -> Request:
         if self.config.policy == "priority":
             return max(candidates, key=self._priority_key)
         return candidates[-1]
@@ -250,11 +292,17 @@ class Scheduler:
     def _advance_grammar(request: Request, token_id: int) -> RequestStatus | None:
         if request.grammar is None:
             return None
-        if not request.grammar.accept_token(token_id):
-            # The sampler only offers allowed tokens; a rejection means a bug, not user error.
-            logger.error("grammar rejected token %d of request %s", token_id, request.request_id)
+        try:
+            accepted = request.grammar.accept_token(token_id)
+            terminated = accepted and request.grammar.is_terminated()
+        except Exception as exc:  # noqa: BLE001 - one request's grammar fails, not the engine
+            request.error = f"grammar failed: {type(exc).__name__}: {exc}"
             return RequestStatus.FINISHED_ABORTED
-        return RequestStatus.FINISHED_STOPPED if request.grammar.is_terminated() else None
+        if not accepted:
+            # The sampler only offers allowed tokens; a rejection means a bug, not user error.
+            request.error = f"grammar rejected token {token_id}"
+            return RequestStatus.FINISHED_ABORTED
+        return RequestStatus.FINISHED_STOPPED if terminated else None
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params
@@ -284,6 +332,21 @@ class Scheduler:
                 child.fork_parent = None
         self.requests.pop(request.request_id, None)
         self._finished_ids.append(request.request_id)
+
+    def check_integrity(self) -> None:
+        """Assert the KV bookkeeping between steps: blocks accounted for (free, cached or
+        referenced by exactly the requests holding them), running requests holding the blocks
+        of their computed tokens and nothing more, waiting requests holding none."""
+        block_size = self.kv.block_size
+        for request in self.running:
+            assert request.status == RequestStatus.RUNNING, request.request_id
+            assert len(request.block_ids) == cdiv(request.num_computed_tokens, block_size), (
+                f"{request.request_id}: {len(request.block_ids)} blocks for "
+                f"{request.num_computed_tokens} computed tokens"
+            )
+        for request in self.waiting:
+            assert not request.block_ids and request.num_computed_tokens == 0, request.request_id
+        self.kv.check_integrity([*self.running, *self.waiting])
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
         """Finish requests by id; unknown or already finished ids are ignored."""

@@ -36,3 +36,28 @@ def test_integrity_check_detects_a_leak():
     pool.free_block_ids.append(0)  # corrupt: block 0 is both free and in use
     with pytest.raises(AssertionError):
         cache.check_integrity()
+
+
+def test_integrity_check_detects_a_referenced_block_under_an_unreferenced_one():
+    # What the old insert produced: a request's block cached under another request's node.
+    pool = BlockPool(4)
+    cache = RadixPrefixCache(pool, block_size=2)
+    parent_block, child_block = pool.allocate(), pool.allocate()
+    node = cache.insert(cache.root((0, None)), (1, 2), parent_block)
+    cache.insert(node, (3, 4), child_block)
+    cache.check_integrity()
+    assert pool.decref(parent_block) and cache.release(parent_block)  # its owner finished
+    with pytest.raises(AssertionError, match="referenced more than its parent"):
+        cache.check_integrity()
+    with pytest.raises(AssertionError, match="evicting a referenced block"):
+        cache.evict(1)
+
+
+def test_insert_keeps_the_cached_node_for_the_caller_to_adopt():
+    pool = BlockPool(4)
+    cache = RadixPrefixCache(pool, block_size=2)
+    root = cache.root((0, None))
+    first, duplicate = pool.allocate(), pool.allocate()
+    assert cache.insert(root, (1, 2), first).block_id == first
+    assert cache.insert(root, (1, 2), duplicate).block_id == first
+    assert not cache.is_cached(duplicate)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from kvforge.config import SchedulerConfig
 from kvforge.core import KVCacheManager, SampledToken, Scheduler, SchedulerOutput
 from kvforge.request import Request, RequestStatus
@@ -51,7 +53,7 @@ def run(scheduler: Scheduler, max_steps: int = 1000) -> list[SchedulerOutput]:
         assert out.num_batched_tokens <= scheduler.config.max_num_batched_tokens
         assert len({r.request_id for r, _ in out.scheduled}) == len(out.scheduled)
         scheduler.update(out, fake_run(out))
-        scheduler.kv.check_integrity()
+        scheduler.check_integrity()
         outputs.append(out)
     assert not scheduler.has_unfinished_requests()
     return outputs
@@ -90,9 +92,9 @@ def test_abort_mid_run_frees_blocks():
     for _ in range(3):
         out = scheduler.schedule()
         scheduler.update(out, fake_run(out))
-        scheduler.kv.check_integrity()
+        scheduler.check_integrity()
     scheduler.finish_requests([r.request_id for r in requests[:3]], RequestStatus.FINISHED_ABORTED)
-    scheduler.kv.check_integrity()
+    scheduler.check_integrity()
     run(scheduler)
     assert all(r.status == RequestStatus.FINISHED_ABORTED for r in requests[:3])
     assert scheduler.kv.pool.num_in_use == 0
@@ -203,3 +205,89 @@ def test_priority_policy_admits_lowest_value_first():
     scheduler.add_request(high)
     out = scheduler.schedule()
     assert [r.request_id for r, _ in out.scheduled] == ["high"]
+
+
+def test_identical_sequences_computed_together_share_blocks_once_cached():
+    # Both compute the same prompt in one step; the second finds the first's blocks cached
+    # and adopts them (dropping its duplicates), so it holds every block on its tree path.
+    scheduler = make_scheduler(num_blocks=64)
+    prompt = list(range(1, 14))  # 13 tokens: 3 full blocks
+    first = make_request("first", prompt, max_tokens=3)
+    second = make_request("second", prompt, max_tokens=10)
+    scheduler.add_request(first)
+    scheduler.add_request(second)
+    out = scheduler.schedule()
+    assert {r.request_id: n for r, n in out.scheduled} == {"first": 13, "second": 13}
+    scheduler.update(out, fake_run(out))
+    scheduler.check_integrity()
+    assert second.block_ids[:3] == first.block_ids[:3]
+    assert all(scheduler.kv.pool.ref_cnt[b] == 2 for b in first.block_ids[:3])
+    assert scheduler.kv.pool.num_in_use == 3 + 2  # shared full blocks + two partial blocks
+    run(scheduler)
+    assert second.output_token_ids == expected_output(prompt, 10)
+
+
+def test_eviction_after_the_first_owner_of_shared_blocks_finishes():
+    # The reported crash ("evicting a referenced block"): "first" finishes while "second",
+    # which computed the same tokens at the same time, keeps decoding; then a request sharing
+    # the 4-block prefix needs blocks and evicts "first"'s cached ones.
+    scheduler = make_scheduler(num_blocks=12, max_num_seqs=2)
+    prompt = list(range(1, 20))
+    first = make_request("first", prompt, max_tokens=4)
+    second = make_request("second", prompt, max_tokens=8)
+    others = [make_request(f"o{i}", prompt[:16] + [40 + i, 41, 42]) for i in range(2)]
+    for request in [first, second, *others]:
+        scheduler.add_request(request)
+    run(scheduler)
+    for request in [first, second, *others]:
+        assert (
+            request.output_token_ids
+            == expected_output(request.prompt_token_ids, 8)[: request.max_tokens]
+        )
+    assert scheduler.kv.pool.num_in_use == 0
+
+
+def test_integrity_check_counts_each_requests_references():
+    scheduler = make_scheduler()
+    request = make_request("r", list(range(1, 14)))
+    scheduler.add_request(request)
+    out = scheduler.schedule()
+    scheduler.update(out, fake_run(out))
+    scheduler.check_integrity()
+    scheduler.kv.pool.incref(request.block_ids[-1])  # a reference nobody holds: a leak
+    with pytest.raises(AssertionError, match="1 holders"):
+        scheduler.check_integrity()
+
+
+def test_forks_never_wait_for_a_batch_slot():
+    # With one slot the parent would wait forever for its forks; they compute alone instead.
+    scheduler = make_scheduler(max_num_seqs=1)
+    prompt = list(range(1, 11))
+    parent = make_request("p#0", prompt)
+    children = [make_request(f"p#{i}", prompt, fork_parent=parent) for i in range(1, 3)]
+    parent.num_pending_forks = 2
+    for request in [parent, *children]:
+        scheduler.add_request(request)
+    run(scheduler)
+    for request in [parent, *children]:
+        assert request.output_token_ids == expected_output(prompt, 8)
+
+
+def test_forks_and_long_recomputes_without_chunked_prefill():
+    # A fork parent stops one short of its prompt, and a preempted request recomputes prompt
+    # plus outputs: neither may wait for a budget it can never get.
+    scheduler = make_scheduler(
+        num_blocks=12, enable_chunked_prefill=False, max_num_batched_tokens=16
+    )
+    prompt = list(range(1, 11))
+    parent = make_request("p#0", prompt, max_tokens=20)
+    child = make_request("p#1", prompt, max_tokens=20, fork_parent=parent)
+    parent.num_pending_forks = 1
+    rest = [make_request(f"r{i}", p, max_tokens=20) for i, p in enumerate(random_prompts(3))]
+    for request in [parent, child, *rest]:
+        scheduler.add_request(request)
+    run(scheduler)
+    assert scheduler.num_preemptions > 0
+    assert max(r.num_preemptions for r in [parent, child, *rest]) > 0
+    for request in [parent, child, *rest]:
+        assert request.output_token_ids == expected_output(request.prompt_token_ids, 20)
