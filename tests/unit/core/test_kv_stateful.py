@@ -32,10 +32,10 @@ from hypothesis.stateful import (
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, pre_tokenizers
 
-from kvforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from kvforge.core import KVCacheManager, SchedulerOutput
 from kvforge.core.scheduler import SampledToken
 from kvforge.engine import LLMEngine
+from kvforge.entrypoints.llm import engine_config
 from kvforge.outputs import RequestOutput
 from kvforge.runner import ModelRunnerOutput, TokenLogprobs
 from kvforge.sampling_params import SamplingParams
@@ -147,20 +147,16 @@ def make_fake_engine(
     enable_chunked_prefill: bool = True,
 ) -> LLMEngine:
     """An LLMEngine over a FakeRunner with ``num_blocks`` blocks of 4 tokens."""
-    config = EngineConfig(
-        model_config=ModelConfig(model="fake"),
-        cache_config=CacheConfig(
-            block_size=BLOCK_SIZE,
-            num_blocks=num_blocks,
-            enable_prefix_caching=enable_prefix_caching,
-        ),
-        scheduler_config=SchedulerConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            enable_chunked_prefill=enable_chunked_prefill,
-            long_prefill_token_threshold=long_prefill_token_threshold,
-            policy=policy,
-        ),
+    config = engine_config(
+        "fake",
+        block_size=BLOCK_SIZE,
+        num_blocks=num_blocks,
+        enable_prefix_caching=enable_prefix_caching,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_chunked_prefill=enable_chunked_prefill,
+        long_prefill_token_threshold=long_prefill_token_threshold,
+        scheduling_policy=policy,
         show_progress=False,
     )
     runner = FakeRunner(num_blocks, make_tokenizer())
