@@ -108,8 +108,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str
 
 def make_request(rng: random.Random) -> tuple[str, str, dict | str, str]:
     """(kind, path, body, client behaviour) of one random request."""
-    prompt = " ".join(rng.choice(WORDS.split()) for _ in range(rng.randint(1, 80)))
-    max_tokens = rng.randint(1, 24)
+    prompt = " ".join(rng.choice(WORDS.split()) for _ in range(rng.randint(1, 40)))
+    max_tokens = rng.randint(1, 8)
     roll = rng.random()
     if roll < 0.03:
         path, raw = rng.choice(HOSTILE)
@@ -130,7 +130,7 @@ def make_request(rng: random.Random) -> tuple[str, str, dict | str, str]:
     if roll < 0.85:
         body = {"text": prompt, "sampling_params": {"max_new_tokens": max_tokens}}
         return "generate", "/generate", body, "wait"
-    body = {"prompt": prompt, "max_tokens": 64, "ignore_eos": True}
+    body = {"prompt": prompt, "max_tokens": 48, "ignore_eos": True}
     return "give_up", "/v1/completions", body, "give_up"
 
 
