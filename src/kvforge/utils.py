@@ -52,7 +52,12 @@ _LOG_TIME = re.compile(r"\[\d{2}:\d{2}:\d{2}\]\s*")
 _SOURCE_PATH = re.compile(r"(?:[\w.+-]*/)+[\w.+-]+\.(?:cc|cpp|cxx|c|h|hpp|py|rs)(?::\d+)?:?\s*")
 
 
+def one_line(text: str, limit: int = 500) -> str:
+    """``text`` on one line, at most ``limit`` characters (for error messages)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def sanitize_message(message: str) -> str:
     """A library's error message without log timestamps or source paths, on one line."""
-    text = _SOURCE_PATH.sub("", _LOG_TIME.sub("", message)).strip()
-    return " ".join(text.split()) or "unknown error"
+    return one_line(_SOURCE_PATH.sub("", _LOG_TIME.sub("", message))) or "unknown error"

@@ -25,6 +25,7 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from kvforge.errors import InvalidRequestError
+from kvforge.utils import one_line
 
 MAX_TEMPLATE_CHARS = 64 * 1024
 # A rendered prompt longer than this is refused (far beyond any context the engine runs).
@@ -119,12 +120,6 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         if isinstance(getattr(value, "__self__", None), str):
             _check_format(value.__self__)
         return super().wrap_str_format(value)
-
-
-def one_line(text: str, limit: int = 500) -> str:
-    """``text`` on one line, at most ``limit`` characters (for error messages)."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _raise_exception(message: str) -> None:

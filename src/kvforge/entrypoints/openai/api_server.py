@@ -34,7 +34,7 @@ from kvforge.entrypoints.openai.protocol import (
 )
 from kvforge.entrypoints.openai.serving import ChatServing
 from kvforge.errors import InvalidRequestError, KVForgeError
-from kvforge.tokenizer.chat_template import one_line
+from kvforge.utils import one_line
 
 logger = logging.getLogger("kvforge.server")
 T = TypeVar("T")
