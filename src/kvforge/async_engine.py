@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kvforge.engine import LLMEngine
-from kvforge.errors import KVForgeError, QueueFullError, RequestFailedError
+from kvforge.errors import (
+    InvalidRequestError,
+    KVForgeError,
+    QueueFullError,
+    RequestFailedError,
+)
 from kvforge.outputs import RequestOutput
 from kvforge.sampling_params import SamplingParams
 
@@ -185,7 +190,9 @@ class AsyncLLM:
             if output.finished:
                 del self._streams[output.request_id]
             item: RequestOutput | BaseException = output
-            if output.error is not None:
+            if output.error is not None and output.error_status < 500:
+                item = InvalidRequestError(output.error)
+            elif output.error is not None:
                 item = RequestFailedError(f"the request failed in the engine: {output.error}")
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 

@@ -15,7 +15,7 @@ from kvforge.core.kv_cache_manager import KVCacheManager
 from kvforge.core.scheduler import Scheduler
 from kvforge.errors import ContextLengthError, InvalidRequestError
 from kvforge.output_processor import OutputProcessor, RequestState
-from kvforge.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvforge.outputs import CompletionOutput, RequestFailure, RequestMetrics, RequestOutput
 from kvforge.request import Request, RequestStatus
 from kvforge.runner import ModelRunner
 from kvforge.sampling_params import SamplingParams
@@ -241,11 +241,11 @@ class LLMEngine:
         outputs.extend(self._step_beams(runner_output))
         return outputs
 
-    def _fail_requests(self, failures: dict[str, str]) -> list[RequestOutput]:
+    def _fail_requests(self, failures: dict[str, RequestFailure]) -> list[RequestOutput]:
         """Finish the user requests owning the failed child ids with an error output."""
         outputs: list[RequestOutput] = []
         for child_id, error in failures.items():
-            logger.error("request %s failed: %s", child_id, error)
+            logger.error("request %s failed: %s", child_id, error.message)
             result = self.output_processor.fail(child_id, error)
             if result is None:
                 result = self._fail_beam_group(child_id, error)
@@ -255,17 +255,27 @@ class LLMEngine:
                 outputs.append(output)
         return outputs
 
-    def _fail_beam_group(self, child_id: str, error: str) -> tuple[RequestOutput, list[str]] | None:
+    def _fail_beam_group(
+        self, child_id: str, error: RequestFailure
+    ) -> tuple[RequestOutput, list[str]] | None:
         for request_id, group in self.beam_groups.items():
             if any(beam.request_id == child_id for beam in group.live):
                 return self._drop_beam_group(request_id, error)
         return None
 
-    def _drop_beam_group(self, request_id: str, error: str) -> tuple[RequestOutput, list[str]]:
+    def _drop_beam_group(
+        self, request_id: str, error: RequestFailure
+    ) -> tuple[RequestOutput, list[str]]:
         group = self.beam_groups.pop(request_id)
         state = self._beam_states.pop(request_id)
         output = RequestOutput(
-            request_id, state.prompt, state.prompt_token_ids, [], True, error=error
+            request_id,
+            state.prompt,
+            state.prompt_token_ids,
+            [],
+            True,
+            error=error.message,
+            error_status=error.status,
         )
         return output, [beam.request_id for beam in group.live]
 
@@ -276,7 +286,9 @@ class LLMEngine:
                 group.step(self.scheduler, runner_output)
             except Exception as exc:  # noqa: BLE001 - fails this beam search only
                 logger.error("beam search %s failed", request_id, exc_info=exc)
-                output, children = self._drop_beam_group(request_id, f"{type(exc).__name__}: {exc}")
+                output, children = self._drop_beam_group(
+                    request_id, RequestFailure(f"{type(exc).__name__}: {exc}")
+                )
                 self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
                 finished.append(output)
                 continue

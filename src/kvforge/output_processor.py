@@ -6,7 +6,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from kvforge.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kvforge.outputs import (
+    CompletionOutput,
+    Logprob,
+    RequestFailure,
+    RequestMetrics,
+    RequestOutput,
+)
 from kvforge.request import Request, RequestStatus
 from kvforge.runner import ModelRunnerOutput, TokenLogprobs
 from kvforge.sampling_params import SamplingParams
@@ -81,12 +87,12 @@ class OutputProcessor:
 
     def process(
         self, changed: list[Request], runner_output: ModelRunnerOutput
-    ) -> tuple[list[RequestOutput], list[str], dict[str, str]]:
+    ) -> tuple[list[RequestOutput], list[str], dict[str, RequestFailure]]:
         """Outputs of the requests touched this step, child ids stopped by a stop string, and
         child ids that failed here (or in the scheduler) with the reason."""
         touched: dict[str, RequestState] = {}
         stopped: list[str] = []
-        failed: dict[str, str] = {}
+        failed: dict[str, RequestFailure] = {}
         for child_id, (first_pos, entries) in runner_output.prompt_logprobs.items():
             found = self._by_child.get(child_id)
             if found is None:
@@ -108,7 +114,7 @@ class OutputProcessor:
                 self._advance(request, *found, runner_output, stopped)
             except Exception as exc:  # noqa: BLE001 - fails this request only
                 logger.error("output processing failed for %s", request.request_id, exc_info=exc)
-                failed[request.request_id] = f"{type(exc).__name__}: {exc}"
+                failed[request.request_id] = RequestFailure(f"{type(exc).__name__}: {exc}")
                 continue
             touched[found[0].request_id] = found[0]
         outputs = [
@@ -137,7 +143,7 @@ class OutputProcessor:
             seq.finish_reason = request.status.finish_reason
             seq.stop_reason = request.stop_reason
 
-    def fail(self, child_id: str, error: str) -> tuple[RequestOutput, list[str]] | None:
+    def fail(self, child_id: str, error: RequestFailure) -> tuple[RequestOutput, list[str]] | None:
         """Finish the request owning ``child_id`` with ``error``; returns its final output and
         every child id (for the scheduler to free), or None if the request is gone."""
         found = self._by_child.get(child_id)
@@ -151,7 +157,8 @@ class OutputProcessor:
             prompt_token_ids=state.prompt_token_ids,
             outputs=[],
             finished=True,
-            error=error,
+            error=error.message,
+            error_status=error.status,
         )
         return output, children
 

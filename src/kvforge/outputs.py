@@ -14,6 +14,17 @@ class Logprob(NamedTuple):
     decoded_token: str | None = None
 
 
+class RequestFailure(NamedTuple):
+    """Why one request failed inside the engine (the engine and other requests go on).
+
+    ``status`` is the HTTP status its caller gets: 400 when the request itself cannot be
+    served (its constraint reached a point no token of the vocabulary can continue), 500
+    for a fault in the engine."""
+
+    message: str
+    status: int = 500
+
+
 # One entry per generated (or prompt) position: token id -> Logprob.
 SampleLogprobs = list[dict[int, Logprob]]
 PromptLogprobs = list[dict[int, Logprob] | None]
@@ -72,3 +83,4 @@ class RequestOutput:
     extra: dict[str, object] = field(default_factory=dict)
     # Set when the request failed inside the engine (then ``finished`` is True).
     error: str | None = None
+    error_status: int = 500

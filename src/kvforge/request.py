@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvforge.outputs import RequestFailure
 from kvforge.sampling_params import SamplingParams
 
 
@@ -74,7 +75,7 @@ class Request:
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
     # Why the request failed inside the engine (set with a FINISHED_ABORTED status).
-    error: str | None = None
+    error: RequestFailure | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

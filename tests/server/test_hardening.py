@@ -470,3 +470,18 @@ def test_sample_ids_cannot_collide_with_request_ids(server):
     response = httpx.post(f"{server.url}/generate", json=body, timeout=60)
     assert response.status_code == 200, response.text
     assert [len(r["output_ids"]) for r in response.json()] == [8, 8]
+
+
+def test_constraint_the_vocabulary_cannot_spell_is_400(server):
+    """A choice with a character no token spells dead-ends after its first token: the
+    request gets 400 (streamed: an error event with code 400) and the engine goes on."""
+    body = {"prompt": [0], "choice": ["0\x16"], "max_tokens": 8}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert_error(response, 400, "vocabulary")
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60
+    ) as stream:
+        events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+    errors = [json.loads(e)["error"] for e in events if e != "[DONE]" and "error" in e]
+    assert errors and errors[0]["code"] == 400, events
+    assert_still_serving(server)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from kvforge.config import SchedulerConfig
 from kvforge.core.kv_cache_manager import KVCacheManager
+from kvforge.outputs import RequestFailure
 from kvforge.request import Request, RequestStatus
 from kvforge.utils import cdiv
 
@@ -296,11 +297,11 @@ class Scheduler:
             accepted = request.grammar.accept_token(token_id)
             terminated = accepted and request.grammar.is_terminated()
         except Exception as exc:  # noqa: BLE001 - one request's grammar fails, not the engine
-            request.error = f"grammar failed: {type(exc).__name__}: {exc}"
+            request.error = RequestFailure(f"grammar failed: {type(exc).__name__}: {exc}")
             return RequestStatus.FINISHED_ABORTED
         if not accepted:
             # The sampler only offers allowed tokens; a rejection means a bug, not user error.
-            request.error = f"grammar rejected token {token_id}"
+            request.error = RequestFailure(f"grammar rejected token {token_id}")
             return RequestStatus.FINISHED_ABORTED
         return RequestStatus.FINISHED_STOPPED if terminated else None
 

@@ -14,6 +14,7 @@ from kvforge.layers.attention import create_attention_backend
 from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.layers.kv_cache import PagedKVCache, RecentBlocks, block_bytes, kv_storage_dtype
 from kvforge.loader import LoadedModel, load_model
+from kvforge.outputs import RequestFailure
 from kvforge.request import Request
 from kvforge.sample import Sampler, SamplingMetadata, gather_logprobs
 from kvforge.utils import available_memory, cdiv, format_size
@@ -47,7 +48,7 @@ class ModelRunnerOutput:
     # request id -> (position of the first entry's context end, entries for following tokens)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     # request id -> why sampling it failed (that request fails; the rest of the batch goes on)
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, RequestFailure] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -209,6 +210,13 @@ class ModelRunner:
     def _sample(
         self, logits: torch.Tensor, reqs: list[tuple[Request, int]], result: ModelRunnerOutput
     ) -> None:
+        bitmask = self._grammar_bitmask([r for r, _ in reqs])
+        if bitmask is not None:
+            keep = self._drop_dead_ends(reqs, bitmask, result)
+            if len(keep) < len(reqs):
+                reqs, bitmask = [reqs[i] for i in keep], bitmask[keep]
+            if not reqs:
+                return
         rows = torch.tensor([row for _, row in reqs], device=self.device)
         requests = [r for r, _ in reqs]
         md = SamplingMetadata.build(
@@ -219,7 +227,7 @@ class ModelRunner:
             {i: g for i, r in enumerate(requests) if (g := self._generator(r)) is not None},
             self.model_config.vocab_size,
             self.device,
-            self._grammar_bitmask(requests),
+            None if bitmask is None else bitmask.to(self.device),
         )
         out = self.sampler(logits[rows], md)
         token_ids = out.token_ids.tolist()
@@ -267,7 +275,24 @@ class ModelRunner:
         for row, request in enumerate(requests):
             if request.grammar is not None:
                 request.grammar.fill_bitmask(bitmask, row)
-        return bitmask.to(self.device)
+        return bitmask
+
+    @staticmethod
+    def _drop_dead_ends(
+        reqs: list[tuple[Request, int]], bitmask: torch.Tensor, result: ModelRunnerOutput
+    ) -> list[int]:
+        """Fail the requests whose grammar allows no token at all (e.g. a choice with a
+        character the vocabulary cannot spell); returns the indices that go on sampling."""
+        alive = bitmask.any(dim=1).tolist()
+        for (request, _), ok in zip(reqs, alive):
+            if not ok:
+                result.failed[request.request_id] = RequestFailure(
+                    "the structured output constraint cannot be completed with this model's "
+                    f"vocabulary: no token continues it after {len(request.output_token_ids)} "
+                    "generated tokens",
+                    400,
+                )
+        return [i for i, ok in enumerate(alive) if ok]
 
     @staticmethod
     def _banned_tokens(request: Request) -> list[int]:
@@ -364,7 +389,7 @@ class ModelRunner:
             cache.copy_blocks(src, dst)
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException) -> RequestFailure:
     """A one-line account of a per-request failure, logged with its traceback."""
     logger.error("request failed in the model runner", exc_info=exc)
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    return RequestFailure(f"{type(exc).__name__}: {exc}".splitlines()[0][:500])
