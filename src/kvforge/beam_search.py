@@ -11,8 +11,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from kvforge.core.scheduler import Scheduler
+from kvforge.core.step_io import ModelRunnerOutput, TokenLogprobs
 from kvforge.request import Request, RequestStatus
-from kvforge.runner import ModelRunnerOutput, TokenLogprobs
 
 
 def beam_score(num_tokens: int, cumulative_logprob: float, length_penalty: float) -> float:
@@ -60,18 +60,19 @@ class BeamSearchGroup:
     def step(self, scheduler: Scheduler, runner_output: ModelRunnerOutput) -> None:
         """Hold beams that produced a token; expand once all of them have."""
         for beam in self.live:
-            entry = runner_output.logprobs.get(beam.request_id)
-            if entry is not None:
+            entries = runner_output.logprobs.get(beam.request_id)
+            if entries:
+                entry = entries[-1]
                 # NOTE: a held beam is never scheduled again (a preempted one is not
                 # readmitted), so this is its only token until the expansion below.
                 beam.is_held = True
                 self._entries[beam.request_id] = entry
         if not all(beam.is_held for beam in self.live):
             return
-        entries, self._entries = self._entries, {}
+        chosen, self._entries = self._entries, {}
         candidates: list[tuple[float, Request, int, float]] = []
         for beam in self.live:
-            entry = entries[beam.request_id]
+            entry = chosen[beam.request_id]
             base = beam.cumulative_logprob - entry.logprob  # undo the greedy token's logprob
             for token_id, logprob in entry.top[: 2 * self.width]:
                 tokens = [*beam.output_token_ids[:-1], token_id]

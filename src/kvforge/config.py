@@ -93,6 +93,8 @@ class ModelConfig:
     quantization: str | None = None  # "int8" / "int4": quantize float weights on load
     quantization_group_size: int | None = None  # None: int4 128, int8 per channel; -1 per row
     quantization_symmetric: bool = True
+    # "auto": the fastest attention backend that runs on the device (see layers/attention)
+    attention_backend: str = "auto"
 
     @property
     def model_path(self) -> str:

@@ -47,7 +47,7 @@ class LLMEngine:
             self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(
-            config.scheduler_config, self.kv_cache_manager, self.max_model_len
+            config.scheduler_config, self.kv_cache_manager, self.max_model_len, self.vocab_size
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.structured: StructuredOutputManager | None = None
@@ -234,7 +234,7 @@ class LLMEngine:
         # NOTE: a failure that belongs to one request fails that request only (its blocks are
         # freed, its caller gets an error output); anything else propagates and stops the loop.
         self.scheduler.finish_requests(runner_output.failed, RequestStatus.FINISHED_ABORTED)
-        changed = self.scheduler.update(scheduler_output, runner_output.sampled)
+        changed = self.scheduler.update(scheduler_output, runner_output)
         outputs, stopped, failed = self.output_processor.process(changed, runner_output)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         outputs.extend(self._fail_requests({**runner_output.failed, **failed}))

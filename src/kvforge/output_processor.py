@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from kvforge.core.step_io import ModelRunnerOutput, TokenLogprobs
 from kvforge.outputs import (
     CompletionOutput,
     Logprob,
@@ -14,7 +15,6 @@ from kvforge.outputs import (
     RequestOutput,
 )
 from kvforge.request import Request, RequestStatus
-from kvforge.runner import ModelRunnerOutput, TokenLogprobs
 from kvforge.sampling_params import SamplingParams
 from kvforge.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -31,6 +31,7 @@ class SequenceState:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_seen: int = 0  # output tokens given to the detokenizer
 
 
 @dataclass
@@ -132,14 +133,21 @@ class OutputProcessor:
         runner_output: ModelRunnerOutput,
         stopped: list[str],
     ) -> None:
-        hit_stop = seq.detokenizer.add_token(request.output_token_ids[-1])
-        sample_logprobs = runner_output.logprobs.get(request.request_id)
-        if seq.logprobs is not None and sample_logprobs is not None:
-            seq.logprobs.append(self._logprob_dict(sample_logprobs))
-        if hit_stop and not request.is_finished:
-            stopped.append(request.request_id)
-            seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_reason
-        elif request.is_finished:
+        entries = runner_output.logprobs.get(request.request_id, [])
+        new_tokens = request.output_token_ids[seq.num_seen :]
+        for index, token_id in enumerate(new_tokens):
+            seq.num_seen += 1
+            hit_stop = seq.detokenizer.add_token(token_id)
+            if seq.logprobs is not None and index < len(entries):
+                seq.logprobs.append(self._logprob_dict(entries[index]))
+            if hit_stop and not request.is_finished:
+                # A stop string ends the sequence here: later tokens of this step are dropped
+                # and the engine finishes the request in the scheduler.
+                del request.output_token_ids[seq.num_seen :]
+                stopped.append(request.request_id)
+                seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_reason
+                return
+        if request.is_finished:
             seq.finish_reason = request.status.finish_reason
             seq.stop_reason = request.stop_reason
 

@@ -76,6 +76,10 @@ class Request:
     first_scheduled_time: float | None = None
     # Why the request failed inside the engine (set with a FINISHED_ABORTED status).
     error: RequestFailure | None = None
+    # What the runner holds: blocks of the table it was sent (-1: send the request whole),
+    # and indices of entries replaced since (copy on write, adopting a cached block).
+    num_blocks_sent: int = -1
+    replaced_blocks: list[int] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

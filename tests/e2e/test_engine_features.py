@@ -23,10 +23,11 @@ def test_shared_500_token_prefix_is_served_from_cache(make_engine):
     engine.add_request(second, params, request_id="b")
     first_step = engine.scheduler.schedule()
     # Only the uncached tail is computed: 500 // 16 * 16 = 496 tokens come from the cache.
-    [(request, num_new)] = first_step.scheduled
+    [(request_id, num_new)] = first_step.num_scheduled_tokens.items()
+    request = engine.scheduler.requests[request_id]
     assert request.num_cached_tokens >= 496
     assert num_new == len(second) - request.num_cached_tokens
-    engine.scheduler.update(first_step, engine.runner.execute(first_step).sampled)
+    engine.scheduler.update(first_step, engine.runner.execute(first_step))
     outputs = run_to_completion(engine)
     assert outputs["b"].num_cached_tokens >= 496
     assert outputs["b"].metrics.num_cached_tokens >= 496

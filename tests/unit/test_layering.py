@@ -8,9 +8,9 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src" / "kvforge"
 
 LAYERS = {
-    0: {"config", "sampling_params", "request", "outputs", "errors", "utils"},
+    0: {"config", "engine_args", "sampling_params", "request", "outputs", "errors", "utils"},
     1: {"tokenizer", "core", "structured", "quant"},
-    2: {"layers", "models", "loader", "sample", "runner"},
+    2: {"ops", "layers", "models", "loader", "sample", "runner"},
     3: {"engine", "output_processor", "beam_search", "async_engine", "tools"},
     4: {"entrypoints", "__init__"},
 }

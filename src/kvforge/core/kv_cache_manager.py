@@ -96,6 +96,7 @@ class KVCacheManager:
             self._copies.append((shared, private))
             self._decref(shared)
             request.block_ids[write_index] = private
+            request.replaced_blocks.append(write_index)
         request.block_ids.extend(self._allocate_block() for _ in range(num_needed))
         return True
 
@@ -134,6 +135,7 @@ class KVCacheManager:
                 self.prefix_cache.acquire(node.block_id)
                 self._decref(block_id)
                 request.block_ids[index] = node.block_id
+                request.replaced_blocks.append(index)
         self._cache_state[request.request_id] = (node, num_full)
 
     def fork(self, parent: Request, child: Request) -> None:

@@ -10,10 +10,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from kvforge.config import SchedulerConfig
 from kvforge.core.kv_cache_manager import KVCacheManager
+from kvforge.core.step_io import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
 from kvforge.outputs import RequestFailure
 from kvforge.request import Request, RequestStatus
 from kvforge.utils import cdiv
@@ -21,42 +26,20 @@ from kvforge.utils import cdiv
 logger = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class SchedulerOutput:
-    """What to run this step: requests with their token counts, plus KV block copies."""
-
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
-    finished_request_ids: list[str] = field(default_factory=list)  # since the last step
-
-    @property
-    def num_batched_tokens(self) -> int:
-        """Tokens run this step over all requests."""
-        return sum(n for _, n in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        """True when nothing is scheduled."""
-        return not self.scheduled
-
-
-@dataclass(slots=True)
-class SampledToken:
-    """One request's sampled token with its logprob (runner -> scheduler)."""
-
-    token_id: int
-    logprob: float
-
-
 class Scheduler:
     """Owns the waiting and running queues and decides each step's batch."""
 
     def __init__(
-        self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_model_len: int
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: KVCacheManager,
+        max_model_len: int,
+        vocab_size: int = 0,
     ) -> None:
         self.config = config
         self.kv = kv_cache_manager
         self.max_model_len = max_model_len
+        self.vocab_size = vocab_size  # for grammar bitmasks
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -86,7 +69,7 @@ class Scheduler:
     # --------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
         """Pick this step's requests and token counts; allocate their KV slots."""
-        output = SchedulerOutput()
+        output: list[tuple[Request, int]] = []
         budget = self.config.max_num_batched_tokens
         self._fork_ready_children()
         preempted = False
@@ -106,20 +89,71 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                output.scheduled.append((request, num_new))
+                output.append((request, num_new))
                 scheduled_ids.add(request.request_id)
                 budget -= num_new
         if not preempted:
             budget = self._admit_waiting(output, budget)
-            if not output.scheduled:
+            if not output:
                 budget = self._preempt_held_for_waiting(output, budget)
-        output.blocks_to_copy = self.kv.take_copies()
+        return self._make_output(output)
+
+    def _make_output(self, scheduled: list[tuple[Request, int]]) -> SchedulerOutput:
+        """The step as plain data: new requests whole, running ones as diffs."""
+        output = SchedulerOutput(blocks_to_copy=self.kv.take_copies())
         output.finished_request_ids, self._finished_ids = self._finished_ids, []
         now = time.monotonic()
-        for request, _ in output.scheduled:
+        sampling: list[Request] = []
+        for request, num_new in scheduled:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
+            output.num_scheduled_tokens[request.request_id] = num_new
+            sent = request.num_blocks_sent
+            if sent < 0:
+                output.new_requests.append(
+                    NewRequestData(
+                        request.request_id,
+                        request.prompt_token_ids,
+                        list(request.output_token_ids),
+                        request.sampling_params,
+                        request.eos_token_ids,
+                        list(request.block_ids),
+                        request.num_computed_tokens,
+                        request.lora_id,
+                    )
+                )
+            else:
+                output.cached_requests.append(
+                    CachedRequestData(
+                        request.request_id,
+                        request.num_computed_tokens,
+                        request.block_ids[sent:],
+                        [(i, request.block_ids[i]) for i in request.replaced_blocks if i < sent],
+                    )
+                )
+            request.num_blocks_sent = len(request.block_ids)
+            request.replaced_blocks.clear()
+            if request.grammar is not None and (
+                request.num_computed_tokens + num_new == request.num_tokens
+            ):
+                sampling.append(request)
+        if sampling:
+            self._fill_bitmask(output, sampling)
         return output
+
+    def _fill_bitmask(self, output: SchedulerOutput, requests: list[Request]) -> None:
+        """Allowed next tokens of the structured-output requests that sample this step."""
+        from kvforge.structured.backend import new_bitmask  # torch, only when needed
+
+        bitmask = new_bitmask(len(requests), self.vocab_size)
+        for row, request in enumerate(requests):
+            try:
+                request.grammar.fill_bitmask(bitmask, row)
+            except Exception as exc:  # noqa: BLE001 - one request's grammar fails, not the engine
+                logger.error("grammar of %s failed", request.request_id, exc_info=exc)
+                request.error = RequestFailure(f"grammar failed: {type(exc).__name__}: {exc}")
+        output.grammar_request_ids = [r.request_id for r in requests]
+        output.grammar_bitmask = bitmask
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         if request.is_held:
@@ -134,7 +168,7 @@ class Scheduler:
             num_new = min(num_new, threshold)
         return max(num_new, 0)
 
-    def _admit_waiting(self, output: SchedulerOutput, budget: int) -> int:
+    def _admit_waiting(self, output: list[tuple[Request, int]], budget: int) -> int:
         skipped: list[Request] = []
         # NOTE: held beams (waiting for their group's expansion) take no slot of the batch; if
         # they did, a preempted sibling could never come back and the group would never expand.
@@ -174,7 +208,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             if num_new > 0:
-                output.scheduled.append((request, num_new))
+                output.append((request, num_new))
                 budget -= num_new
         self.waiting[:0] = skipped
         return budget
@@ -214,14 +248,14 @@ class Scheduler:
         child.status = RequestStatus.RUNNING
         self.running.append(child)
 
-    def _preempt_held_for_waiting(self, output: SchedulerOutput, budget: int) -> int:
+    def _preempt_held_for_waiting(self, output: list[tuple[Request, int]], budget: int) -> int:
         """Nothing could run: free held beams' blocks until a waiting request is admitted.
 
         Held beams only keep KV for their group's expansion. When they fill the cache while
         their preempted siblings wait for blocks, no group could ever expand; preempting them
         is safe (their sampled tokens are known; expansion forks them and recomputes).
         """
-        while not output.scheduled and any(not r.is_held for r in self.waiting):
+        while not output and any(not r.is_held for r in self.waiting):
             held = {r.request_id for r in self.running if r.is_held}
             if not held:
                 break
@@ -251,6 +285,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_blocks_sent = -1  # the runner gets it whole when it resumes
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.insert(0, request)
@@ -263,29 +298,38 @@ class Scheduler:
         )
 
     # ----------------------------------------------------------------- update
-    def update(self, output: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[Request]:
+    def update(self, output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[Request]:
         """Advance computed counts, append sampled tokens, finish stopped requests.
 
-        Returns the requests that produced a token or finished this step.
+        Returns the requests that produced tokens or finished this step.
         """
         changed: list[Request] = []
         now = time.monotonic()
-        for request, num_new in output.scheduled:
-            if request.is_finished:
+        sampled = {request_id: index for index, request_id in enumerate(runner_output.request_ids)}
+        for request_id, num_new in output.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
                 continue
             request.num_computed_tokens += num_new
             self.kv.cache_blocks(request)
-            token = sampled.get(request.request_id)
-            if token is None:
+            if request.error is not None:  # its grammar failed while building the bitmask
+                self.finish(request, RequestStatus.FINISHED_ABORTED)
+                changed.append(request)
                 continue
-            request.output_token_ids.append(token.token_id)
-            request.cumulative_logprob += token.logprob
+            index = sampled.get(request_id)
+            if index is None:
+                continue
+            logprobs = runner_output.sampled_logprobs[index]
+            for token_id, logprob in zip(runner_output.sampled_token_ids[index], logprobs):
+                request.output_token_ids.append(token_id)
+                request.cumulative_logprob += logprob
+                status = self._advance_grammar(request, token_id)
+                status = status or self._check_stop(request, token_id)
+                if status is not None:
+                    self.finish(request, status)
+                    break
             if request.first_token_time is None:
                 request.first_token_time = now
-            status = self._advance_grammar(request, token.token_id)
-            status = status or self._check_stop(request, token.token_id)
-            if status is not None:
-                self.finish(request, status)
             changed.append(request)
         return changed
 

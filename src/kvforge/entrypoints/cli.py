@@ -10,71 +10,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvforge import config as kv_config
+from kvforge.engine_args import EngineArgs
+from kvforge.entrypoints.bench import add_bench_parser
 from kvforge.errors import KVForgeError
 from kvforge.sampling_params import SamplingParams
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine")
-    group.add_argument(
-        "-m",
-        "--model",
-        default=None,
-        help="GGUF file or Hugging Face directory (default: embedded SmolLM2-135M-Instruct)",
-    )
-    group.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: float32 activations, quantized weights kept packed; float32: dequantize all",
-    )
-    group.add_argument(
-        "--quantization",
-        default=None,
-        choices=["int8", "int4"],
-        help="quantize float weights on load",
-    )
-    group.add_argument(
-        "--quantization-group-size",
-        type=int,
-        default=None,
-        help="columns per scale (int4 default 128, int8 default -1: per output channel)",
-    )
-    group.add_argument(
-        "--quantization-asymmetric",
-        dest="quantization_symmetric",
-        action="store_false",
-        help="scale and minimum per group instead of a symmetric scale",
-    )
-    group.add_argument(
-        "--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3", "fp8_e5m2", "int8"]
-    )
-    group.add_argument(
-        "--calculate-kv-scales",
-        action="store_true",
-        help="set fp8 KV scales from the first forward pass (int8 always does)",
-    )
-    group.add_argument(
-        "--kv-cache-recent-blocks",
-        type=int,
-        default=None,
-        help="one-byte KV: exact copies of this many recent blocks (default: 3 per sequence "
-        "within 1/64 of the KV memory; 0: none)",
-    )
-    group.add_argument("--max-model-len", type=int, default=None)
-    group.add_argument("--block-size", type=int, default=16)
-    group.add_argument(
-        "--kv-cache-memory",
-        default=None,
-        help="KV cache budget, e.g. 2GiB (default: from free RAM)",
-    )
-    group.add_argument(
-        "--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false"
-    )
-    group.add_argument("--max-num-seqs", type=int, default=64)
-    group.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    group.add_argument("--chat-template", default=None, help="a Jinja chat template file")
-    group.add_argument("--seed", type=int, default=0)
+    EngineArgs.add_cli_args(parser)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -110,28 +53,8 @@ def _sampling_params(args: argparse.Namespace, n: int = 1) -> SamplingParams:
 def _make_llm(args: argparse.Namespace) -> Any:
     from kvforge.entrypoints.llm import LLM
 
-    template = None
-    if args.chat_template:
-        with open(args.chat_template) as handle:
-            template = handle.read()
-    return LLM(
-        args.model,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory,
-        enable_prefix_caching=args.enable_prefix_caching,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        chat_template=template,
-        seed=args.seed,
-        quantization=args.quantization,
-        quantization_group_size=args.quantization_group_size,
-        quantization_symmetric=args.quantization_symmetric,
-        kv_cache_dtype=args.kv_cache_dtype,
-        calculate_kv_scales=args.calculate_kv_scales,
-        kv_cache_recent_blocks=args.kv_cache_recent_blocks,
-    )
+    engine_args = EngineArgs.from_cli_args(args)
+    return LLM(**vars(engine_args))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -406,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.set_defaults(func=cmd_serve)
     _add_tool_parsers(sub)
+    add_bench_parser(sub, _add_engine_args, _make_llm)
     return parser
 
 

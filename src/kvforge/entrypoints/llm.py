@@ -7,74 +7,21 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from kvforge.config import EngineConfig
 from kvforge.engine import LLMEngine
+from kvforge.engine_args import EngineArgs
 from kvforge.errors import InvalidRequestError
 from kvforge.outputs import RequestOutput
 from kvforge.sampling_params import SamplingParams
 from kvforge.tokenizer import Tokenizer
-from kvforge.utils import parse_size
 
 Prompt = str | Sequence[int] | dict[str, Any]
 Message = dict[str, Any]
 
 
-def engine_config(
-    model: str | None = None,
-    *,
-    dtype: str = "auto",
-    device: str = "cpu",
-    quantization: str | None = None,
-    quantization_group_size: int | None = None,
-    quantization_symmetric: bool = True,
-    kv_cache_dtype: str = "auto",
-    calculate_kv_scales: bool = False,
-    kv_cache_recent_blocks: int | None = None,
-    max_model_len: int | None = None,
-    seed: int = 0,
-    chat_template: str | None = None,
-    block_size: int = 16,
-    kv_cache_memory: str | int | None = None,
-    num_blocks: int | None = None,
-    enable_prefix_caching: bool = True,
-    max_num_seqs: int = 64,
-    max_num_batched_tokens: int = 2048,
-    enable_chunked_prefill: bool = True,
-    long_prefill_token_threshold: int = 0,
-    scheduling_policy: str = "fcfs",
-    show_progress: bool = True,
-) -> EngineConfig:
-    """Build an EngineConfig from flat keyword arguments (the CLI flags, by name)."""
-    return EngineConfig(
-        model_config=ModelConfig(
-            model=model,
-            dtype=dtype,
-            device=device,
-            max_model_len=max_model_len,
-            seed=seed,
-            chat_template=chat_template,
-            quantization=quantization,
-            quantization_group_size=quantization_group_size,
-            quantization_symmetric=quantization_symmetric,
-        ),
-        cache_config=CacheConfig(
-            block_size=block_size,
-            kv_cache_memory=parse_size(kv_cache_memory) if kv_cache_memory is not None else None,
-            num_blocks=num_blocks,
-            enable_prefix_caching=enable_prefix_caching,
-            kv_cache_dtype=kv_cache_dtype,
-            calculate_kv_scales=calculate_kv_scales,
-            kv_cache_recent_blocks=kv_cache_recent_blocks,
-        ),
-        scheduler_config=SchedulerConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            enable_chunked_prefill=enable_chunked_prefill,
-            long_prefill_token_threshold=long_prefill_token_threshold,
-            policy=scheduling_policy,
-        ),
-        show_progress=show_progress,
-    )
+def engine_config(model: str | None = None, **kwargs: Any) -> EngineConfig:
+    """An EngineConfig from flat keyword arguments (the fields of :class:`EngineArgs`)."""
+    return EngineArgs(model, **kwargs).create_engine_config()
 
 
 class LLM:

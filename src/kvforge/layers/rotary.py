@@ -46,15 +46,21 @@ class RotaryEmbedding(nn.Module):
         self._inv_freq = inv_freq  # plain attribute: survives building on the meta device
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, each [T, head_dim], for float32 positions ``positions`` [T]."""
+        """cos and signed sin, each [T, 1, head_dim], for positions ``positions`` [T].
+
+        The sin's first half is negated so that :func:`apply_rotary` needs no negation:
+        ``rotate_half(x) * sin == roll(x, D/2) * signed_sin``.
+        """
         inv_freq = self._inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, head_dim / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        sin = freqs.sin()
+        cos = freqs.cos()
+        return torch.cat((cos, cos), dim=-1)[:, None, :], torch.cat((-sin, sin), dim=-1)[:, None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [T, heads, head_dim] by cos/sin [T, head_dim] (NeoX layout)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [T, heads, head_dim] by cos / signed sin [T, 1, head_dim] (NeoX layout):
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+    out = torch.addcmul(x * cos, x.roll(half, dims=-1), signed_sin)
+    return out if out.dtype == x.dtype else out.to(x.dtype)

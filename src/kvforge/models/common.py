@@ -66,13 +66,20 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [T, E] -> [T, E]."""
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        q_size = self.num_heads * self.head_dim
+        v = qkv[:, q_size + self.num_kv_heads * self.head_dim :]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k, _ = self.qkv_proj.split(qkv)
+            q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))  # [T, H, D]
+            k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        else:
+            # q and k side by side: one rotary call for both, [T, H + KVH, D]
+            qk = qkv[:, : q_size + self.num_kv_heads * self.head_dim]
+            qk = apply_rotary(qk.view(num_tokens, -1, self.head_dim), *rope)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         out = self.backend.forward(
             q, k, v, kv_cache, batch, scale=self.scale, sliding_window=self.sliding_window
         )

@@ -1,5 +1,6 @@
 """Model runner: batch building, model forward, sampling."""
 
-from kvforge.runner.model_runner import ModelRunner, ModelRunnerOutput, TokenLogprobs
+from kvforge.core.step_io import ModelRunnerOutput, TokenLogprobs
+from kvforge.runner.model_runner import ModelRunner
 
 __all__ = ["ModelRunner", "ModelRunnerOutput", "TokenLogprobs"]

@@ -3,52 +3,29 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
 from kvforge.config import CacheConfig, EngineConfig
-from kvforge.core.scheduler import SampledToken, SchedulerOutput
+from kvforge.core.step_io import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from kvforge.layers.attention import create_attention_backend
 from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.layers.kv_cache import PagedKVCache, RecentBlocks, block_bytes, kv_storage_dtype
 from kvforge.loader import LoadedModel, load_model
 from kvforge.outputs import RequestFailure
-from kvforge.request import Request
+from kvforge.runner.input_batch import CachedRequestState, InputBatch
 from kvforge.sample import Sampler, SamplingMetadata, gather_logprobs
 from kvforge.utils import available_memory, cdiv, format_size
 
 logger = logging.getLogger(__name__)
 
-# Default KV budget when none is given: this share of available RAM, at most 4 GiB.
+# Default KV budget when none is given: room for max_num_seqs sequences of the served context
+# length, at most this share of the RAM available at start.
 _DEFAULT_KV_FRACTION = 0.25
-_DEFAULT_KV_CAP = 4 << 30
 # One-byte KV caches keep exact copies of each running sequence's first and last two blocks
 # (see RecentBlocks), by default in at most this share of the KV budget.
 _RECENT_PER_SEQUENCE = 3
 _RECENT_BUDGET_SHARE = 1 / 64
-
-
-class TokenLogprobs(NamedTuple):
-    """Logprob of one chosen token, its rank, and the top alternatives."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class ModelRunnerOutput:
-    """Per request id: the sampled token, its logprobs, and prompt logprobs of this chunk."""
-
-    sampled: dict[str, SampledToken] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    # request id -> (position of the first entry's context end, entries for following tokens)
-    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
-    # request id -> why sampling it failed (that request fails; the rest of the batch goes on)
-    failed: dict[str, RequestFailure] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -57,6 +34,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         self.device = torch.device(config.model_config.device)
+        # Unseeded random sampling draws from the global generator: reproducible per start.
+        torch.manual_seed(config.model_config.seed)
         backend = create_attention_backend()
         self.loaded = loaded or load_model(config.model_config, backend, config.show_progress)
         self.model = self.loaded.model
@@ -84,7 +63,7 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler()
-        self._generators: dict[str, torch.Generator] = {}
+        self.input_batch = InputBatch(self.block_size, config.scheduler_config.max_num_seqs)
 
     def _bytes_per_block(self, kv_cache_dtype: str, model_dtype: torch.dtype) -> int:
         cfg = self.model_config
@@ -102,7 +81,7 @@ class ModelRunner:
         """Blocks in the pool and exact recent-block copies that fit the KV budget."""
         budget = cache.kv_cache_memory
         if budget is None and cache.num_blocks is None:
-            budget = min(int(available_memory() * _DEFAULT_KV_FRACTION), _DEFAULT_KV_CAP)
+            budget = self._default_kv_budget()
         exact_block = self._bytes_per_block("auto", self.loaded.kv_dtype)
         recent = 0
         if cache.kv_cache_dtype != "auto" and cache.kv_cache_recent_blocks is not None:
@@ -142,59 +121,107 @@ class ModelRunner:
                 )
         return int(num_blocks), recent
 
+    def _default_kv_budget(self) -> int:
+        """KV bytes for ``max_num_seqs`` full-length sequences, capped by available RAM."""
+        max_num_seqs = self.config.scheduler_config.max_num_seqs
+        context = (
+            self.config.model_config.max_model_len or self.model_config.max_position_embeddings
+        )
+        blocks = max_num_seqs * cdiv(context, self.block_size)
+        wanted = blocks * self.bytes_per_block
+        cap = int(available_memory() * _DEFAULT_KV_FRACTION)
+        logger.info(
+            "KV cache: %d sequences x %d tokens (max_num_seqs x max_model_len) need %s; %s "
+            "(%d%% of available RAM) is the cap; --kv-cache-memory overrides",
+            max_num_seqs,
+            context,
+            format_size(wanted),
+            format_size(cap),
+            round(100 * _DEFAULT_KV_FRACTION),
+        )
+        return min(wanted, cap)
+
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
         """Run the scheduled tokens, sample where a request reached its last known token."""
-        self._drop_finished(output.finished_request_ids)
+        states = self._update_states(output)
         self._copy_blocks(output.blocks_to_copy)
-        chunks, starts, tables = [], [], []
         logit_rows: list[int] = []
-        sample_reqs: list[tuple[Request, int]] = []  # (request, row in logits)
-        prompt_reqs: list[tuple[Request, int, int, int]] = []  # (request, first row, n, first pos)
+        sample_reqs: list[tuple[CachedRequestState, int]] = []  # (request, row in logits)
+        # (request, first row, n, first pos)
+        prompt_reqs: list[tuple[CachedRequestState, int, int, int]] = []
         offset = 0
-        for request, num_new in output.scheduled:
-            start = request.num_computed_tokens
-            token_ids = request.all_token_ids
-            chunks.append(token_ids[start : start + num_new])
-            starts.append(start)
-            tables.append(request.block_ids)
-            wants_prompt = request.sampling_params.prompt_logprobs is not None
+        for state in states:
+            start, num_new = state.num_computed_tokens, state.num_scheduled
             # The last position whose logits predict a prompt token.
-            last_prompt_pos = request.num_prompt_tokens - 2
-            if wants_prompt and start <= last_prompt_pos:
+            last_prompt_pos = state.num_prompt_tokens - 2
+            if state.sampling_params.prompt_logprobs is not None and start <= last_prompt_pos:
                 count = min(start + num_new - 1, last_prompt_pos) - start + 1
-                prompt_reqs.append((request, len(logit_rows), count, start))
+                prompt_reqs.append((state, len(logit_rows), count, start))
                 logit_rows.extend(range(offset, offset + count))
-            if start + num_new == request.num_tokens:
-                sample_reqs.append((request, len(logit_rows)))
+            if start + num_new == state.num_tokens:
+                sample_reqs.append((state, len(logit_rows)))
                 logit_rows.append(offset + num_new - 1)
             offset += num_new
         if self.recent is not None:
-            self.recent.update(tables, starts, [len(c) for c in chunks], self.block_size)
-        batch = ForwardBatch.build(chunks, starts, tables, self.block_size, self.device)
+            self.recent.update(
+                [s.block_ids for s in states],
+                [s.num_computed_tokens for s in states],
+                [s.num_scheduled for s in states],
+                self.block_size,
+            )
+        batch = self.input_batch.forward_batch(states, self.device)
         hidden = self.model(batch, self.kv_caches)
-        logits = self.model.compute_logits(
-            hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)]
-        )
+        if len(logit_rows) < hidden.shape[0]:
+            hidden = hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)]
+        logits = self.model.compute_logits(hidden)
         result = ModelRunnerOutput()
         if sample_reqs:
-            self._sample_isolated(logits, sample_reqs, result)
-        for request, row, count, first_pos in prompt_reqs:
+            self._sample_isolated(logits, sample_reqs, self._bitmask_rows(output), result)
+        for state, row, count, first_pos in prompt_reqs:
             try:
-                entries = self._prompt_logprobs(logits[row : row + count], request, first_pos)
+                entries = self._prompt_logprobs(logits[row : row + count], state, first_pos)
             except Exception as exc:  # noqa: BLE001 - fails this request only
-                result.failed[request.request_id] = _describe(exc)
+                result.failed[state.request_id] = _describe(exc)
                 continue
-            result.prompt_logprobs[request.request_id] = (first_pos, entries)
+            result.prompt_logprobs[state.request_id] = (first_pos, entries)
+        for request_id, token_ids in zip(result.request_ids, result.sampled_token_ids):
+            self.input_batch.append_tokens(self.input_batch.requests[request_id], token_ids)
         return result
 
+    def _update_states(self, output: SchedulerOutput) -> list[CachedRequestState]:
+        """Apply the step's diff to the persistent batch; the scheduled states in batch order."""
+        batch = self.input_batch
+        for request_id in output.finished_request_ids:
+            batch.remove(request_id)
+        for new in output.new_requests:
+            batch.add(new)
+        for cached in output.cached_requests:
+            batch.update(cached)
+        states = []
+        for request_id, num_new in output.num_scheduled_tokens.items():
+            state = batch.requests[request_id]
+            state.num_scheduled = num_new
+            states.append(state)
+        return states
+
+    def _bitmask_rows(self, output: SchedulerOutput) -> dict[str, torch.Tensor]:
+        """Each structured-output request's row of the step's grammar bitmask."""
+        if output.grammar_bitmask is None:
+            return {}
+        return dict(zip(output.grammar_request_ids, output.grammar_bitmask))
+
     def _sample_isolated(
-        self, logits: torch.Tensor, reqs: list[tuple[Request, int]], result: ModelRunnerOutput
+        self,
+        logits: torch.Tensor,
+        reqs: list[tuple[CachedRequestState, int]],
+        bitmasks: dict[str, torch.Tensor],
+        result: ModelRunnerOutput,
     ) -> None:
         """Sample the batch; if that raises, sample row by row so only the culprits fail."""
         try:
-            self._sample(logits, reqs, result)
+            self._sample(logits, reqs, bitmasks, result)
             return
         except Exception as exc:  # noqa: BLE001 - attributed below
             if len(reqs) == 1:
@@ -203,14 +230,18 @@ class ModelRunner:
         logger.warning("batched sampling failed; sampling %d requests one by one", len(reqs))
         for item in reqs:
             try:
-                self._sample(logits, [item], result)
+                self._sample(logits, [item], bitmasks, result)
             except Exception as exc:  # noqa: BLE001 - fails this request only
                 result.failed[item[0].request_id] = _describe(exc)
 
     def _sample(
-        self, logits: torch.Tensor, reqs: list[tuple[Request, int]], result: ModelRunnerOutput
+        self,
+        logits: torch.Tensor,
+        reqs: list[tuple[CachedRequestState, int]],
+        bitmasks: dict[str, torch.Tensor],
+        result: ModelRunnerOutput,
     ) -> None:
-        bitmask = self._grammar_bitmask([r for r, _ in reqs])
+        bitmask = self._grammar_bitmask([r for r, _ in reqs], bitmasks)
         if bitmask is not None:
             keep = self._drop_dead_ends(reqs, bitmask, result)
             if len(keep) < len(reqs):
@@ -218,13 +249,13 @@ class ModelRunner:
             if not reqs:
                 return
         rows = torch.tensor([row for _, row in reqs], device=self.device)
-        requests = [r for r, _ in reqs]
+        states = [r for r, _ in reqs]
         md = SamplingMetadata.build(
-            [r.sampling_params for r in requests],
-            [r.prompt_token_ids for r in requests],
-            [r.output_token_ids for r in requests],
-            [self._banned_tokens(r) for r in requests],
-            {i: g for i, r in enumerate(requests) if (g := self._generator(r)) is not None},
+            [r.sampling_params for r in states],
+            [r.prompt_token_ids for r in states],
+            [r.output_token_ids for r in states],
+            [self._banned_tokens(r) for r in states],
+            {i: g for i, r in enumerate(states) if (g := self._generator(r)) is not None},
             self.model_config.vocab_size,
             self.device,
             None if bitmask is None else bitmask.to(self.device),
@@ -235,21 +266,21 @@ class ModelRunner:
         ranks = out.ranks.tolist()
         top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        for i, request in enumerate(requests):
-            result.sampled[request.request_id] = SampledToken(token_ids[i], logprobs[i])
-            num_top = request.sampling_params.logprobs
+        for i, state in enumerate(states):
+            result.add(state.request_id, [token_ids[i]], [logprobs[i]])
+            num_top = state.sampling_params.logprobs
             if num_top is not None:
                 top = (
                     list(zip(top_ids[i][:num_top], top_lps[i][:num_top]))
                     if top_ids and top_lps
                     else []
                 )
-                result.logprobs[request.request_id] = TokenLogprobs(
-                    token_ids[i], logprobs[i], ranks[i], top
-                )
+                result.logprobs[state.request_id] = [
+                    TokenLogprobs(token_ids[i], logprobs[i], ranks[i], top)
+                ]
 
     def _prompt_logprobs(
-        self, logits: torch.Tensor, request: Request, first_pos: int
+        self, logits: torch.Tensor, request: CachedRequestState, first_pos: int
     ) -> list[TokenLogprobs]:
         num_top = request.sampling_params.prompt_logprobs or 0
         targets = request.prompt_token_ids[first_pos + 1 : first_pos + 1 + logits.shape[0]]
@@ -267,19 +298,25 @@ class ModelRunner:
         )
         return [TokenLogprobs(*entry) for entry in zip(ids, lps, ranks, tops)]
 
-    def _grammar_bitmask(self, requests: list[Request]) -> torch.Tensor | None:
-        if all(r.grammar is None for r in requests):
+    def _grammar_bitmask(
+        self, states: list[CachedRequestState], bitmasks: dict[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Rows of the scheduler's bitmask for ``states`` (all ones for free rows)."""
+        if not any(s.request_id in bitmasks for s in states):
             return None
         words = cdiv(self.model_config.vocab_size, 32)
-        bitmask = torch.full((len(requests), words), -1, dtype=torch.int32)  # all allowed
-        for row, request in enumerate(requests):
-            if request.grammar is not None:
-                request.grammar.fill_bitmask(bitmask, row)
+        bitmask = torch.full((len(states), words), -1, dtype=torch.int32)  # all allowed
+        for row, state in enumerate(states):
+            allowed = bitmasks.get(state.request_id)
+            if allowed is not None:
+                bitmask[row] = allowed
         return bitmask
 
     @staticmethod
     def _drop_dead_ends(
-        reqs: list[tuple[Request, int]], bitmask: torch.Tensor, result: ModelRunnerOutput
+        reqs: list[tuple[CachedRequestState, int]],
+        bitmask: torch.Tensor,
+        result: ModelRunnerOutput,
     ) -> list[int]:
         """Fail the requests whose grammar allows no token at all (e.g. a choice with a
         character the vocabulary cannot spell); returns the indices that go on sampling."""
@@ -295,7 +332,7 @@ class ModelRunner:
         return [i for i, ok in enumerate(alive) if ok]
 
     @staticmethod
-    def _banned_tokens(request: Request) -> list[int]:
+    def _banned_tokens(request: CachedRequestState) -> list[int]:
         params = request.sampling_params
         if len(request.output_token_ids) >= params.min_tokens:
             return []
@@ -304,19 +341,13 @@ class ModelRunner:
             banned.extend(request.eos_token_ids)
         return banned
 
-    def _generator(self, request: Request) -> torch.Generator | None:
-        seed = request.sampling_params.seed
-        if seed is None or request.sampling_params.is_greedy:
+    def _generator(self, state: CachedRequestState) -> torch.Generator | None:
+        seed = state.sampling_params.seed
+        if seed is None or state.sampling_params.is_greedy:
             return None
-        generator = self._generators.get(request.request_id)
-        if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-            self._generators[request.request_id] = generator
-        return generator
-
-    def _drop_finished(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            self._generators.pop(request_id, None)
+        if state.generator is None:
+            state.generator = torch.Generator(device=self.device).manual_seed(seed)
+        return state.generator
 
     def _scratch_forward(
         self, prompts: list[list[int]], chunk_size: int | None = None

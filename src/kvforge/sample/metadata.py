@@ -30,6 +30,8 @@ class SamplingMetadata:
     banned: tuple[torch.Tensor, torch.Tensor] | None
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_num_logprobs: int = 0  # 0 = only the sampled token's logprob
+    # Some row asked for logprobs (so ranks are needed); False allows the fast path.
+    needs_ranks: bool = True
     # [R, ceil(V / 32)] int32 allowed-token bits from grammars (all ones for free rows)
     grammar_bitmask: torch.Tensor | None = None
 
@@ -98,6 +100,7 @@ class SamplingMetadata:
             ),
             generators=generators,
             max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
+            needs_ranks=any(p.logprobs is not None for p in params),
             grammar_bitmask=grammar_bitmask,
         )
 

@@ -97,15 +97,22 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """Sample one token per row of ``logits`` [R, V] (float32)."""
+        if not md.needs_ranks:
+            # Fast path: the sampled token's logprob is logit - logsumexp(logits); no
+            # [R, V] log_softmax and no rank pass when no row asked for logprobs.
+            sampled = self._sample(self.process(logits, md), md)
+            chosen = logits.gather(1, sampled[:, None]).squeeze(1) - logits.logsumexp(-1)
+            return SamplerOutput(sampled, chosen, torch.zeros_like(sampled), None, None)
         raw_logprobs = logits.log_softmax(dim=-1)
-        logits = self.process(logits, md)
+        sampled = self._sample(self.process(logits, md), md)
+        return gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
+
+    def _sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         greedy = logits.argmax(dim=-1)
         if md.all_greedy:
-            sampled = greedy
-        else:
-            random = random_sample(self.probs(logits, md), md.generators)
-            sampled = torch.where(md.is_greedy, greedy, random)
-        return gather_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
+            return greedy
+        random = random_sample(self.probs(logits, md), md.generators)
+        return torch.where(md.is_greedy, greedy, random)
 
     @staticmethod
     def process(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

@@ -100,18 +100,24 @@ class StructuredOutputManager:
     def check_satisfiable(self, params: StructuredOutputsParams, vocab_size: int) -> None:
         """Raise InvalidRequestError when the constraint allows no first token at all (a
         grammar that matches nothing), before the request is admitted."""
-        import torch
-
         matcher = self.matcher(params)
         if matcher.is_terminated():
             return
-        bitmask = torch.zeros((1, -(-vocab_size // 32)), dtype=torch.int32)
+        bitmask = new_bitmask(1, vocab_size)
         matcher.fill_bitmask(bitmask, 0)
         if not bool(bitmask.any()):
             raise InvalidRequestError(
                 f"the {params.kind} constraint cannot be satisfied: it allows no output",
                 params.kind,
             )
+
+
+def new_bitmask(rows: int, vocab_size: int) -> Any:
+    """An int32 bitmask [rows, ceil(V / 32)] with every token allowed (torch, imported here so
+    the scheduler does not import it)."""
+    import torch
+
+    return torch.full((rows, -(-vocab_size // 32)), -1, dtype=torch.int32)
 
 
 def create_grammar_backend(name: str, tokenizer: Any, vocab_size: int) -> BaseGrammarBackend:

@@ -33,11 +33,11 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, pre_tokenizers
 
 from kvforge.core import KVCacheManager, SchedulerOutput
-from kvforge.core.scheduler import SampledToken
 from kvforge.engine import LLMEngine
 from kvforge.entrypoints.llm import engine_config
 from kvforge.outputs import RequestOutput
 from kvforge.runner import ModelRunnerOutput, TokenLogprobs
+from kvforge.runner.input_batch import CachedRequestState, InputBatch
 from kvforge.sampling_params import SamplingParams
 from kvforge.tokenizer import Tokenizer
 
@@ -71,6 +71,10 @@ class FakeRunner:
     ``store[block][offset]`` is what was written at that slot. Writing position ``p`` stores
     ``mix(read(p - 1), token_p, p)``; sampling draws from logits seeded by a hash of every
     position read back through the request's block table.
+
+    Like the real runner it knows requests only through the step contract (an InputBatch
+    updated from each SchedulerOutput's diffs); with ``scheduler`` set it also checks that
+    its copy matches the scheduler's requests (block tables, tokens, computed counts).
     """
 
     def __init__(self, num_blocks: int, tokenizer: Tokenizer) -> None:
@@ -79,7 +83,9 @@ class FakeRunner:
         self.model_config = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=4096)
         self.store: list[list[int | None]] = [[None] * BLOCK_SIZE for _ in range(num_blocks)]
         self.kv: KVCacheManager | None = None  # set by the test: checks writes are private
+        self.scheduler: Any = None  # set by the test: checks the runner's copy
         self.num_copies = 0
+        self.batch = InputBatch(BLOCK_SIZE, rows=2, tokens=8)
 
     def _read(self, table: list[int], position: int) -> int:
         value = self.store[table[position // BLOCK_SIZE]][position % BLOCK_SIZE]
@@ -92,10 +98,24 @@ class FakeRunner:
             self.store[dst] = list(self.store[src])
             self.num_copies += 1
         result = ModelRunnerOutput()
-        for request, num_new in output.scheduled:
+        for request_id in output.finished_request_ids:
+            self.batch.remove(request_id)
+        for new in output.new_requests:
+            self.batch.add(new)
+        for cached in output.cached_requests:
+            self.batch.update(cached)
+        for request_id, num_new in output.num_scheduled_tokens.items():
+            request = self.batch.requests[request_id]
             table = request.block_ids
-            tokens = request.all_token_ids
+            tokens = request.prompt_token_ids + request.output_token_ids
             start = request.num_computed_tokens
+            if self.scheduler is not None:
+                live = self.scheduler.requests[request_id]
+                assert table == live.block_ids, f"{request_id}: stale block table"
+                assert tokens == live.all_token_ids, f"{request_id}: stale tokens"
+                assert start == live.num_computed_tokens, f"{request_id}: stale computed count"
+            row = self.batch.token_ids[request.row, : len(tokens)].tolist()
+            assert row == tokens, f"{request_id}: token row differs"
             assert len(table) >= -(-(start + num_new) // BLOCK_SIZE), "block table too short"
             for position in range(start, start + num_new):
                 block = table[position // BLOCK_SIZE]
@@ -111,7 +131,9 @@ class FakeRunner:
                 self._sample(request, table, result)
         return result
 
-    def _sample(self, request: Any, table: list[int], result: ModelRunnerOutput) -> None:
+    def _sample(
+        self, request: CachedRequestState, table: list[int], result: ModelRunnerOutput
+    ) -> None:
         digest = _mix(*(self._read(table, p) for p in range(request.num_tokens)))
         rng = random.Random(digest)
         logits = [rng.gauss(0.0, 2.0) for _ in range(VOCAB)]
@@ -128,12 +150,15 @@ class FakeRunner:
             weights = [math.exp(x / params.temperature) for x in logits]
             seeded = random.Random(_mix(params.seed or 0, digest))
             token = seeded.choices(range(VOCAB), weights)[0]
-        result.sampled[request.request_id] = SampledToken(token, logprobs[token])
+        result.add(request.request_id, [token], [logprobs[token]])
+        self.batch.append_tokens(request, [token])
         if params.logprobs is not None:
             order = sorted(range(VOCAB), key=lambda t: -logprobs[t])
             top_k = [(t, logprobs[t]) for t in order[: params.logprobs]]
             rank = order.index(token) + 1
-            result.logprobs[request.request_id] = TokenLogprobs(token, logprobs[token], rank, top_k)
+            result.logprobs[request.request_id] = [
+                TokenLogprobs(token, logprobs[token], rank, top_k)
+            ]
 
 
 def make_fake_engine(
@@ -162,6 +187,7 @@ def make_fake_engine(
     runner = FakeRunner(num_blocks, make_tokenizer())
     engine = LLMEngine(config, runner)  # type: ignore[arg-type]
     runner.kv = engine.kv_cache_manager
+    runner.scheduler = engine.scheduler
     return engine
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kvforge.config import SchedulerConfig
-from kvforge.core import KVCacheManager, SampledToken, Scheduler, SchedulerOutput
+from kvforge.core import KVCacheManager, ModelRunnerOutput, Scheduler, SchedulerOutput
 from kvforge.request import Request, RequestStatus
 from kvforge.sampling_params import SamplingParams
 
@@ -36,12 +36,13 @@ def next_token(tokens: list[int]) -> int:
     return (sum(t * (i + 1) for i, t in enumerate(tokens)) % (VOCAB - 1)) + 1
 
 
-def fake_run(output: SchedulerOutput) -> dict[str, SampledToken]:
-    sampled = {}
-    for request, num_new in output.scheduled:
+def fake_run(scheduler: Scheduler, output: SchedulerOutput) -> ModelRunnerOutput:
+    result = ModelRunnerOutput()
+    for request_id, num_new in output.num_scheduled_tokens.items():
+        request = scheduler.requests[request_id]
         if request.num_computed_tokens + num_new == request.num_tokens:
-            sampled[request.request_id] = SampledToken(next_token(request.all_token_ids), -0.5)
-    return sampled
+            result.add(request_id, [next_token(request.all_token_ids)], [-0.5])
+    return result
 
 
 def run(scheduler: Scheduler, max_steps: int = 1000) -> list[SchedulerOutput]:
@@ -51,8 +52,7 @@ def run(scheduler: Scheduler, max_steps: int = 1000) -> list[SchedulerOutput]:
             break
         out = scheduler.schedule()
         assert out.num_batched_tokens <= scheduler.config.max_num_batched_tokens
-        assert len({r.request_id for r, _ in out.scheduled}) == len(out.scheduled)
-        scheduler.update(out, fake_run(out))
+        scheduler.update(out, fake_run(scheduler, out))
         scheduler.check_integrity()
         outputs.append(out)
     assert not scheduler.has_unfinished_requests()
@@ -91,7 +91,7 @@ def test_abort_mid_run_frees_blocks():
         scheduler.add_request(r)
     for _ in range(3):
         out = scheduler.schedule()
-        scheduler.update(out, fake_run(out))
+        scheduler.update(out, fake_run(scheduler, out))
         scheduler.check_integrity()
     scheduler.finish_requests([r.request_id for r in requests[:3]], RequestStatus.FINISHED_ABORTED)
     scheduler.check_integrity()
@@ -105,15 +105,14 @@ def test_chunked_prefill_mixes_with_decodes():
     short = make_request("short", [5, 6, 7], max_tokens=10)
     scheduler.add_request(short)
     first = scheduler.schedule()
-    scheduler.update(first, fake_run(first))
+    scheduler.update(first, fake_run(scheduler, first))
     long = make_request("long", list(range(1, 40)), max_tokens=3)
     scheduler.add_request(long)
     outputs = run(scheduler)
     mixed = [
         o
         for o in outputs
-        if {r.request_id for r, _ in o.scheduled} == {"short", "long"}
-        and dict((r.request_id, n) for r, n in o.scheduled)["long"] < 39
+        if set(o.num_scheduled_tokens) == {"short", "long"} and o.num_scheduled_tokens["long"] < 39
     ]
     assert mixed, "the long prompt should be chunked alongside the short request's decodes"
     assert long.output_token_ids == expected_output(long.prompt_token_ids, 3)
@@ -144,8 +143,8 @@ def test_prefix_cache_reuses_full_blocks():
     scheduler.add_request(second)
     out = scheduler.schedule()
     assert second.num_cached_tokens == 20
-    assert out.scheduled == [(second, 3)]
-    scheduler.update(out, fake_run(out))
+    assert out.num_scheduled_tokens == {second.request_id: 3}
+    scheduler.update(out, fake_run(scheduler, out))
     run(scheduler)
     assert second.output_token_ids == expected_output(second.prompt_token_ids, 2)
 
@@ -181,10 +180,10 @@ def test_forked_samples_share_prompt_blocks_and_copy_on_write():
     for r in [parent, *children]:
         scheduler.add_request(r)
     first = scheduler.schedule()
-    assert first.scheduled == [(parent, 9)]  # stops one short of the prompt
-    scheduler.update(first, fake_run(first))
+    assert first.num_scheduled_tokens == {parent.request_id: 9}  # stops one short of the prompt
+    scheduler.update(first, fake_run(scheduler, first))
     second = scheduler.schedule()
-    assert {r.request_id for r, n in second.scheduled} == {"p#0", "p#1", "p#2", "p#3"}
+    assert set(second.num_scheduled_tokens) == {"p#0", "p#1", "p#2", "p#3"}
     shared = parent.block_ids[:2]
     for child in children:
         assert child.block_ids[:2] == shared
@@ -192,7 +191,7 @@ def test_forked_samples_share_prompt_blocks_and_copy_on_write():
     # Everyone writes the last prompt token into the partial third block: 3 copies are made.
     assert len(second.blocks_to_copy) == 3
     assert len({r.block_ids[2] for r in [parent, *children]}) == 4
-    scheduler.update(second, fake_run(second))
+    scheduler.update(second, fake_run(scheduler, second))
     run(scheduler)
     assert scheduler.kv.pool.num_in_use == 0
 
@@ -204,7 +203,7 @@ def test_priority_policy_admits_lowest_value_first():
     scheduler.add_request(low)
     scheduler.add_request(high)
     out = scheduler.schedule()
-    assert [r.request_id for r, _ in out.scheduled] == ["high"]
+    assert list(out.num_scheduled_tokens) == ["high"]
 
 
 def test_identical_sequences_computed_together_share_blocks_once_cached():
@@ -217,8 +216,8 @@ def test_identical_sequences_computed_together_share_blocks_once_cached():
     scheduler.add_request(first)
     scheduler.add_request(second)
     out = scheduler.schedule()
-    assert {r.request_id: n for r, n in out.scheduled} == {"first": 13, "second": 13}
-    scheduler.update(out, fake_run(out))
+    assert out.num_scheduled_tokens == {"first": 13, "second": 13}
+    scheduler.update(out, fake_run(scheduler, out))
     scheduler.check_integrity()
     assert second.block_ids[:3] == first.block_ids[:3]
     assert all(scheduler.kv.pool.ref_cnt[b] == 2 for b in first.block_ids[:3])
@@ -252,7 +251,7 @@ def test_integrity_check_counts_each_requests_references():
     request = make_request("r", list(range(1, 14)))
     scheduler.add_request(request)
     out = scheduler.schedule()
-    scheduler.update(out, fake_run(out))
+    scheduler.update(out, fake_run(scheduler, out))
     scheduler.check_integrity()
     scheduler.kv.pool.incref(request.block_ids[-1])  # a reference nobody holds: a leak
     with pytest.raises(AssertionError, match="1 holders"):

@@ -1,0 +1,193 @@
+"""EngineArgs: every engine option defined once.
+
+The ``kvforge`` CLI flags, the ``LLM(...)`` keywords and the config dataclasses all come from
+the fields below: a field's name is the keyword, ``--field-name`` the flag (booleans that
+default to True get ``--no-field-name``), its metadata the help text and choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvforge.config import (
+    KV_CACHE_DTYPES,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
+from kvforge.errors import InvalidRequestError
+from kvforge.utils import parse_size
+
+
+def _opt(help: str, *, choices: tuple[str, ...] | None = None, **extra: Any) -> Any:
+    return {"help": help, "choices": choices, **extra}
+
+
+@dataclass
+class EngineArgs:
+    """Flat engine options; :meth:`create_engine_config` groups them into an EngineConfig."""
+
+    model: str | None = field(
+        default=None,
+        metadata=_opt(
+            "GGUF file or Hugging Face directory (default: embedded SmolLM2-135M-Instruct)",
+            short="-m",
+        ),
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_opt(
+            "auto: float32 activations, quantized weights kept packed; float32: dequantize all",
+            choices=("auto", "float32", "bfloat16", "float16"),
+        ),
+    )
+    device: str = field(default="cpu", metadata=_opt("cpu, cuda or cuda:N"))
+    quantization: str | None = field(
+        default=None, metadata=_opt("quantize float weights on load", choices=("int8", "int4"))
+    )
+    quantization_group_size: int | None = field(
+        default=None,
+        metadata=_opt("columns per scale (int4 default 128, int8 default -1: per output channel)"),
+    )
+    quantization_symmetric: bool = field(
+        default=True,
+        metadata=_opt(
+            "scale and minimum per group instead of a symmetric scale",
+            flag="--quantization-asymmetric",
+        ),
+    )
+    kv_cache_dtype: str = field(
+        default="auto", metadata=_opt("KV cache storage", choices=KV_CACHE_DTYPES)
+    )
+    calculate_kv_scales: bool = field(
+        default=False,
+        metadata=_opt("set fp8 KV scales from the first forward pass (int8 always does)"),
+    )
+    kv_cache_recent_blocks: int | None = field(
+        default=None,
+        metadata=_opt(
+            "one-byte KV: exact copies of this many recent blocks (default: 3 per sequence "
+            "within 1/64 of the KV memory; 0: none)"
+        ),
+    )
+    max_model_len: int | None = field(
+        default=None, metadata=_opt("longest sequence served (default: the model's context)")
+    )
+    block_size: int = field(default=16, metadata=_opt("tokens per KV block"))
+    kv_cache_memory: str | int | None = field(
+        default=None,
+        metadata=_opt(
+            "KV cache budget, e.g. 2GiB (default: max-num-seqs x max-model-len, at most a "
+            "quarter of the available RAM)"
+        ),
+    )
+    num_blocks: int | None = field(
+        default=None, metadata=_opt("KV blocks (overrides --kv-cache-memory)")
+    )
+    enable_prefix_caching: bool = field(
+        default=True, metadata=_opt("reuse cached KV of shared prompt prefixes")
+    )
+    max_num_seqs: int = field(default=64, metadata=_opt("sequences in a batch at most"))
+    max_num_batched_tokens: int = field(default=2048, metadata=_opt("tokens per step at most"))
+    enable_chunked_prefill: bool = field(
+        default=True, metadata=_opt("split long prompts over several steps")
+    )
+    long_prefill_token_threshold: int = field(
+        default=0, metadata=_opt("tokens of one prompt per step at most (0: no limit)")
+    )
+    scheduling_policy: str = field(
+        default="fcfs",
+        metadata=_opt(
+            "fcfs, or priority (lower request priority first, then arrival)",
+            choices=("fcfs", "priority"),
+        ),
+    )
+    attention_backend: str = field(
+        default="auto",
+        metadata=_opt("auto (the fastest that runs here), cpu_paged or torch_ref"),
+    )
+    seed: int = field(
+        default=0, metadata=_opt("seed of the engine's random state (unseeded sampling)")
+    )
+    chat_template: str | None = field(
+        default=None, metadata=_opt("a Jinja chat template: its text, or a file holding it")
+    )
+    show_progress: bool = field(default=True, metadata={"cli": False})
+
+    # ------------------------------------------------------------------- CLI
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one flag per field to ``parser`` (in an "engine" group)."""
+        group = parser.add_argument_group("engine")
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if meta.get("cli", True) is False:
+                continue
+            name = "--" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                flag = meta.get("flag") or (name if not f.default else f"--no-{name[2:]}")
+                action = "store_false" if f.default else "store_true"
+                group.add_argument(flag, dest=f.name, action=action, help=meta.get("help"))
+                continue
+            names = [meta["short"], name] if meta.get("short") else [name]
+            kind = str if "str" in str(f.type) else int
+            group.add_argument(
+                *names,
+                dest=f.name,
+                type=kind,
+                default=f.default,
+                choices=meta.get("choices"),
+                help=meta.get("help"),
+            )
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        """The fields' values from parsed flags."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    # ---------------------------------------------------------------- config
+    def create_engine_config(self) -> EngineConfig:
+        """Group the options into the frozen config dataclasses (validated)."""
+        template = self.chat_template
+        if template is not None and "\n" not in template and Path(template).is_file():
+            template = Path(template).read_text()
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise InvalidRequestError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
+        memory = self.kv_cache_memory
+        return EngineConfig(
+            model_config=ModelConfig(
+                model=self.model,
+                dtype=self.dtype,
+                device=self.device,
+                max_model_len=self.max_model_len,
+                seed=self.seed,
+                chat_template=template,
+                quantization=self.quantization,
+                quantization_group_size=self.quantization_group_size,
+                quantization_symmetric=self.quantization_symmetric,
+                attention_backend=self.attention_backend,
+            ),
+            cache_config=CacheConfig(
+                block_size=self.block_size,
+                kv_cache_memory=parse_size(memory) if memory is not None else None,
+                num_blocks=self.num_blocks,
+                enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_dtype=self.kv_cache_dtype,
+                calculate_kv_scales=self.calculate_kv_scales,
+                kv_cache_recent_blocks=self.kv_cache_recent_blocks,
+            ),
+            scheduler_config=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+                long_prefill_token_threshold=self.long_prefill_token_threshold,
+                policy=self.scheduling_policy,
+            ),
+            show_progress=self.show_progress,
+        )
