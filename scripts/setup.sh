@@ -17,3 +17,5 @@ if [ "${1:-}" = "--dev" ]; then
 else
     "${PIP[@]}" -e . torch==2.13.0
 fi
+# Pre-build the C++ paged attention kernel; without it kvforge uses torch attention.
+.venv/bin/python -m kvforge.ops.build || echo "paged attention extension not built; using the torch fallback"

@@ -12,7 +12,7 @@ import torch
 from kvforge.config import ModelConfig, default_model_path
 from kvforge.engine import LLMEngine
 from kvforge.entrypoints.llm import engine_config
-from kvforge.layers.attention import create_attention_backend
+from kvforge.layers.attention import create_attention_backend, resolve_attention_backend
 from kvforge.loader import LoadedModel, load_model
 from kvforge.runner import ModelRunner
 
@@ -70,5 +70,19 @@ def smollm_path_of(_: LoadedModel) -> str:
 
 @pytest.fixture(scope="session")
 def smollm_packed(smollm_path: str) -> LoadedModel:
-    """The embedded model on the default path: weights packed, bf16 matmul kernels."""
-    return load_model(ModelConfig(model=smollm_path), create_attention_backend(), False)
+    """The embedded model on the default (fast) path: weights packed, their kernels, and the
+    attention backend ``auto`` picks."""
+    backend = resolve_attention_backend("auto", torch.device("cpu"))
+    return load_model(ModelConfig(model=smollm_path), create_attention_backend(backend), False)
+
+
+@pytest.fixture(scope="session")
+def make_fast_engine(smollm_packed: LoadedModel) -> Callable[..., LLMEngine]:
+    """Factory of engines over the shared embedded model on the default (fast) path."""
+
+    def make(**kwargs: Any) -> LLMEngine:
+        kwargs.setdefault("num_blocks", 512)
+        config = engine_config(default_model_path(), show_progress=False, **kwargs)
+        return LLMEngine(config, ModelRunner(config, smollm_packed))
+
+    return make

@@ -13,6 +13,8 @@ from torch import nn
 from kvforge.layers.quantization import (
     BaseQuantMethod,
     BlockInt8Method,
+    BlockQ8ActMethod,
+    create_embedding_method,
     create_fused_quant_method,
     create_quant_method,
 )
@@ -100,7 +102,7 @@ class VocabEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
-        self.quant: BlockInt8Method | None = None
+        self.quant: BlockInt8Method | BlockQ8ActMethod | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings [T, E] of token ids [T]."""
@@ -120,7 +122,7 @@ class VocabEmbedding(nn.Module):
         """Copy float weights, or keep block codes (row lookups need the byte layout)."""
         _check_shape(tuple(param.shape), loaded, "embedding")
         if isinstance(loaded, Unpacked):
-            self.quant = BlockInt8Method(loaded).to(param.device)
+            self.quant = create_embedding_method(loaded, param.device)
             self.weight = None
         else:
             param.data.copy_(loaded)

@@ -11,12 +11,17 @@ whole float matrix:
   and 6-bit types, Q2_K/Q3_K, IQ4_NL, int8 on-load. Few rows (decode): one
   ``_weight_int8pack_mm`` per column group, summed with per-group scales. Many rows (prefill):
   dequantize a tile of output rows at a time and use the dense matmul.
+- :class:`BlockQ8ActMethod`: every format, in blocks of 32 columns (4-bit codes when they fit,
+  else int8) run by the C++ ``quant_gemm`` (``csrc/quant_gemm.cpp``), which quantizes the
+  activations to int8 per block and uses integer dot products, as llama.cpp does. Chosen on the
+  CPU whenever the extension builds; the ATen methods above are the fallback.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,7 @@ _GROUPED_MAX_ROWS = 8
 _GROUPED_MAX_GROUPS = 48
 _TILE_ROWS = 4096
 _INT4_GROUPS = (32, 64, 128, 256)
+_QUANT_GEMM_BLOCK = 32  # quant_gemm takes groups of 16 columns or of a multiple of 32
 # The CPU int4/int8 kernels run with bf16 activations and scales (fp32 ones fall back, 6-15x
 # slower); a float16 model converts the scales with the rest of its floats.
 _KERNEL_DTYPE = torch.bfloat16
@@ -168,6 +174,60 @@ class BlockInt8Method(BaseQuantMethod):
         return w.transpose(0, 1).reshape(*index.shape, self.in_features)
 
 
+class BlockQ8ActMethod(BaseQuantMethod):
+    """Blocks of 32 columns run by the C++ ``quant_gemm`` with int8-quantized activations.
+
+    Layout (see ``csrc/quant_gemm.cpp``): ``qs`` uint8 [out, in/32, 16] (two 4-bit codes a byte)
+    or int8 [out, in/32, 32]; float32 ``scales`` (and ``mins``) [out, in/sub] with sub = 16 for
+    16-column groups, else 32 (larger groups repeat their scale over their 32-blocks).
+    """
+
+    qs: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+
+    def __init__(self, weights: Unpacked, ops: ModuleType) -> None:
+        super().__init__()
+        self._ops = ops
+        self.out_features, self.in_features = weights.codes.shape
+        qs, scales, mins = ops.quant_gemm_repack(
+            weights.codes.to(torch.int8), weights.scales, weights.mins, weights.group
+        )
+        self.register_buffer("qs", qs)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+
+    @staticmethod
+    def supports(weights: Unpacked, device: torch.device) -> bool:
+        """Whether the kernel takes these weights (CPU, whole 32-blocks, a supported group)."""
+        cols = weights.codes.shape[1]
+        return (
+            device.type == "cpu"
+            and (weights.group == _QUANT_GEMM_BLOCK // 2 or weights.group % _QUANT_GEMM_BLOCK == 0)
+            and cols % _QUANT_GEMM_BLOCK == 0
+        )
+
+    def forward(self, x: torch.Tensor, precise: bool = False) -> torch.Tensor:
+        """See :meth:`BaseQuantMethod.forward`; ``precise`` returns the float32 result as is."""
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype not in (torch.float32, torch.bfloat16):
+            flat = flat.float()
+        y = self._ops.quant_gemm(flat, self.qs, self.scales, self.mins)  # [M, out] float32
+        return y.to(torch.float32 if precise else x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows ``W[index]`` (embedding lookup), float32."""
+        flat = index.reshape(-1)
+        qs = self.qs[flat]  # [T, in/32, 16 or 32]
+        if qs.shape[-1] == _QUANT_GEMM_BLOCK // 2:  # low nibbles: columns 0..15, high: 16..31
+            qs = torch.stack([qs & 0x0F, qs >> 4], dim=2)
+        sub = self.in_features // self.scales.shape[1]
+        w = qs.reshape(flat.shape[0], -1, sub).float() * self.scales[flat, :, None]
+        if self.mins is not None:
+            w = w + self.mins[flat, :, None]
+        return w.reshape(*index.shape, self.in_features)
+
+
 class ConcatMethod(BaseQuantMethod):
     """Shards of a fused layer whose formats differ (e.g. Q4_K q/k with a Q6_K v)."""
 
@@ -186,6 +246,7 @@ class ConcatMethod(BaseQuantMethod):
 _METHODS: dict[str, str] = {
     "int4": "kvforge.layers.quantization:Int4PackedMethod",
     "block_int8": "kvforge.layers.quantization:BlockInt8Method",
+    "q8_act": "kvforge.layers.quantization:BlockQ8ActMethod",
 }
 
 
@@ -194,11 +255,42 @@ def _method_class(name: str) -> type[BaseQuantMethod]:
     return getattr(importlib.import_module(module_name), class_name)  # type: ignore[no-any-return]
 
 
-def create_quant_method(weights: Unpacked, device: torch.device) -> BaseQuantMethod:
-    """The fastest method that holds these codes exactly on ``device``."""
+def _quant_gemm_ops(weights: Unpacked, device: torch.device) -> ModuleType | None:
+    """The C++ ops module when its ``quant_gemm`` can run these weights on ``device``."""
+    if not BlockQ8ActMethod.supports(weights, device):
+        return None
+    from kvforge.ops import extension  # deferred: may build the extension (once)
+
+    return extension.load_extension().module
+
+
+def create_quant_method(
+    weights: Unpacked, device: torch.device, quantize_activations: bool = False
+) -> BaseQuantMethod:
+    """The fastest method that holds these codes exactly on ``device``.
+
+    NOTE: 8-bit activations (``quantize_activations``) are 1.2-2.2x faster on the projections
+    and 2.4-3.4x on the LM head up to 16 rows, but cost top-1 agreement with the float32
+    reference on the embedded model (96.8% with them everywhere, 97.5% on the LM head alone,
+    against 99.0% and the 98% floor), so they are off by default.
+    """
+    ops = _quant_gemm_ops(weights, device) if quantize_activations else None
+    if ops is not None:
+        return _method_class("q8_act")(weights, ops)  # type: ignore[call-arg]
     if Int4PackedMethod.supports(weights, device):
         return _method_class("int4")(weights).to(device)
     return _method_class("block_int8")(weights).to(device)
+
+
+def create_embedding_method(
+    weights: Unpacked, device: torch.device, quantize_activations: bool = False
+) -> BlockInt8Method | BlockQ8ActMethod:
+    """Packed embedding rows that also serve as the tied LM head (both have ``rows()``); see
+    :func:`create_quant_method` for ``quantize_activations``."""
+    ops = _quant_gemm_ops(weights, device) if quantize_activations else None
+    if ops is not None:
+        return BlockQ8ActMethod(weights, ops)
+    return BlockInt8Method(weights).to(device)
 
 
 def create_fused_quant_method(parts: list[Unpacked], device: torch.device) -> BaseQuantMethod:

@@ -209,6 +209,8 @@ def test_never_reads_outside_the_context(backend):
 
 def test_query_and_cache_dtypes_may_differ(backend):
     contexts, query_lens = MIXED
+    # float32 activations over a bfloat16 cache: the default for packed (GGUF) weights
+    check(Case(contexts, query_lens, dtype=torch.bfloat16, query_dtype=torch.float32), backend)
     check(Case(contexts, query_lens, query_dtype=torch.bfloat16), backend)
 
 
@@ -240,6 +242,34 @@ def test_one_byte_caches(backend, kv_cache_dtype, recent_capacity, calculate_sca
 
 def test_one_byte_cache_split_k(backend):
     check(Case([3000], [1], kv_cache_dtype="int8", recent_capacity=4), backend)
+
+
+@pytest.mark.parametrize("num_threads", [1, 3])
+def test_thread_counts(backend, num_threads):
+    """Work items and split-K chunks are planned for the thread count; results do not change."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        check(Case([3000, 40, 7], [1, 1, 30]), backend)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_rejects_a_block_outside_the_cache(backend):
+    cache = PagedKVCache.allocate(4, 4, 1, 8, torch.float32, CPU)
+    lengths = torch.tensor([5])
+    with pytest.raises(RuntimeError, match="out of range"):
+        backend._ops.paged_attention(
+            torch.zeros(1, 1, 8),
+            cache.k,
+            cache.v,
+            torch.tensor([[1, 4]]),  # block 4 of 4
+            lengths,
+            torch.tensor([1]),
+            torch.tensor([0]),
+            1.0,
+            0,
+        )
 
 
 def test_writes_new_tokens_like_torch_ref(backend):

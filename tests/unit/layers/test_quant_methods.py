@@ -84,7 +84,8 @@ def test_packed_embedding_rows_and_tied_head() -> None:
     hidden = torch.randn(20, 64)
     logits = embedding.logits(hidden)
     assert logits.dtype == torch.float32
-    assert _relative_error(logits, hidden @ dense.T) < 4e-3
+    # the tied head may quantize its activations to 8 bits per block of 32 (about 5e-3)
+    assert _relative_error(logits, hidden @ dense.T) < 1e-2
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,12 @@ from kvforge.layers.attention.base import (
     BaseAttentionBackend,
     create_attention_backend,
     register_attention_backend,
+    resolve_attention_backend,
 )
 
-__all__ = ["BaseAttentionBackend", "create_attention_backend", "register_attention_backend"]
+__all__ = [
+    "BaseAttentionBackend",
+    "create_attention_backend",
+    "register_attention_backend",
+    "resolve_attention_backend",
+]

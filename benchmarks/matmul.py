@@ -1,0 +1,104 @@
+"""Quantized matmul time per call: ATen methods vs the C++ ``quant_gemm``, embedded-model shapes.
+
+    python benchmarks/matmul.py [--rows 1 4 16 64 512] [--min-seconds 0.2] [--threads N]
+
+Shapes are SmolLM2-135M's (the embedded model): the Q4_1 projections and the tied Q8_0 LM head.
+Inputs are bfloat16, as the model runs; the LM head returns float32 (``precise=True``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvforge.layers.quantization import (
+    BaseQuantMethod,
+    BlockInt8Method,
+    BlockQ8ActMethod,
+    Int4PackedMethod,
+)
+from kvforge.ops.extension import load_extension
+from kvforge.quant import QT, quantize, unpack_rows
+
+# name, in_features, out_features, format
+SHAPES = [
+    ("qkv", 576, 960, "Q4_1"),
+    ("o", 576, 576, "Q4_1"),
+    ("gate_up", 576, 3072, "Q4_1"),
+    ("down", 1536, 576, "Q4_1"),
+    ("lm_head", 576, 49152, "Q8_0"),
+]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def seconds_per_call(fn: Callable[[], object], min_seconds: float) -> float:
+    """Median of timed calls after one warm-up, calling for at least ``min_seconds``."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def methods(cols: int, rows: int, name: str, ops: object) -> tuple[BaseQuantMethod, ...]:
+    """The ATen method and the quant_gemm method over the same random weights."""
+    values = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    qtype = QT.__members__[name]
+    weights = unpack_rows(torch.from_numpy(quantize(values, qtype)), qtype, (rows, cols))
+    aten = Int4PackedMethod(weights) if name == "Q4_1" else BlockInt8Method(weights)
+    return aten, BlockQ8ActMethod(weights, ops)  # type: ignore[arg-type]
+
+
+def main() -> None:
+    """Print one row per shape and number of input rows."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64, 512])
+    parser.add_argument("--min-seconds", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_extension()
+    if loaded.module is None:
+        raise SystemExit(f"C++ ops extension unavailable: {loaded.error}")
+    print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"quant_gemm SIMD path: {loaded.module.quant_gemm_isa()}")
+    header = f"{'layer':<8} {'shape':<12} {'format':<6} {'M':>4}"
+    print(f"{header} {'aten ms':>9} {'new ms':>9} {'speedup':>8}")
+    for layer, cols, rows, name in SHAPES:
+        aten, new = methods(cols, rows, name, loaded.module)
+        precise = layer == "lm_head"
+        for num_rows in args.rows:
+            x = torch.randn(num_rows, cols).bfloat16()
+            kwargs = {"precise": True} if precise else {}
+            with torch.inference_mode():
+                old_s = seconds_per_call(partial(aten, x, **kwargs), args.min_seconds)
+                new_s = seconds_per_call(partial(new, x, **kwargs), args.min_seconds)
+            print(
+                f"{layer:<8} {f'{cols}->{rows}':<12} {name:<6} {num_rows:>4} "
+                f"{old_s * 1e3:>9.3f} {new_s * 1e3:>9.3f} {old_s / new_s:>7.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()

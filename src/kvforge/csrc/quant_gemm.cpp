@@ -1,0 +1,396 @@
+// Block-quantized GEMM on the CPU: y = x W^T with W in blocks of 32 columns, x quantized to int8
+// per block of 32, integer dot products, float32 accumulation (llama.cpp's Q8 activation scheme).
+//
+// Dimensions: M activation rows, N output rows (weight rows), K columns, NB = K / 32 blocks per
+// row, S = K / sub scale entries per row (sub = 16 for 16-column groups, else 32).
+//
+// Packed weight layout (made by quant_gemm_repack from the common w = code * scale + min form):
+//   qs      4-bit: uint8 [N, NB, 16]: byte j of a block holds code j (low nibble) and code j+16
+//                  (high nibble), codes unsigned 0..15 (symmetric -8..7 codes are stored +8 with
+//                  min = -8 * scale), as GGML's Q4 blocks;
+//           8-bit: int8 [N, NB, 32]: signed codes in column order.
+//   scales  float32 [N, S]: a group of 32k columns (k > 1) repeats its scale over its 32-blocks;
+//           a group of 16 (Q2_K, Q3_K, Q6_K) keeps two scales per 32-block.
+//   mins    float32 [N, S] or None.
+//
+// Maths, for one block (or 16-half) with weights w_j = d q_j + m and activations x_j ~ dx qx_j
+// (dx = max|x| / 127, qx_j = round(x_j / dx) in [-127, 127]):
+//   sum_j x_j w_j ~ d dx sum_j q_j qx_j + m dx sum_j qx_j.
+// The integer sum is exact; dx sum_j qx_j is computed once per activation block (per 16-half).
+//
+// Integer dot products of 32 bytes give 8 int32 lanes, lane i summing elements 4i..4i+3, so lanes
+// 0-3 are the first 16-half and 4-7 the second: a 16-column group scales each half separately.
+//   AVX2: _mm256_maddubs_epi16 needs an unsigned operand: 4-bit codes are 0..15; signed 8-bit
+//         codes use |q| and move q's sign onto qx (_mm256_sign_epi8), as qx never is -128.
+//   AVX-VNNI / AVX512-VNNI(+VL): _mm256_dpbusd(_avx)_epi32 on the same operands.
+//   Otherwise: scalar loops.
+// The build uses -march=native on the machine that runs it, so these #ifs are the run-time choice.
+//
+// Parallelism: at::parallel_for over N; each thread takes a slice of output rows for every
+// activation row, so each weight is read from memory once. Activation rows go in tiles of
+// kRowTile (kept in cache) and micro-tiles of kMicroRows that share each unpacked weight block.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KVF_QG_AVX2 1
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kRowTile = 64;    // activation rows kept in cache while a weight slice streams
+constexpr int kMicroRows = 4;       // activation rows sharing one unpacked weight block
+constexpr int64_t kGrainRows = 16;  // fewest output rows per parallel task
+
+// Activations quantized per 32-block: codes [M, K], scales [M, NB], dx * sum(qx) per 16-half
+// [M, 2 * NB].
+struct QuantizedActs {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<float> half_sums;
+};
+
+struct Weights {
+  const uint8_t* qs;
+  const float* scales;
+  const float* mins;  // nullptr without mins
+  int64_t row_bytes;  // bytes of qs per weight row
+  int64_t row_scales;  // S
+};
+
+// ---- activation quantization ------------------------------------------------------------------
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+#ifdef KVF_QG_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
+template <typename T>
+void quantize_block(const T* x, int8_t* q, float* d, float* half_sums) {
+#ifdef KVF_QG_AVX2
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int i = 0; i < 4; ++i) {
+    v[i] = load8(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float max_abs = _mm_cvtss_f32(m);
+  const float scale = max_abs / 127.0f;
+  const __m256 inv = _mm256_set1_ps(max_abs > 0.0f ? 127.0f / max_abs : 0.0f);
+  __m256i qi[4];
+  for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+  const int32_t s0 = hsum_i32(_mm256_add_epi32(qi[0], qi[1]));
+  const int32_t s1 = hsum_i32(_mm256_add_epi32(qi[2], qi[3]));
+  // packs interleave 128-bit lanes; the permute restores column order
+  const __m256i packed16a = _mm256_packs_epi32(qi[0], qi[1]);
+  const __m256i packed16b = _mm256_packs_epi32(qi[2], qi[3]);
+  const __m256i packed8 = _mm256_packs_epi16(packed16a, packed16b);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(packed8, order));
+#else
+  float max_abs = 0.0f;
+  for (int j = 0; j < kBlock; ++j) max_abs = std::max(max_abs, std::fabs(to_float(x[j])));
+  const float scale = max_abs / 127.0f;
+  const float inv = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;
+  int32_t s0 = 0, s1 = 0;
+  for (int j = 0; j < kBlock; ++j) {
+    const int32_t v = static_cast<int32_t>(std::nearbyint(to_float(x[j]) * inv));
+    q[j] = static_cast<int8_t>(v);
+    (j < 16 ? s0 : s1) += v;
+  }
+#endif
+  *d = scale;
+  half_sums[0] = scale * static_cast<float>(s0);
+  half_sums[1] = scale * static_cast<float>(s1);
+}
+
+template <typename T>
+QuantizedActs quantize_acts(const T* x, int64_t M, int64_t K) {
+  const int64_t NB = K / kBlock;
+  QuantizedActs a{std::vector<int8_t>(M * K), std::vector<float>(M * NB),
+                  std::vector<float>(2 * M * NB)};
+  at::parallel_for(0, M * NB, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      quantize_block(x + i * kBlock, a.q.data() + i * kBlock, a.d.data() + i,
+                     a.half_sums.data() + 2 * i);
+    }
+  });
+  return a;
+}
+
+// ---- integer dot products of one 32-block -----------------------------------------------------
+
+#ifdef KVF_QG_AVX2
+// 8 int32 lanes, lane i = sum of u_j * s_j over j in 4i..4i+3 (u unsigned, s signed bytes).
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+template <bool kFour>
+inline __m256i load_weight_block(const uint8_t* p) {
+  if constexpr (kFour) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+  } else {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+}
+
+// One weight row n against R activation rows starting at m0 (R <= kMicroRows).
+template <bool kFour, bool kSub16, bool kMins, int R>
+void micro_kernel(const Weights& w, const QuantizedActs& a, int64_t n, int64_t m0, int64_t K,
+                  int64_t N, float* y) {
+  const int64_t NB = K / kBlock;
+  const uint8_t* qs = w.qs + n * w.row_bytes;
+  const float* scales = w.scales + n * w.row_scales;
+  const float* mins = kMins ? w.mins + n * w.row_scales : nullptr;
+  __m256 acc[R];
+  float min_acc[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    min_acc[r] = 0.0f;
+  }
+  for (int64_t b = 0; b < NB; ++b) {
+    const __m256i wq = load_weight_block<kFour>(qs + b * (kFour ? 16 : 32));
+    const __m256i wu = kFour ? wq : _mm256_abs_epi8(wq);
+    __m256 dw;
+    if constexpr (kSub16) {
+      dw = _mm256_set_m128(_mm_set1_ps(scales[2 * b + 1]), _mm_set1_ps(scales[2 * b]));
+    } else {
+      dw = _mm256_set1_ps(scales[b]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t m = m0 + r;
+      const __m256i xq =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + b * kBlock));
+      const __m256i xs = kFour ? xq : _mm256_sign_epi8(xq, wq);
+      const __m256i dot = dot_u8s8(wu, xs);
+      const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[m * NB + b]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dd, acc[r]);
+      if constexpr (kMins) {
+        const float* hs = a.half_sums.data() + 2 * (m * NB + b);
+        if constexpr (kSub16) {
+          min_acc[r] += mins[2 * b] * hs[0] + mins[2 * b + 1] * hs[1];
+        } else {
+          min_acc[r] += mins[b] * (hs[0] + hs[1]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = hsum(acc[r]) + min_acc[r];
+}
+#else
+template <bool kFour>
+inline void load_weight_block(const uint8_t* p, int32_t* out) {
+  for (int j = 0; j < 16 && kFour; ++j) {
+    out[j] = p[j] & 0x0F;
+    out[j + 16] = p[j] >> 4;
+  }
+  for (int j = 0; j < 32 && !kFour; ++j) out[j] = static_cast<int8_t>(p[j]);
+}
+
+template <bool kFour, bool kSub16, bool kMins, int R>
+void micro_kernel(const Weights& w, const QuantizedActs& a, int64_t n, int64_t m0, int64_t K,
+                  int64_t N, float* y) {
+  const int64_t NB = K / kBlock;
+  const uint8_t* qs = w.qs + n * w.row_bytes;
+  const float* scales = w.scales + n * w.row_scales;
+  const float* mins = kMins ? w.mins + n * w.row_scales : nullptr;
+  float acc[R] = {};
+  int32_t wq[kBlock];
+  for (int64_t b = 0; b < NB; ++b) {
+    load_weight_block<kFour>(qs + b * (kFour ? 16 : 32), wq);
+    const float d0 = kSub16 ? scales[2 * b] : scales[b];
+    const float d1 = kSub16 ? scales[2 * b + 1] : scales[b];
+    for (int r = 0; r < R; ++r) {
+      const int64_t m = m0 + r;
+      const int8_t* xq = a.q.data() + m * K + b * kBlock;
+      int32_t s0 = 0, s1 = 0;
+      for (int j = 0; j < 16; ++j) s0 += wq[j] * xq[j];
+      for (int j = 16; j < 32; ++j) s1 += wq[j] * xq[j];
+      const float dx = a.d[m * NB + b];
+      acc[r] += dx * (d0 * static_cast<float>(s0) + d1 * static_cast<float>(s1));
+      if constexpr (kMins) {
+        const float* hs = a.half_sums.data() + 2 * (m * NB + b);
+        acc[r] += kSub16 ? mins[2 * b] * hs[0] + mins[2 * b + 1] * hs[1]
+                         : mins[b] * (hs[0] + hs[1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = acc[r];
+}
+#endif
+
+template <bool kFour, bool kSub16, bool kMins>
+void gemm_rows(const Weights& w, const QuantizedActs& a, int64_t M, int64_t N, int64_t K,
+               float* y) {
+  at::parallel_for(0, N, kGrainRows, [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t t = 0; t < M; t += kRowTile) {
+      const int64_t t_end = std::min(M, t + kRowTile);
+      for (int64_t n = n_begin; n < n_end; ++n) {
+        int64_t m = t;
+        for (; m + kMicroRows <= t_end; m += kMicroRows) {
+          micro_kernel<kFour, kSub16, kMins, kMicroRows>(w, a, n, m, K, N, y);
+        }
+        switch (t_end - m) {
+          case 3: micro_kernel<kFour, kSub16, kMins, 3>(w, a, n, m, K, N, y); break;
+          case 2: micro_kernel<kFour, kSub16, kMins, 2>(w, a, n, m, K, N, y); break;
+          case 1: micro_kernel<kFour, kSub16, kMins, 1>(w, a, n, m, K, N, y); break;
+          default: break;
+        }
+      }
+    }
+  });
+}
+
+template <bool kFour>
+void dispatch(const Weights& w, const QuantizedActs& a, bool sub16, int64_t M, int64_t N,
+              int64_t K, float* y) {
+  const bool has_mins = w.mins != nullptr;
+  if (sub16) {
+    has_mins ? gemm_rows<kFour, true, true>(w, a, M, N, K, y)
+             : gemm_rows<kFour, true, false>(w, a, M, N, K, y);
+  } else {
+    has_mins ? gemm_rows<kFour, false, true>(w, a, M, N, K, y)
+             : gemm_rows<kFour, false, false>(w, a, M, N, K, y);
+  }
+}
+
+}  // namespace
+
+// y [M, N] float32 = x [M, K] (float32 or bfloat16) times the packed weights (layout above).
+at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& mins) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16");
+  TORCH_CHECK(qs.dim() == 3 && qs.is_contiguous() && (qs.size(2) == 16 || qs.size(2) == 32),
+              "qs must be contiguous [N, K/32, 16 or 32]");
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), NB = qs.size(1);
+  TORCH_CHECK(K == NB * kBlock, "x has ", K, " columns, the weights ", NB * kBlock);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  scales.size(0) == N && (scales.size(1) == NB || scales.size(1) == 2 * NB),
+              "scales must be contiguous float32 [N, K/32 or K/16]");
+  const bool has_mins = mins.has_value() && mins->defined();
+  if (has_mins) {
+    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == at::kFloat &&
+                    mins->is_contiguous(),
+                "mins must match scales");
+  }
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return y;
+  const at::Tensor xc = x.contiguous();
+  const QuantizedActs a = xc.scalar_type() == at::kFloat
+                              ? quantize_acts(xc.data_ptr<float>(), M, K)
+                              : quantize_acts(xc.data_ptr<at::BFloat16>(), M, K);
+  const Weights w{static_cast<const uint8_t*>(qs.data_ptr()), scales.data_ptr<float>(),
+                  has_mins ? mins->data_ptr<float>() : nullptr, NB * qs.size(2), scales.size(1)};
+  const bool sub16 = scales.size(1) == 2 * NB;
+  if (qs.size(2) == 16) {
+    dispatch<true>(w, a, sub16, M, N, K, y.data_ptr<float>());
+  } else {
+    dispatch<false>(w, a, sub16, M, N, K, y.data_ptr<float>());
+  }
+  return y;
+}
+
+// The common form (codes int8 [N, K], scales [N, K/group], mins or None) -> (qs, scales, mins)
+// in the layout above: 4-bit when the codes fit, else 8-bit.
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> quant_gemm_repack(
+    const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
+    int64_t group) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar, "codes must be int8 [N, K]");
+  const int64_t N = codes.size(0), K = codes.size(1);
+  TORCH_CHECK(group == 16 || (group > 0 && group % kBlock == 0), "unsupported group ", group);
+  TORCH_CHECK(K % kBlock == 0 && K % group == 0, "K=", K, " is not a multiple of the block");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / group,
+              "scales must be [N, K/group]");
+  const bool has_mins = mins.has_value() && mins->defined();
+  const int64_t sub = group == 16 ? 16 : 32;
+  const int64_t repeats = group / sub;
+  at::Tensor out_scales = scales.to(at::kFloat).repeat_interleave(repeats, 1).contiguous();
+  std::optional<at::Tensor> out_mins;
+  if (has_mins) out_mins = mins->to(at::kFloat).repeat_interleave(repeats, 1).contiguous();
+
+  const int64_t low = codes.numel() ? codes.min().item<int64_t>() : 0;
+  const int64_t high = codes.numel() ? codes.max().item<int64_t>() : 0;
+  const bool unsigned4 = has_mins && low >= 0 && high <= 15;
+  const bool signed4 = !has_mins && low >= -8 && high <= 7;
+  if (!unsigned4 && !signed4) {
+    return {codes.contiguous().view({N, K / kBlock, kBlock}), out_scales, out_mins};
+  }
+  at::Tensor u = codes.to(at::kShort);
+  if (signed4) {  // w = d q = d (q + 8) - 8 d
+    u = u + 8;
+    out_mins = (out_scales * -8.0f).contiguous();
+  }
+  u = u.to(at::kByte).view({N, K / kBlock, 2, 16});
+  at::Tensor qs = at::bitwise_or(u.select(2, 0), at::bitwise_left_shift(u.select(2, 1), 4));
+  return {qs.contiguous(), out_scales, out_mins};
+}
+
+// The SIMD path this build compiled.
+std::string quant_gemm_isa() {
+#if defined(KVF_QG_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512vnni";
+#elif defined(KVF_QG_AVX2) && defined(__AVXVNNI__)
+  return "avxvnni";
+#elif defined(KVF_QG_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+void bind_quant_gemm(pybind11::module_& m) {
+  m.def("quant_gemm", &quant_gemm, "x [M, K] times block-quantized weights: float32 [M, N]",
+        py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("mins") = py::none());
+  m.def("quant_gemm_repack", &quant_gemm_repack,
+        "codes/scales/mins/group -> (qs, scales, mins) in quant_gemm's layout", py::arg("codes"),
+        py::arg("scales"), py::arg("mins"), py::arg("group"));
+  m.def("quant_gemm_isa", &quant_gemm_isa, "The SIMD path compiled: avx512vnni, avxvnni, avx2 "
+        "or scalar");
+}

@@ -1,0 +1,147 @@
+"""Build and load kvforge's C++ CPU ops (paged attention, quantized GEMM), never raising.
+
+The sources are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja and a C++
+compiler) into ``$XDG_CACHE_HOME/kvforge/ext/<hash>`` (default ``~/.cache``), where the hash
+covers the sources, the torch and Python versions, the compiler flags and, with
+``-march=native``, the CPU; later processes load the cached build in well under a second.
+``python -m kvforge.ops.build`` builds it ahead of time.
+
+Flags: ``-O3 -fopenmp`` (``at::parallel_for`` is a header template that is serial without
+OpenMP; the process shares torch's own libgomp), ``-fno-trapping-math`` (lets branch-free
+float code with compares vectorize; kvforge never reads FP exception flags), ``-march=native``
+when the compiler takes it and, when it knows them, ``-mno-amx-*``: some of our CPUs trap AMX
+instructions, so the build must never emit them whatever the CPU reports.
+
+Any failure (no compiler, no ninja, compile error, unwritable cache) gives ``module=None`` with
+a one-line ``error``; the result is cached per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+
+from kvforge.utils import one_line
+
+logger = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).resolve().parents[1] / "csrc"
+# paged_attention.cpp holds the module definition; the others add their ops to it.
+SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "quant_gemm.cpp")
+_NAME = "kvforge_ops"
+_REQUIRED_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
+# Each group is added when the compiler accepts it.
+_OPTIONAL_FLAGS = [
+    ["-march=native"],
+    ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"],
+]
+
+
+class ExtensionLoad(NamedTuple):
+    """The loaded extension module, or None with the reason; and its build directory."""
+
+    module: ModuleType | None
+    error: str | None
+    build_dir: Path | None
+
+
+def _compiler() -> str:
+    # The compiler torch's extension builder itself uses on Linux / macOS.
+    return os.environ.get("CXX", "c++")
+
+
+def _accepts(compiler: str, flags: list[str]) -> bool:
+    """Whether ``compiler`` compiles an empty program with ``flags``."""
+    try:
+        done = subprocess.run(
+            [compiler, *flags, "-x", "c++", "-c", "-", "-o", os.devnull],
+            input="int main() { return 0; }\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+def compiler_flags(compiler: str) -> list[str]:
+    """The required flags plus the optional flag groups ``compiler`` accepts."""
+    flags = list(_REQUIRED_FLAGS)
+    for group in _OPTIONAL_FLAGS:
+        if _accepts(compiler, group):
+            flags += group
+    return flags
+
+
+def _cpu_identity() -> str:
+    """CPU model and feature flags, for builds tuned with -march=native."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keys = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.startswith(keys)}))
+
+
+def build_dir(flags: list[str]) -> Path:
+    """Cache directory of the build for these sources, torch, Python, flags (and CPU)."""
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    digest.update(f"{torch.__version__} {sys.version} {platform.machine()}".encode())
+    digest.update(" ".join(flags).encode())
+    if "-march=native" in flags:
+        digest.update(_cpu_identity().encode())
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "kvforge" / "ext" / digest.hexdigest()[:16]
+
+
+def _build_and_load() -> tuple[ModuleType, Path]:
+    compiler = _compiler()
+    if not _accepts(compiler, _REQUIRED_FLAGS):
+        raise RuntimeError(f"C++ compiler {compiler!r} is missing or rejects {_REQUIRED_FLAGS}")
+    flags = compiler_flags(compiler)
+    directory = build_dir(flags)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob(f"{_NAME}*.so")):
+        logger.info("building the C++ ops extension in %s (once, a minute or two)", directory)
+    from torch.utils import cpp_extension  # deferred: imports setuptools
+
+    module = cpp_extension.load(
+        name=_NAME,
+        sources=[str(source) for source in SOURCES],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        verbose=False,
+    )
+    return module, directory
+
+
+@functools.cache
+def load_extension() -> ExtensionLoad:
+    """Build (if needed) and load the extension once per process; never raises."""
+    try:
+        module, directory = _build_and_load()
+    except Exception as exc:  # noqa: BLE001 - any failure means "use the torch fallback"
+        error = one_line(f"{type(exc).__name__}: {exc}", limit=300)
+        logger.debug("C++ ops extension failed to build or load", exc_info=True)
+        logger.info("C++ ops extension unavailable: %s", error)
+        return ExtensionLoad(None, error, None)
+    return ExtensionLoad(module, None, directory)
+
+
+def load_paged_attention() -> ModuleType | None:
+    """The extension module with ``paged_attention(...)``, or None when it cannot be built."""
+    return load_extension().module

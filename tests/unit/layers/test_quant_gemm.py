@@ -1,0 +1,155 @@
+"""The C++ block-quantized GEMM: exact against int8-quantized activations, close to float."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvforge.layers.linear import VocabEmbedding
+from kvforge.layers.quantization import (
+    BlockInt8Method,
+    BlockQ8ActMethod,
+    Int4PackedMethod,
+    create_embedding_method,
+    create_quant_method,
+)
+from kvforge.ops import extension
+from kvforge.quant import QT, quantize, unpack_rows
+from kvforge.quant.formats import Unpacked
+from kvforge.quant.rtn import quantize_rtn
+
+CPU = torch.device("cpu")
+TYPES = ["Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+NUM_OUT = 97  # odd, and not a multiple of the parallel grain
+
+
+@pytest.fixture(scope="module")
+def ops():
+    loaded = extension.load_extension()
+    if loaded.module is None:
+        pytest.skip(f"C++ ops extension unavailable: {loaded.error}")
+    return loaded.module
+
+
+def _in_features(name: str) -> tuple[int, ...]:
+    # K-quants need whole 256-blocks, so 576 is out of their reach
+    return (768, 1536) if name.endswith("_K") else (576, 1536)
+
+
+def _weights(name: str, cols: int, seed: int = 0, rows: int = NUM_OUT) -> Unpacked:
+    values = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    return unpack_rows(torch.from_numpy(quantize(values, QT[name])), QT[name], (rows, cols))
+
+
+def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the kernel does: per block of 32, d = max|x| / 127, q = round(x / d)."""
+    blocks = x.float().view(x.shape[0], -1, 32)
+    max_abs = blocks.abs().amax(-1, keepdim=True)
+    # NOTE: 127 / max_abs as a true division (a Python scalar over a tensor is a reciprocal)
+    inverse = torch.where(max_abs > 0, torch.full_like(max_abs, 127.0) / max_abs, 0.0)
+    return (torch.round(blocks * inverse) * (max_abs / 127.0)).view_as(x).double()
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_kernel_matches_references(ops, name: str) -> None:
+    for cols in _in_features(name):
+        weights = _weights(name, cols)
+        qs, scales, mins = ops.quant_gemm_repack(
+            weights.codes, weights.scales, weights.mins, weights.group
+        )
+        assert qs.shape[:2] == (NUM_OUT, cols // 32)
+        dense = weights.dequantize().double()
+        for num_rows in (1, 3, 16, 100):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(num_rows, cols).to(dtype)
+                y = ops.quant_gemm(x, qs, scales, mins)
+                assert y.dtype == torch.float32 and y.shape == (num_rows, NUM_OUT)
+                exact = _quantized_activations(x) @ dense.T
+                assert _relative_error(y, exact) < 1e-5, (cols, num_rows, dtype)
+                # int8 activations per 32-block: ~0.5% relative error on random data
+                assert _relative_error(y, x.double() @ dense.T) < 1.5e-2
+
+
+def test_four_bit_codes_pack_two_a_byte(ops) -> None:
+    for name, bits in (("Q4_0", 4), ("Q4_1", 4), ("Q4_K", 4), ("Q5_K", 8), ("Q6_K", 8)):
+        weights = _weights(name, 768)
+        qs, scales, _ = ops.quant_gemm_repack(
+            weights.codes, weights.scales, weights.mins, weights.group
+        )
+        assert qs.shape[2] == 4 * bits, name
+        sub = 16 if weights.group == 16 else 32
+        assert scales.shape == (NUM_OUT, 768 // sub)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_dispatch_picks_quant_gemm_and_matches_aten(ops, name: str) -> None:
+    rows = 112  # ATen's int4 packing needs a multiple of 16 output rows
+    weights = _weights(name, 768, seed=1, rows=rows)
+    method = create_quant_method(weights, CPU, quantize_activations=True)
+    assert isinstance(method, BlockQ8ActMethod)
+    oracle = (Int4PackedMethod if name in ("Q4_0", "Q4_1", "Q4_K") else BlockInt8Method)(weights)
+    x = torch.randn(2, 5, 768)
+    assert method(x).shape == (2, 5, rows) and method(x).dtype == torch.float32
+    want = x.reshape(-1, 768).double() @ weights.dequantize().double().T
+    for got in (method(x), oracle(x)):
+        assert _relative_error(got.reshape(-1, rows), want) < 1.5e-2
+    assert method(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_weight_bytes_are_the_packed_bytes(ops) -> None:
+    weights = _weights("Q4_1", 576)
+    method = create_quant_method(weights, CPU, quantize_activations=True)
+    # 4-bit codes plus a float32 scale and min per 32 columns: 0.75 bytes per weight
+    assert method.weight_bytes() == NUM_OUT * 576 * 3 // 4
+    q8 = create_quant_method(_weights("Q8_0", 576), CPU, quantize_activations=True)
+    assert q8.weight_bytes() == NUM_OUT * (576 + 576 // 32 * 4)
+
+
+def test_per_channel_int8_runs_in_the_kernel(ops) -> None:
+    weight = torch.randn(NUM_OUT, 576)
+    weights = quantize_rtn(weight, "int8", symmetric=False)  # one group per row, codes -128..127
+    method = create_quant_method(weights, CPU, quantize_activations=True)
+    assert isinstance(method, BlockQ8ActMethod)
+    x = torch.randn(4, 576)
+    assert _relative_error(method(x), x.double() @ weights.dequantize().double().T) < 1.5e-2
+
+
+def test_falls_back_to_aten_without_the_extension(monkeypatch) -> None:
+    failed = extension.ExtensionLoad(None, "RuntimeError: no compiler", None)
+    monkeypatch.setattr(extension, "load_extension", lambda: failed)
+    q4, q6 = _weights("Q4_1", 576, rows=96), _weights("Q6_K", 768)
+    assert isinstance(create_quant_method(q4, CPU, quantize_activations=True), Int4PackedMethod)
+    assert isinstance(create_quant_method(q6, CPU, quantize_activations=True), BlockInt8Method)
+    embedding = VocabEmbedding(NUM_OUT, 576)
+    embedding.weight_loader(embedding.weight, _weights("Q8_0", 576))
+    assert isinstance(embedding.quant, BlockInt8Method)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_1", "Q6_K"])
+def test_packed_embedding_rows_and_tied_head(ops, name: str) -> None:
+    cols = 768
+    weights = _weights(name, cols, seed=2)
+    embedding = VocabEmbedding(NUM_OUT, cols)
+    embedding.quant = create_embedding_method(weights, CPU, quantize_activations=True)
+    embedding.weight = None
+    assert isinstance(embedding.quant, BlockQ8ActMethod)
+    dense = weights.dequantize()
+    ids = torch.tensor([[0, 5, 96], [3, 3, 50]])
+    assert torch.equal(embedding(ids), dense[ids])
+    hidden = torch.randn(4, cols).bfloat16()
+    logits = embedding.logits(hidden)
+    assert logits.dtype == torch.float32
+    assert _relative_error(logits, hidden.double() @ dense.double().T) < 1.5e-2
+
+
+def test_activations_stay_16_bit_by_default(ops) -> None:
+    """8-bit activations are opt-in (they cost top-1 agreement on small models)."""
+    assert isinstance(create_quant_method(_weights("Q4_1", 576, rows=96), CPU), Int4PackedMethod)
+    embedding = VocabEmbedding(NUM_OUT, 576)
+    embedding.weight_loader(embedding.weight, _weights("Q8_0", 576))
+    assert isinstance(embedding.quant, BlockInt8Method)
