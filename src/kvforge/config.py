@@ -95,6 +95,9 @@ class ModelConfig:
     quantization_symmetric: bool = True
     # "auto": the fastest attention backend that runs on the device (see layers/attention)
     attention_backend: str = "auto"
+    # Packed weights: quantize activations to 8 bits per block of 32 (llama.cpp's way; faster,
+    # less exact: see layers/quantization.create_quant_method)
+    quantize_activations: bool = False
 
     @property
     def model_path(self) -> str:

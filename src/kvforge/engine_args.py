@@ -61,6 +61,13 @@ class EngineArgs:
             flag="--quantization-asymmetric",
         ),
     )
+    quantize_activations: bool = field(
+        default=False,
+        metadata=_opt(
+            "packed weights: 8-bit activations per block of 32, as llama.cpp (1.5x faster "
+            "decode on CPU, top-1 agreement with float32 about 97% instead of 99%)"
+        ),
+    )
     kv_cache_dtype: str = field(
         default="auto", metadata=_opt("KV cache storage", choices=KV_CACHE_DTYPES)
     )
@@ -172,6 +179,7 @@ class EngineArgs:
                 quantization_group_size=self.quantization_group_size,
                 quantization_symmetric=self.quantization_symmetric,
                 attention_backend=self.attention_backend,
+                quantize_activations=self.quantize_activations,
             ),
             cache_config=CacheConfig(
                 block_size=self.block_size,

@@ -38,6 +38,8 @@ class Linear(nn.Module):
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.quant: BaseQuantMethod | None = None
+        # Packed weights: run with 8-bit activations (set by the loader before loading).
+        self.quantize_activations = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer."""
@@ -55,7 +57,7 @@ class Linear(nn.Module):
         """Copy a checkpoint tensor into ``param`` (or keep packed weights packed)."""
         _check_shape(tuple(param.shape), loaded, "weight")
         if isinstance(loaded, Unpacked):
-            self._use_packed(create_quant_method(loaded, param.device))
+            self._use_packed(create_quant_method(loaded, param.device, self.quantize_activations))
         else:
             param.data.copy_(loaded)
 
@@ -89,7 +91,9 @@ class MergedLinear(Linear):
         if len(self._pending) == len(self.shard_offsets):
             parts = [self._pending[name] for name in self.shard_offsets]
             self._pending = {}
-            self._use_packed(create_fused_quant_method(parts, param.device))
+            self._use_packed(
+                create_fused_quant_method(parts, param.device, self.quantize_activations)
+            )
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         """Split a fused output back into its shards."""
@@ -103,6 +107,7 @@ class VocabEmbedding(nn.Module):
         super().__init__()
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
         self.quant: BlockInt8Method | BlockQ8ActMethod | None = None
+        self.quantize_activations = False  # as in Linear: the tied LM head's activations
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings [T, E] of token ids [T]."""
@@ -122,7 +127,7 @@ class VocabEmbedding(nn.Module):
         """Copy float weights, or keep block codes (row lookups need the byte layout)."""
         _check_shape(tuple(param.shape), loaded, "embedding")
         if isinstance(loaded, Unpacked):
-            self.quant = create_embedding_method(loaded, param.device)
+            self.quant = create_embedding_method(loaded, param.device, self.quantize_activations)
             self.weight = None
         else:
             param.data.copy_(loaded)

@@ -293,12 +293,14 @@ def create_embedding_method(
     return BlockInt8Method(weights).to(device)
 
 
-def create_fused_quant_method(parts: list[Unpacked], device: torch.device) -> BaseQuantMethod:
+def create_fused_quant_method(
+    parts: list[Unpacked], device: torch.device, quantize_activations: bool = False
+) -> BaseQuantMethod:
     """One method over stacked shards when their layouts agree, else one per shard."""
     merged = concat_unpacked(parts)
     if merged is not None:
-        return create_quant_method(merged, device)
-    return ConcatMethod([create_quant_method(p, device) for p in parts])
+        return create_quant_method(merged, device, quantize_activations)
+    return ConcatMethod([create_quant_method(p, device, quantize_activations) for p in parts])
 
 
 def concat_unpacked(parts: list[Unpacked]) -> Unpacked | None:

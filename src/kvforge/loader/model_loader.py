@@ -15,6 +15,7 @@ from tqdm import tqdm
 from kvforge.config import ModelConfig, TransformerConfig
 from kvforge.errors import InvalidRequestError, KVForgeError, ModelFileError, ModelNotFoundError
 from kvforge.layers.attention import BaseAttentionBackend
+from kvforge.layers.linear import Linear, VocabEmbedding
 from kvforge.loader.gguf_check import open_gguf
 from kvforge.loader.gguf_loader import iter_gguf_weights, read_metadata
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config, safetensors_files
@@ -146,6 +147,9 @@ def load_model(
     with torch.device("meta"):
         model = DecoderLM(cfg, backend)
     model = model.to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, (Linear, VocabEmbedding)):
+            module.quantize_activations = model_config.quantize_activations
     try:
         model.load_weights(_progress(weights, num_tensors, show_progress))
     except KVForgeError:

@@ -153,3 +153,14 @@ def test_activations_stay_16_bit_by_default(ops) -> None:
     embedding = VocabEmbedding(NUM_OUT, 576)
     embedding.weight_loader(embedding.weight, _weights("Q8_0", 576))
     assert isinstance(embedding.quant, BlockInt8Method)
+
+
+def test_engine_option_selects_8_bit_activations(ops, smollm_path) -> None:  # type: ignore[no-untyped-def]
+    from kvforge.config import ModelConfig
+    from kvforge.layers.attention import create_attention_backend
+    from kvforge.loader import load_model
+
+    config = ModelConfig(model=smollm_path, quantize_activations=True)
+    model = load_model(config, create_attention_backend(), False).model
+    assert isinstance(model.layers[0].mlp.down_proj.quant, BlockQ8ActMethod)
+    assert isinstance(model.embed_tokens.quant, BlockQ8ActMethod)
