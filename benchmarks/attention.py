@@ -15,30 +15,18 @@ as across a model's layers. Times are the best of several rounds (others' load o
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from kvforge.entrypoints.bench.report import cpu_model
 from kvforge.layers.attention import create_attention_backend
 from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.layers.kv_cache import PagedKVCache
 
 H, KVH, D, BLOCK = 9, 3, 64, 16
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_model() -> str:
-    """The "model name" line of /proc/cpuinfo (or what platform knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 @dataclass

@@ -9,15 +9,14 @@ Inputs are bfloat16, as the model runs; the LM head returns float32 (``precise=T
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from kvforge.entrypoints.bench.report import cpu_model
 from kvforge.layers.quantization import (
     BaseQuantMethod,
     BlockInt8Method,
@@ -35,17 +34,6 @@ SHAPES = [
     ("down", 1536, 576, "Q4_1"),
     ("lm_head", 576, 49152, "Q8_0"),
 ]
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def seconds_per_call(fn: Callable[[], object], min_seconds: float) -> float:

@@ -35,7 +35,8 @@ def alone(make_engine) -> list[list[int]]:
     return [generate(engine, [p])[0] for p in make_prompts()]
 
 
-@pytest.mark.parametrize(
+# engine flags that change batching, caching and chunking, but must not change the outputs
+FLAGS = pytest.mark.parametrize(
     "flags",
     [
         {},
@@ -45,6 +46,9 @@ def alone(make_engine) -> list[list[int]]:
     ],
     ids=["batch", "no-prefix-cache", "chunked-32", "long-prefill-32"],
 )
+
+
+@FLAGS
 def test_batch_of_32_equals_alone(make_engine, alone, flags):
     engine = make_engine(**flags)
     batched = generate(engine, make_prompts(), engine.kv_cache_manager.check_integrity)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from kvforge.sampling_params import SamplingParams
-from tests.e2e.test_invariance import make_prompts
+from tests.e2e.test_invariance import FLAGS, make_prompts
 from tests.helpers import run_to_completion
 
 MAX_TOKENS = 8
@@ -53,16 +53,7 @@ def alone(make_fast_engine) -> Run:  # type: ignore[no-untyped-def]
     return [generate(engine, [p])[0] for p in make_prompts()]
 
 
-@pytest.mark.parametrize(
-    "flags",
-    [
-        {},
-        {"enable_prefix_caching": False},
-        {"max_num_batched_tokens": 32},
-        {"long_prefill_token_threshold": 32},
-    ],
-    ids=["batch", "no-prefix-cache", "chunked-32", "long-prefill-32"],
-)
+@FLAGS
 def test_fast_batch_of_32_matches_alone(make_fast_engine, alone, flags):  # type: ignore[no-untyped-def]
     engine = make_fast_engine(**flags)
     assert_close(generate(engine, make_prompts(), engine.kv_cache_manager.check_integrity), alone)
