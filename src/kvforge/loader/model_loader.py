@@ -14,7 +14,11 @@ from tqdm import tqdm
 
 from kvforge.config import ModelConfig, TransformerConfig
 from kvforge.errors import InvalidRequestError, KVForgeError, ModelFileError, ModelNotFoundError
-from kvforge.layers.attention import BaseAttentionBackend
+from kvforge.layers.attention import (
+    BaseAttentionBackend,
+    create_attention_backend,
+    resolve_attention_backend,
+)
 from kvforge.layers.linear import Linear, VocabEmbedding
 from kvforge.loader.gguf_check import open_gguf
 from kvforge.loader.gguf_loader import iter_gguf_weights, read_metadata
@@ -112,9 +116,13 @@ def _module_bytes(model: torch.nn.Module) -> int:
 
 
 def load_model(
-    model_config: ModelConfig, backend: BaseAttentionBackend, show_progress: bool = True
+    model_config: ModelConfig,
+    backend: BaseAttentionBackend | None = None,
+    show_progress: bool = True,
 ) -> LoadedModel:
-    """Load a GGUF file or a Hugging Face directory."""
+    """Load a GGUF file or a Hugging Face directory. Without ``backend``, the one
+    ``model_config.attention_backend`` names is created once the files check out (so a bad
+    file is reported before any extension is built or logged)."""
     model_config.check()
     path = Path(model_config.model_path)
     start = time.perf_counter()
@@ -144,6 +152,10 @@ def load_model(
     if model_config.chat_template is not None:
         tokenizer.chat_template = model_config.chat_template
     device = torch.device(model_config.device)
+    if backend is None:
+        backend = create_attention_backend(
+            resolve_attention_backend(model_config.attention_backend, device)
+        )
     with torch.device("meta"):
         model = DecoderLM(cfg, backend)
     model = model.to_empty(device=device)

@@ -8,7 +8,6 @@ import torch
 
 from kvforge.config import CacheConfig, EngineConfig
 from kvforge.core.step_io import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
-from kvforge.layers.attention import create_attention_backend, resolve_attention_backend
 from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.layers.kv_cache import PagedKVCache, RecentBlocks, block_bytes, kv_storage_dtype
 from kvforge.loader import LoadedModel, load_model
@@ -36,10 +35,7 @@ class ModelRunner:
         self.device = torch.device(config.model_config.device)
         # Unseeded random sampling draws from the global generator: reproducible per start.
         torch.manual_seed(config.model_config.seed)
-        backend = create_attention_backend(
-            resolve_attention_backend(config.model_config.attention_backend, self.device)
-        )
-        self.loaded = loaded or load_model(config.model_config, backend, config.show_progress)
+        self.loaded = loaded or load_model(config.model_config, None, config.show_progress)
         self.model = self.loaded.model
         self.model_config = self.loaded.config
         cache = config.cache_config
