@@ -55,7 +55,6 @@ class InputBatch:
         self.block_size = block_size
         self.token_ids = np.zeros((rows, tokens), dtype=np.int64)
         self.block_table = np.zeros((rows, -(-tokens // block_size)), dtype=np.int64)
-        self.num_tokens = np.zeros(rows, dtype=np.int64)
         self.requests: dict[str, CachedRequestState] = {}
         self._free_rows = list(range(rows - 1, -1, -1))
 
@@ -84,7 +83,6 @@ class InputBatch:
         tokens = state.prompt_token_ids + state.output_token_ids
         self._fit(len(tokens), len(state.block_ids))
         self.token_ids[state.row, : len(tokens)] = tokens
-        self.num_tokens[state.row] = len(tokens)
         self.block_table[state.row, : len(state.block_ids)] = state.block_ids
         return state
 
@@ -109,7 +107,6 @@ class InputBatch:
         state.output_token_ids.extend(token_ids)
         self._fit(state.num_tokens, 0)
         self.token_ids[state.row, start : state.num_tokens] = token_ids
-        self.num_tokens[state.row] = state.num_tokens
 
     def remove(self, request_id: str) -> None:
         """Forget a finished (or resent) request and free its row."""
@@ -134,7 +131,6 @@ class InputBatch:
         rows = self.token_ids.shape[0]
         self.token_ids = np.concatenate([self.token_ids, np.zeros_like(self.token_ids)])
         self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
-        self.num_tokens = np.concatenate([self.num_tokens, np.zeros_like(self.num_tokens)])
         self._free_rows.extend(range(2 * rows - 1, rows - 1, -1))
 
     # ----------------------------------------------------------------- batch
