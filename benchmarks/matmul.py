@@ -1,9 +1,11 @@
-"""Quantized matmul time per call: ATen methods vs the C++ ``quant_gemm``, embedded-model shapes.
+"""Quantized matmul time per call: ATen methods vs the C++ ``quant_gemm`` with 16-bit (default)
+and 8-bit activations, on the embedded model's shapes.
 
     python benchmarks/matmul.py [--rows 1 4 16 64 512] [--min-seconds 0.2] [--threads N]
 
 Shapes are SmolLM2-135M's (the embedded model): the Q4_1 projections and the tied Q8_0 LM head.
-Inputs are bfloat16, as the model runs; the LM head returns float32 (``precise=True``).
+Inputs are float32, as the model runs (the ATen kernels convert them to bfloat16); the LM head
+returns float32 (``precise=True``).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from kvforge.entrypoints.bench.report import cpu_model
 from kvforge.layers.quantization import (
     BaseQuantMethod,
     BlockInt8Method,
-    BlockQ8ActMethod,
     Int4PackedMethod,
+    QuantGemmMethod,
 )
 from kvforge.ops.extension import load_extension
 from kvforge.quant import QT, quantize, unpack_rows
@@ -49,12 +51,12 @@ def seconds_per_call(fn: Callable[[], object], min_seconds: float) -> float:
 
 
 def methods(cols: int, rows: int, name: str, ops: object) -> tuple[BaseQuantMethod, ...]:
-    """The ATen method and the quant_gemm method over the same random weights."""
+    """The ATen method and the quant_gemm methods (16-, 8-bit activations), same weights."""
     values = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
     qtype = QT.__members__[name]
     weights = unpack_rows(torch.from_numpy(quantize(values, qtype)), qtype, (rows, cols))
     aten = Int4PackedMethod(weights) if name == "Q4_1" else BlockInt8Method(weights)
-    return aten, BlockQ8ActMethod(weights, ops)  # type: ignore[arg-type]
+    return aten, QuantGemmMethod(weights, ops, 16), QuantGemmMethod(weights, ops, 8)  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -72,19 +74,21 @@ def main() -> None:
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"quant_gemm SIMD path: {loaded.module.quant_gemm_isa()}")
     header = f"{'layer':<8} {'shape':<12} {'format':<6} {'M':>4}"
-    print(f"{header} {'aten ms':>9} {'new ms':>9} {'speedup':>8}")
+    print(f"{header} {'aten ms':>9} {'q16 ms':>9} {'speedup':>8} {'q8 ms':>9} {'speedup':>8}")
     for layer, cols, rows, name in SHAPES:
-        aten, new = methods(cols, rows, name, loaded.module)
-        precise = layer == "lm_head"
+        candidates = methods(cols, rows, name, loaded.module)
+        kwargs = {"precise": True} if layer == "lm_head" else {}
         for num_rows in args.rows:
-            x = torch.randn(num_rows, cols).bfloat16()
-            kwargs = {"precise": True} if precise else {}
+            x = torch.randn(num_rows, cols)
             with torch.inference_mode():
-                old_s = seconds_per_call(partial(aten, x, **kwargs), args.min_seconds)
-                new_s = seconds_per_call(partial(new, x, **kwargs), args.min_seconds)
+                aten_s, q16_s, q8_s = (
+                    seconds_per_call(partial(method, x, **kwargs), args.min_seconds)
+                    for method in candidates
+                )
             print(
                 f"{layer:<8} {f'{cols}->{rows}':<12} {name:<6} {num_rows:>4} "
-                f"{old_s * 1e3:>9.3f} {new_s * 1e3:>9.3f} {old_s / new_s:>7.2f}x"
+                f"{aten_s * 1e3:>9.3f} {q16_s * 1e3:>9.3f} {aten_s / q16_s:>7.2f}x "
+                f"{q8_s * 1e3:>9.3f} {aten_s / q8_s:>7.2f}x"
             )
 
 

@@ -64,8 +64,9 @@ class EngineArgs:
     quantize_activations: bool = field(
         default=False,
         metadata=_opt(
-            "packed weights: 8-bit activations per block of 32, as llama.cpp (1.5x faster "
-            "decode on CPU, top-1 agreement with float32 about 97% instead of 99%)"
+            "packed weights on CPU: 8-bit activations per block of 32, as llama.cpp, instead of "
+            "16-bit (5-25% faster matmuls, top-1 agreement with float32 about 97% instead of "
+            "99%)"
         ),
     )
     kv_cache_dtype: str = field(
@@ -136,10 +137,12 @@ class EngineArgs:
             if meta.get("cli", True) is False:
                 continue
             name = "--" + f.name.replace("_", "-")
+            # argparse %-formats help strings: a literal percent sign must be doubled
+            help_text = (meta.get("help") or "").replace("%", "%%") or None
             if f.type in ("bool", bool):
                 flag = meta.get("flag") or (name if not f.default else f"--no-{name[2:]}")
                 action = "store_false" if f.default else "store_true"
-                group.add_argument(flag, dest=f.name, action=action, help=meta.get("help"))
+                group.add_argument(flag, dest=f.name, action=action, help=help_text)
                 continue
             names = [meta["short"], name] if meta.get("short") else [name]
             kind = str if "str" in str(f.type) else int
@@ -149,7 +152,7 @@ class EngineArgs:
                 type=kind,
                 default=f.default,
                 choices=meta.get("choices"),
-                help=meta.get("help"),
+                help=help_text,
             )
 
     @classmethod

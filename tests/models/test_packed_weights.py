@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvforge.entrypoints.llm import engine_config
-from kvforge.layers.quantization import Int4PackedMethod
+from kvforge.layers.quantization import Int4PackedMethod, QuantGemmMethod
 from kvforge.runner import ModelRunner
 from kvforge.tools.text import machine_text
 
@@ -40,7 +40,8 @@ def test_packed_default_agrees_with_float32(smollm, smollm_packed, smollm_path):
 
 def test_packed_weights_stay_packed_and_small(smollm_packed, smollm_path):
     layer = smollm_packed.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj.quant, Int4PackedMethod)
+    # the C++ quant_gemm when the extension builds, else ATen's int4 kernel
+    assert isinstance(layer.self_attn.qkv_proj.quant, (QuantGemmMethod, Int4PackedMethod))
     assert layer.self_attn.qkv_proj.weight is None
     ratio = smollm_packed.weight_bytes / os.path.getsize(smollm_path)
     print(f"resident weights {smollm_packed.weight_bytes / 2**20:.1f} MiB = {ratio:.2f}x the file")
@@ -115,3 +116,22 @@ def test_quantization_rejects_bad_group(tmp_path):
     config = ModelConfig(model=str(tmp_path), quantization="int4", quantization_group_size=48)
     with pytest.raises(InvalidRequestError, match="group size"):
         load_model(config, create_attention_backend(), False)
+
+
+def test_fused_decoder_layer_equals_the_per_op_path(smollm_packed, smollm_path):
+    """The C++ decoder_layer runs the same kernels in the same order as the module path."""
+    layers = smollm_packed.model.layers
+    if layers[0].fused_linears() is None:
+        pytest.skip("the fused layer needs the C++ extension and the cpu_paged backend")
+    ids = list(range(100, 400))
+    runner = _runner(smollm_packed, smollm_path)
+    fused = runner.score(ids)
+    saved = [(layer._fused, layer._fused_checked) for layer in layers]
+    try:
+        for layer in layers:
+            layer._fused, layer._fused_checked = None, True
+        per_op = runner.score(ids)
+    finally:
+        for layer, (linears, checked) in zip(layers, saved, strict=True):
+            layer._fused, layer._fused_checked = linears, checked
+    torch.testing.assert_close(fused, per_op, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
@@ -65,3 +66,20 @@ def test_llm_keywords_are_the_fields() -> None:
 def test_bad_device_is_a_typed_error() -> None:
     with pytest.raises(InvalidRequestError, match="device"):
         EngineArgs(device="tpu").create_engine_config()
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += _all_parsers(child)
+    return found
+
+
+def test_every_command_renders_its_help() -> None:
+    """argparse %-formats help text: a bare percent sign in one option broke ``--help``."""
+    parsers = _all_parsers(build_parser())
+    assert len(parsers) > 10
+    for parser in parsers:
+        assert "usage:" in parser.format_help()

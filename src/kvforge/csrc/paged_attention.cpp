@@ -768,9 +768,10 @@ at::Tensor paged_attention(
 }
 
 void bind_quant_gemm(pybind11::module_& m);  // quant_gemm.cpp
+void bind_fused_ops(pybind11::module_& m);  // fused_ops.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "kvforge CPU ops: paged attention and block-quantized GEMM (see the sources)";
+  m.doc() = "kvforge CPU ops: paged attention, block-quantized GEMM, fused layer ops";
   m.def("paged_attention", &paged_attention, "Attention over paged K/V blocks, read in place",
         py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
         py::arg("seq_lens"), py::arg("query_lens"), py::arg("query_start_loc"), py::arg("scale"),
@@ -780,4 +781,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_token_scale") = py::none(), py::arg("recent_slot_of_block") = py::none(),
         py::arg("recent_k") = py::none(), py::arg("recent_v") = py::none());
   bind_quant_gemm(m);
+  bind_fused_ops(m);
 }

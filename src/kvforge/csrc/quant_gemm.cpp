@@ -1,5 +1,7 @@
-// Block-quantized GEMM on the CPU: y = x W^T with W in blocks of 32 columns, x quantized to int8
-// per block of 32, integer dot products, float32 accumulation (llama.cpp's Q8 activation scheme).
+// Block-quantized GEMM on the CPU: y = x W^T with W in blocks of 32 columns, x quantized per block
+// of 32 to int16 (default: 1/32767 of the block's largest value, far finer than bfloat16's 8-bit
+// mantissa, so results track float32) or to int8 (llama.cpp's Q8 activation scheme: faster, but
+// it moves near-tied logits), integer dot products, float32 accumulation.
 //
 // Dimensions: M activation rows, N output rows (weight rows), K columns, NB = K / 32 blocks per
 // row, S = K / sub scale entries per row (sub = 16 for 16-column groups, else 32).
@@ -14,7 +16,7 @@
 //   mins    float32 [N, S] or None.
 //
 // Maths, for one block (or 16-half) with weights w_j = d q_j + m and activations x_j ~ dx qx_j
-// (dx = max|x| / 127, qx_j = round(x_j / dx) in [-127, 127]):
+// (dx = max|x| / Q, qx_j = round(x_j / dx) in [-Q, Q], Q = 127 or 32767):
 //   sum_j x_j w_j ~ d dx sum_j q_j qx_j + m dx sum_j qx_j.
 // The integer sum is exact; dx sum_j qx_j is computed once per activation block (per 16-half).
 //
@@ -23,6 +25,8 @@
 //   AVX2: _mm256_maddubs_epi16 needs an unsigned operand: 4-bit codes are 0..15; signed 8-bit
 //         codes use |q| and move q's sign onto qx (_mm256_sign_epi8), as qx never is -128.
 //   AVX-VNNI / AVX512-VNNI(+VL): _mm256_dpbusd(_avx)_epi32 on the same operands.
+//   int16 activations: codes widened to int16, _mm256_madd_epi16 (or VNNI's dpwssd) gives the
+//   same lane sums per 16-half (a lane holds two products; |q qx| <= 128 * 32767 cannot overflow).
 //   Otherwise: scalar loops.
 // The build uses -march=native on the machine that runs it, so these #ifs are the run-time choice.
 //
@@ -53,10 +57,11 @@ constexpr int64_t kRowTile = 64;    // activation rows kept in cache while a wei
 constexpr int kMicroRows = 4;       // activation rows sharing one unpacked weight block
 constexpr int64_t kGrainRows = 16;  // fewest output rows per parallel task
 
-// Activations quantized per 32-block: codes [M, K], scales [M, NB], dx * sum(qx) per 16-half
-// [M, 2 * NB].
+// Activations quantized per 32-block: codes [M, K] (int8_t or int16_t), scales [M, NB],
+// dx * sum(qx) per 16-half [M, 2 * NB].
+template <typename Q>
 struct QuantizedActs {
-  std::vector<int8_t> q;
+  std::vector<Q> q;
   std::vector<float> d;
   std::vector<float> half_sums;
 };
@@ -96,8 +101,11 @@ inline int32_t hsum_i32(__m256i v) {
 }
 #endif
 
-template <typename T>
-void quantize_block(const T* x, int8_t* q, float* d, float* half_sums) {
+template <typename Q>
+constexpr float kQMax = sizeof(Q) == 1 ? 127.0f : 32767.0f;
+
+template <typename T, typename Q>
+void quantize_block(const T* x, Q* q, float* d, float* half_sums) {
 #ifdef KVF_QG_AVX2
   __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
@@ -110,28 +118,34 @@ void quantize_block(const T* x, int8_t* q, float* d, float* half_sums) {
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_movehdup_ps(m));
   const float max_abs = _mm_cvtss_f32(m);
-  const float scale = max_abs / 127.0f;
-  const __m256 inv = _mm256_set1_ps(max_abs > 0.0f ? 127.0f / max_abs : 0.0f);
+  const float scale = max_abs / kQMax<Q>;
+  const __m256 inv = _mm256_set1_ps(max_abs > 0.0f ? kQMax<Q> / max_abs : 0.0f);
   __m256i qi[4];
   for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
   const int32_t s0 = hsum_i32(_mm256_add_epi32(qi[0], qi[1]));
   const int32_t s1 = hsum_i32(_mm256_add_epi32(qi[2], qi[3]));
-  // packs interleave 128-bit lanes; the permute restores column order
+  // packs interleave 128-bit lanes; the permutes restore column order
   const __m256i packed16a = _mm256_packs_epi32(qi[0], qi[1]);
   const __m256i packed16b = _mm256_packs_epi32(qi[2], qi[3]);
-  const __m256i packed8 = _mm256_packs_epi16(packed16a, packed16b);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
-                      _mm256_permutevar8x32_epi32(packed8, order));
+  if constexpr (sizeof(Q) == 1) {
+    const __m256i packed8 = _mm256_packs_epi16(packed16a, packed16b);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                        _mm256_permutevar8x32_epi32(packed8, order));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permute4x64_epi64(packed16a, 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16),
+                        _mm256_permute4x64_epi64(packed16b, 0xD8));
+  }
 #else
   float max_abs = 0.0f;
   for (int j = 0; j < kBlock; ++j) max_abs = std::max(max_abs, std::fabs(to_float(x[j])));
-  const float scale = max_abs / 127.0f;
-  const float inv = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;
+  const float scale = max_abs / kQMax<Q>;
+  const float inv = max_abs > 0.0f ? kQMax<Q> / max_abs : 0.0f;
   int32_t s0 = 0, s1 = 0;
   for (int j = 0; j < kBlock; ++j) {
     const int32_t v = static_cast<int32_t>(std::nearbyint(to_float(x[j]) * inv));
-    q[j] = static_cast<int8_t>(v);
+    q[j] = static_cast<Q>(v);
     (j < 16 ? s0 : s1) += v;
   }
 #endif
@@ -140,11 +154,11 @@ void quantize_block(const T* x, int8_t* q, float* d, float* half_sums) {
   half_sums[1] = scale * static_cast<float>(s1);
 }
 
-template <typename T>
-QuantizedActs quantize_acts(const T* x, int64_t M, int64_t K) {
+template <typename Q, typename T>
+QuantizedActs<Q> quantize_acts(const T* x, int64_t M, int64_t K) {
   const int64_t NB = K / kBlock;
-  QuantizedActs a{std::vector<int8_t>(M * K), std::vector<float>(M * NB),
-                  std::vector<float>(2 * M * NB)};
+  QuantizedActs<Q> a{std::vector<Q>(M * K), std::vector<float>(M * NB),
+                     std::vector<float>(2 * M * NB)};
   at::parallel_for(0, M * NB, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       quantize_block(x + i * kBlock, a.q.data() + i * kBlock, a.d.data() + i,
@@ -179,10 +193,41 @@ inline __m256i load_weight_block(const uint8_t* p) {
   }
 }
 
+// The block's codes widened to int16: w0 = codes 0..15, w1 = codes 16..31.
+template <bool kFour>
+inline void load_weight_block16(const uint8_t* p, __m256i& w0, __m256i& w1) {
+  if constexpr (kFour) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i low = _mm_set1_epi8(0x0F);
+    w0 = _mm256_cvtepu8_epi16(_mm_and_si128(b, low));
+    w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low));
+  } else {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw));
+    w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
+  }
+}
+
+// int16 codes against int16 activations in dot_u8s8's lane layout when kSub16 (lanes 0-3 the
+// first 16-half, 4-7 the second); otherwise any 8 lanes summing to the block's dot product.
+template <bool kSub16>
+inline __m256i dot_i16(__m256i w0, __m256i w1, const int16_t* x) {
+  const __m256i d0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  const __m256i d1 =
+      _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16)));
+  if constexpr (kSub16) {
+    return _mm256_add_epi32(_mm256_permute2x128_si256(d0, d1, 0x20),
+                            _mm256_permute2x128_si256(d0, d1, 0x31));
+  } else {
+    return _mm256_add_epi32(d0, d1);
+  }
+}
+
 // One weight row n against R activation rows starting at m0 (R <= kMicroRows).
-template <bool kFour, bool kSub16, bool kMins, int R>
-void micro_kernel(const Weights& w, const QuantizedActs& a, int64_t n, int64_t m0, int64_t K,
+template <typename Q, bool kFour, bool kSub16, bool kMins, int R>
+void micro_kernel(const Weights& w, const QuantizedActs<Q>& a, int64_t n, int64_t m0, int64_t K,
                   int64_t N, float* y) {
+  constexpr bool kByteActs = sizeof(Q) == 1;
   const int64_t NB = K / kBlock;
   const uint8_t* qs = w.qs + n * w.row_bytes;
   const float* scales = w.scales + n * w.row_scales;
@@ -194,8 +239,14 @@ void micro_kernel(const Weights& w, const QuantizedActs& a, int64_t n, int64_t m
     min_acc[r] = 0.0f;
   }
   for (int64_t b = 0; b < NB; ++b) {
-    const __m256i wq = load_weight_block<kFour>(qs + b * (kFour ? 16 : 32));
-    const __m256i wu = kFour ? wq : _mm256_abs_epi8(wq);
+    const uint8_t* block = qs + b * (kFour ? 16 : 32);
+    __m256i wq, wu, w0, w1;
+    if constexpr (kByteActs) {
+      wq = load_weight_block<kFour>(block);
+      wu = kFour ? wq : _mm256_abs_epi8(wq);
+    } else {
+      load_weight_block16<kFour>(block, w0, w1);
+    }
     __m256 dw;
     if constexpr (kSub16) {
       dw = _mm256_set_m128(_mm_set1_ps(scales[2 * b + 1]), _mm_set1_ps(scales[2 * b]));
@@ -204,10 +255,14 @@ void micro_kernel(const Weights& w, const QuantizedActs& a, int64_t n, int64_t m
     }
     for (int r = 0; r < R; ++r) {
       const int64_t m = m0 + r;
-      const __m256i xq =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + b * kBlock));
-      const __m256i xs = kFour ? xq : _mm256_sign_epi8(xq, wq);
-      const __m256i dot = dot_u8s8(wu, xs);
+      const Q* xq = a.q.data() + m * K + b * kBlock;
+      __m256i dot;
+      if constexpr (kByteActs) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+        dot = dot_u8s8(wu, kFour ? xv : _mm256_sign_epi8(xv, wq));
+      } else {
+        dot = dot_i16<kSub16>(w0, w1, xq);
+      }
       const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[m * NB + b]));
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dd, acc[r]);
       if constexpr (kMins) {
@@ -232,8 +287,8 @@ inline void load_weight_block(const uint8_t* p, int32_t* out) {
   for (int j = 0; j < 32 && !kFour; ++j) out[j] = static_cast<int8_t>(p[j]);
 }
 
-template <bool kFour, bool kSub16, bool kMins, int R>
-void micro_kernel(const Weights& w, const QuantizedActs& a, int64_t n, int64_t m0, int64_t K,
+template <typename Q, bool kFour, bool kSub16, bool kMins, int R>
+void micro_kernel(const Weights& w, const QuantizedActs<Q>& a, int64_t n, int64_t m0, int64_t K,
                   int64_t N, float* y) {
   const int64_t NB = K / kBlock;
   const uint8_t* qs = w.qs + n * w.row_bytes;
@@ -247,7 +302,7 @@ void micro_kernel(const Weights& w, const QuantizedActs& a, int64_t n, int64_t m
     const float d1 = kSub16 ? scales[2 * b + 1] : scales[b];
     for (int r = 0; r < R; ++r) {
       const int64_t m = m0 + r;
-      const int8_t* xq = a.q.data() + m * K + b * kBlock;
+      const Q* xq = a.q.data() + m * K + b * kBlock;
       int32_t s0 = 0, s1 = 0;
       for (int j = 0; j < 16; ++j) s0 += wq[j] * xq[j];
       for (int j = 16; j < 32; ++j) s1 += wq[j] * xq[j];
@@ -264,8 +319,8 @@ void micro_kernel(const Weights& w, const QuantizedActs& a, int64_t n, int64_t m
 }
 #endif
 
-template <bool kFour, bool kSub16, bool kMins>
-void gemm_rows(const Weights& w, const QuantizedActs& a, int64_t M, int64_t N, int64_t K,
+template <typename Q, bool kFour, bool kSub16, bool kMins>
+void gemm_rows(const Weights& w, const QuantizedActs<Q>& a, int64_t M, int64_t N, int64_t K,
                float* y) {
   at::parallel_for(0, N, kGrainRows, [&](int64_t n_begin, int64_t n_end) {
     for (int64_t t = 0; t < M; t += kRowTile) {
@@ -273,12 +328,12 @@ void gemm_rows(const Weights& w, const QuantizedActs& a, int64_t M, int64_t N, i
       for (int64_t n = n_begin; n < n_end; ++n) {
         int64_t m = t;
         for (; m + kMicroRows <= t_end; m += kMicroRows) {
-          micro_kernel<kFour, kSub16, kMins, kMicroRows>(w, a, n, m, K, N, y);
+          micro_kernel<Q, kFour, kSub16, kMins, kMicroRows>(w, a, n, m, K, N, y);
         }
         switch (t_end - m) {
-          case 3: micro_kernel<kFour, kSub16, kMins, 3>(w, a, n, m, K, N, y); break;
-          case 2: micro_kernel<kFour, kSub16, kMins, 2>(w, a, n, m, K, N, y); break;
-          case 1: micro_kernel<kFour, kSub16, kMins, 1>(w, a, n, m, K, N, y); break;
+          case 3: micro_kernel<Q, kFour, kSub16, kMins, 3>(w, a, n, m, K, N, y); break;
+          case 2: micro_kernel<Q, kFour, kSub16, kMins, 2>(w, a, n, m, K, N, y); break;
+          case 1: micro_kernel<Q, kFour, kSub16, kMins, 1>(w, a, n, m, K, N, y); break;
           default: break;
         }
       }
@@ -286,24 +341,25 @@ void gemm_rows(const Weights& w, const QuantizedActs& a, int64_t M, int64_t N, i
   });
 }
 
-template <bool kFour>
-void dispatch(const Weights& w, const QuantizedActs& a, bool sub16, int64_t M, int64_t N,
+template <typename Q, bool kFour>
+void dispatch(const Weights& w, const QuantizedActs<Q>& a, bool sub16, int64_t M, int64_t N,
               int64_t K, float* y) {
   const bool has_mins = w.mins != nullptr;
   if (sub16) {
-    has_mins ? gemm_rows<kFour, true, true>(w, a, M, N, K, y)
-             : gemm_rows<kFour, true, false>(w, a, M, N, K, y);
+    has_mins ? gemm_rows<Q, kFour, true, true>(w, a, M, N, K, y)
+             : gemm_rows<Q, kFour, true, false>(w, a, M, N, K, y);
   } else {
-    has_mins ? gemm_rows<kFour, false, true>(w, a, M, N, K, y)
-             : gemm_rows<kFour, false, false>(w, a, M, N, K, y);
+    has_mins ? gemm_rows<Q, kFour, false, true>(w, a, M, N, K, y)
+             : gemm_rows<Q, kFour, false, false>(w, a, M, N, K, y);
   }
 }
 
 }  // namespace
 
-// y [M, N] float32 = x [M, K] (float32 or bfloat16) times the packed weights (layout above).
+// y [M, N] float32 = x [M, K] (float32 or bfloat16) times the packed weights (layout above), x
+// quantized to act_bits (8 or 16) per block.
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
-                      const std::optional<at::Tensor>& mins) {
+                      const std::optional<at::Tensor>& mins, int64_t act_bits) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "x must be float32 or bfloat16");
@@ -320,19 +376,28 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tenso
                     mins->is_contiguous(),
                 "mins must match scales");
   }
+  TORCH_CHECK(act_bits == 8 || act_bits == 16, "act_bits must be 8 or 16, got ", act_bits);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return y;
   const at::Tensor xc = x.contiguous();
-  const QuantizedActs a = xc.scalar_type() == at::kFloat
-                              ? quantize_acts(xc.data_ptr<float>(), M, K)
-                              : quantize_acts(xc.data_ptr<at::BFloat16>(), M, K);
   const Weights w{static_cast<const uint8_t*>(qs.data_ptr()), scales.data_ptr<float>(),
                   has_mins ? mins->data_ptr<float>() : nullptr, NB * qs.size(2), scales.size(1)};
   const bool sub16 = scales.size(1) == 2 * NB;
-  if (qs.size(2) == 16) {
-    dispatch<true>(w, a, sub16, M, N, K, y.data_ptr<float>());
+  const bool four = qs.size(2) == 16;
+  auto run = [&](auto a) {
+    four ? dispatch<typename decltype(a.q)::value_type, true>(w, a, sub16, M, N, K, y.data_ptr<float>())
+         : dispatch<typename decltype(a.q)::value_type, false>(w, a, sub16, M, N, K,
+                                                               y.data_ptr<float>());
+  };
+  auto quantize = [&](auto tag) {
+    using Q = decltype(tag);
+    return xc.scalar_type() == at::kFloat ? quantize_acts<Q>(xc.data_ptr<float>(), M, K)
+                                          : quantize_acts<Q>(xc.data_ptr<at::BFloat16>(), M, K);
+  };
+  if (act_bits == 16) {
+    run(quantize(int16_t{}));
   } else {
-    dispatch<false>(w, a, sub16, M, N, K, y.data_ptr<float>());
+    run(quantize(int8_t{}));
   }
   return y;
 }
@@ -387,7 +452,8 @@ std::string quant_gemm_isa() {
 
 void bind_quant_gemm(pybind11::module_& m) {
   m.def("quant_gemm", &quant_gemm, "x [M, K] times block-quantized weights: float32 [M, N]",
-        py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("mins") = py::none());
+        py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("mins") = py::none(),
+        py::arg("act_bits") = 16);
   m.def("quant_gemm_repack", &quant_gemm_repack,
         "codes/scales/mins/group -> (qs, scales, mins) in quant_gemm's layout", py::arg("codes"),
         py::arg("scales"), py::arg("mins"), py::arg("group"));

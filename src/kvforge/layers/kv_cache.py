@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvforge.ops import cpu_ops
+
 _STORAGE = {
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
@@ -295,6 +297,10 @@ class PagedKVCache:
     def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store new tokens' K/V [T, KVH, D] at their flat slots."""
         if not self.is_quantized:
+            ops = cpu_ops(key)
+            if ops is not None and key.stride(-1) == 1 and value.stride(-1) == 1:
+                ops.kv_cache_store(key, value, self.k, self.v, slot_mapping)  # one call, no copies
+                return
             self._store(self.k, key, slot_mapping)
             self._store(self.v, value, slot_mapping)
             return

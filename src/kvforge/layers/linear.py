@@ -13,7 +13,7 @@ from torch import nn
 from kvforge.layers.quantization import (
     BaseQuantMethod,
     BlockInt8Method,
-    BlockQ8ActMethod,
+    QuantGemmMethod,
     create_embedding_method,
     create_fused_quant_method,
     create_quant_method,
@@ -106,7 +106,7 @@ class VocabEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
-        self.quant: BlockInt8Method | BlockQ8ActMethod | None = None
+        self.quant: BlockInt8Method | QuantGemmMethod | None = None
         self.quantize_activations = False  # as in Linear: the tied LM head's activations
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,12 @@ whole float matrix:
   and 6-bit types, Q2_K/Q3_K, IQ4_NL, int8 on-load. Few rows (decode): one
   ``_weight_int8pack_mm`` per column group, summed with per-group scales. Many rows (prefill):
   dequantize a tile of output rows at a time and use the dense matmul.
-- :class:`BlockQ8ActMethod`: every format, in blocks of 32 columns (4-bit codes when they fit,
+- :class:`QuantGemmMethod`: every format, in blocks of 32 columns (4-bit codes when they fit,
   else int8) run by the C++ ``quant_gemm`` (``csrc/quant_gemm.cpp``), which quantizes the
-  activations to int8 per block and uses integer dot products, as llama.cpp does. Chosen on the
-  CPU whenever the extension builds; the ATen methods above are the fallback.
+  activations per block to int16 (default: closer to float32 than the ATen kernels' bfloat16
+  activations) or to int8 (``quantize_activations``, as llama.cpp does) and uses integer dot
+  products. Chosen on the CPU whenever the extension builds; the ATen methods above are the
+  fallback.
 """
 
 from __future__ import annotations
@@ -174,8 +176,9 @@ class BlockInt8Method(BaseQuantMethod):
         return w.transpose(0, 1).reshape(*index.shape, self.in_features)
 
 
-class BlockQ8ActMethod(BaseQuantMethod):
-    """Blocks of 32 columns run by the C++ ``quant_gemm`` with int8-quantized activations.
+class QuantGemmMethod(BaseQuantMethod):
+    """Blocks of 32 columns run by the C++ ``quant_gemm`` with int16- or int8-quantized
+    activations (``act_bits``).
 
     Layout (see ``csrc/quant_gemm.cpp``): ``qs`` uint8 [out, in/32, 16] (two 4-bit codes a byte)
     or int8 [out, in/32, 32]; float32 ``scales`` (and ``mins``) [out, in/sub] with sub = 16 for
@@ -186,9 +189,10 @@ class BlockQ8ActMethod(BaseQuantMethod):
     scales: torch.Tensor
     mins: torch.Tensor | None
 
-    def __init__(self, weights: Unpacked, ops: ModuleType) -> None:
+    def __init__(self, weights: Unpacked, ops: ModuleType, act_bits: int = 16) -> None:
         super().__init__()
         self._ops = ops
+        self.act_bits = act_bits
         self.out_features, self.in_features = weights.codes.shape
         qs, scales, mins = ops.quant_gemm_repack(
             weights.codes.to(torch.int8), weights.scales, weights.mins, weights.group
@@ -212,7 +216,7 @@ class BlockQ8ActMethod(BaseQuantMethod):
         flat = x.reshape(-1, self.in_features)
         if flat.dtype not in (torch.float32, torch.bfloat16):
             flat = flat.float()
-        y = self._ops.quant_gemm(flat, self.qs, self.scales, self.mins)  # [M, out] float32
+        y = self._ops.quant_gemm(flat, self.qs, self.scales, self.mins, self.act_bits)  # [M, out]
         return y.to(torch.float32 if precise else x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
@@ -246,7 +250,7 @@ class ConcatMethod(BaseQuantMethod):
 _METHODS: dict[str, str] = {
     "int4": "kvforge.layers.quantization:Int4PackedMethod",
     "block_int8": "kvforge.layers.quantization:BlockInt8Method",
-    "q8_act": "kvforge.layers.quantization:BlockQ8ActMethod",
+    "quant_gemm": "kvforge.layers.quantization:QuantGemmMethod",
 }
 
 
@@ -257,7 +261,7 @@ def _method_class(name: str) -> type[BaseQuantMethod]:
 
 def _quant_gemm_ops(weights: Unpacked, device: torch.device) -> ModuleType | None:
     """The C++ ops module when its ``quant_gemm`` can run these weights on ``device``."""
-    if not BlockQ8ActMethod.supports(weights, device):
+    if not QuantGemmMethod.supports(weights, device):
         return None
     from kvforge.ops import extension  # deferred: may build the extension (once)
 
@@ -269,14 +273,14 @@ def create_quant_method(
 ) -> BaseQuantMethod:
     """The fastest method that holds these codes exactly on ``device``.
 
-    NOTE: 8-bit activations (``quantize_activations``) are 1.2-2.2x faster on the projections
-    and 2.4-3.4x on the LM head up to 16 rows, but cost top-1 agreement with the float32
-    reference on the embedded model (96.8% with them everywhere, 97.5% on the LM head alone,
-    against 99.0% and the 98% floor), so they are off by default.
+    On the CPU with the C++ extension that is ``quant_gemm`` with int16 activations (1.3-3x the
+    ATen kernels, 7x on the LM head at 16 rows, and closer to float32). NOTE: 8-bit activations
+    (``quantize_activations``) gain a further 5-25% but cost top-1 agreement with the float32
+    reference on the embedded model (96.8% against the 98% floor), so they are opt-in.
     """
-    ops = _quant_gemm_ops(weights, device) if quantize_activations else None
+    ops = _quant_gemm_ops(weights, device)
     if ops is not None:
-        return _method_class("q8_act")(weights, ops)  # type: ignore[call-arg]
+        return QuantGemmMethod(weights, ops, 8 if quantize_activations else 16)
     if Int4PackedMethod.supports(weights, device):
         return _method_class("int4")(weights).to(device)
     return _method_class("block_int8")(weights).to(device)
@@ -284,12 +288,12 @@ def create_quant_method(
 
 def create_embedding_method(
     weights: Unpacked, device: torch.device, quantize_activations: bool = False
-) -> BlockInt8Method | BlockQ8ActMethod:
+) -> BlockInt8Method | QuantGemmMethod:
     """Packed embedding rows that also serve as the tied LM head (both have ``rows()``); see
     :func:`create_quant_method` for ``quantize_activations``."""
-    ops = _quant_gemm_ops(weights, device) if quantize_activations else None
+    ops = _quant_gemm_ops(weights, device)
     if ops is not None:
-        return BlockQ8ActMethod(weights, ops)
+        return QuantGemmMethod(weights, ops, 8 if quantize_activations else 16)
     return BlockInt8Method(weights).to(device)
 
 

@@ -19,7 +19,9 @@ from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.layers.kv_cache import PagedKVCache
 from kvforge.layers.linear import Linear, MergedLinear, VocabEmbedding
 from kvforge.layers.norm import RMSNorm
+from kvforge.layers.quantization import QuantGemmMethod
 from kvforge.layers.rotary import RotaryEmbedding, apply_rotary
+from kvforge.ops import cpu_ops
 from kvforge.quant.formats import Unpacked
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -78,7 +80,12 @@ class Attention(nn.Module):
         else:
             # q and k side by side: one rotary call for both, [T, H + KVH, D]
             qk = qkv[:, : q_size + self.num_kv_heads * self.head_dim]
-            qk = apply_rotary(qk.view(num_tokens, -1, self.head_dim), *rope)
+            qk = qk.view(num_tokens, -1, self.head_dim)
+            ops = cpu_ops(qk)
+            if ops is not None:
+                ops.rotary_(qk, *rope)  # in place on the fresh qkv rows
+            else:
+                qk = apply_rotary(qk, *rope)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         out = self.backend.forward(
             q, k, v, kv_cache, batch, scale=self.scale, sliding_window=self.sliding_window
@@ -98,7 +105,11 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, E] -> [T, E]."""
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))  # [T, F] each
+        gate_up = self.gate_up_proj(x)  # [T, 2F]
+        ops = cpu_ops(gate_up) if self.act is F.silu and gate_up.dim() == 2 else None
+        if ops is not None:
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        gate, up = self.gate_up_proj.split(gate_up)  # [T, F] each
         return self.down_proj(self.act(gate) * up)
 
 
@@ -116,17 +127,86 @@ class DecoderLayer(nn.Module):
         if cfg.sandwich_norm:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self._fused: list[torch.Tensor | None] | None = None
+        self._fused_checked = False
+
+    def fused_linears(self) -> list[torch.Tensor | None] | None:
+        """The packed (qs, scales, mins) of qkv, o, gate_up and down when the whole layer can
+        run as the C++ ``decoder_layer`` (plain pre-norm, SiLU, no biases or QK-norm, every
+        linear in ``quant_gemm`` with the same activation bits, float32 norms, the ``cpu_paged``
+        backend), else None. Decided on the first forward, after the weights are loaded."""
+        if self._fused_checked:
+            return self._fused
+        from kvforge.layers.attention.cpu_paged import CpuPagedAttentionBackend
+
+        attn, mlp = self.self_attn, self.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        methods = [layer.quant for layer in linears]
+        plain = (
+            not self.sandwich
+            and mlp.act is F.silu
+            and attn.q_norm is None
+            and isinstance(attn.backend, CpuPagedAttentionBackend)
+            and all(layer.bias is None for layer in linears)
+            and self.input_layernorm.weight.dtype == torch.float32
+            and self.post_attention_layernorm.weight.dtype == torch.float32
+        )
+        if plain and all(isinstance(m, QuantGemmMethod) for m in methods):
+            gemms = [m for m in methods if isinstance(m, QuantGemmMethod)]
+            if len({m.act_bits for m in gemms}) == 1:
+                self._fused = [t for m in gemms for t in (m.qs, m.scales, m.mins)]
+        self._fused_checked = True
+        return self._fused
 
     def forward(
-        self, x: torch.Tensor, rope: Rope, kv_cache: PagedKVCache, batch: ForwardBatch
-    ) -> torch.Tensor:
-        """x: [T, E] -> [T, E]."""
-        attn = self.self_attn(self.input_layernorm(x), rope, kv_cache, batch)
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: Rope,
+        kv_cache: PagedKVCache,
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, residual) -> (x, residual), each [T, E]: the hidden state is ``x + residual``
+        (``x`` alone when residual is None), so each residual add fuses into the next norm."""
         if self.sandwich:
+            if residual is not None:
+                x = x + residual
+            attn = self.self_attn(self.input_layernorm(x), rope, kv_cache, batch)
             x = x + self.post_attention_layernorm(attn)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+            mlp = self.mlp(self.pre_feedforward_layernorm(x))
+            return x + self.post_feedforward_layernorm(mlp), None
+        fused = self.fused_linears()
+        ops = cpu_ops(x) if fused is not None and not kv_cache.is_quantized else None
+        if ops is not None and x.dtype == torch.float32:
+            attn = self.self_attn
+            return ops.decoder_layer(  # type: ignore[no-any-return]
+                x,
+                residual,
+                self.input_layernorm.weight,
+                self.post_attention_layernorm.weight,
+                self.input_layernorm.eps,
+                fused,
+                self.mlp.gate_up_proj.quant.act_bits,  # type: ignore[union-attr]
+                attn.num_heads,
+                attn.num_kv_heads,
+                *rope,
+                kv_cache.k,
+                kv_cache.v,
+                batch.slot_mapping,
+                batch.block_tables,
+                batch.seq_lens,
+                batch.query_lens,
+                batch.query_start_loc,
+                attn.scale,
+                attn.sliding_window or 0,
+            )
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h = self.self_attn(h, rope, kv_cache, batch)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderLM(nn.Module):
@@ -154,10 +234,11 @@ class DecoderLM(nn.Module):
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         rope_global = self.rope_global.cos_sin(batch.positions)
         rope_local = self.rope_local.cos_sin(batch.positions) if self.rope_local else rope_global
+        residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             rope = rope_local if self.config.is_sliding(i) else rope_global
-            x = layer(x, rope, kv_caches[i], batch)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_caches[i], batch)
+        return self.norm(x) if residual is None else self.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] (float32) for hidden states [N, E]."""

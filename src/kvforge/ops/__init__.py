@@ -1,5 +1,6 @@
-"""C++ CPU ops built on first use (paged attention, quantized GEMM); the loader never raises."""
+"""C++ CPU ops built on first use (paged attention, quantized GEMM, fused layer ops); the loader
+never raises."""
 
-from kvforge.ops.extension import ExtensionLoad, load_extension, load_paged_attention
+from kvforge.ops.extension import ExtensionLoad, cpu_ops, load_extension
 
-__all__ = ["ExtensionLoad", "load_extension", "load_paged_attention"]
+__all__ = ["ExtensionLoad", "cpu_ops", "load_extension"]

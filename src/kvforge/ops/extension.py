@@ -1,4 +1,5 @@
-"""Build and load kvforge's C++ CPU ops (paged attention, quantized GEMM), never raising.
+"""Build and load kvforge's C++ CPU ops (paged attention, quantized GEMM, fused layer ops),
+never raising.
 
 The sources are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja and a C++
 compiler) into ``$XDG_CACHE_HOME/kvforge/ext/<hash>`` (default ``~/.cache``), where the hash
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parents[1] / "csrc"
 # paged_attention.cpp holds the module definition; the others add their ops to it.
-SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "quant_gemm.cpp")
+SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "quant_gemm.cpp", _CSRC / "fused_ops.cpp")
 _NAME = "kvforge_ops"
 _REQUIRED_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 # Each group is added when the compiler accepts it.
@@ -142,6 +143,7 @@ def load_extension() -> ExtensionLoad:
     return ExtensionLoad(module, None, directory)
 
 
-def load_paged_attention() -> ModuleType | None:
-    """The extension module with ``paged_attention(...)``, or None when it cannot be built."""
-    return load_extension().module
+def cpu_ops(x: torch.Tensor) -> ModuleType | None:
+    """The C++ ops module when ``x`` lives on the CPU and the extension loads, else None: the
+    caller then takes its torch path (other devices, or no compiler)."""
+    return load_extension().module if x.is_cpu else None

@@ -1,4 +1,5 @@
-"""Packed-weight matmuls equal dequantize-then-matmul within bf16 tolerance, for every format."""
+"""Packed-weight matmuls equal dequantize-then-matmul within bf16 tolerance, for every format,
+with the C++ ``quant_gemm`` (the default on CPU) and with the ATen fallback methods."""
 
 from __future__ import annotations
 
@@ -8,12 +9,29 @@ import torch
 from gguf import GGUFReader
 
 from kvforge.layers.linear import MergedLinear, VocabEmbedding
-from kvforge.layers.quantization import BlockInt8Method, Int4PackedMethod, create_quant_method
+from kvforge.layers.quantization import (
+    BlockInt8Method,
+    Int4PackedMethod,
+    QuantGemmMethod,
+    create_quant_method,
+)
+from kvforge.ops import extension
 from kvforge.quant import QT, quantize, unpack_rows
 from kvforge.quant.rtn import quantize_rtn
 
 CPU = torch.device("cpu")
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.fixture(params=["default", "aten"])
+def kernels(request, monkeypatch) -> str:
+    """Run the test with the extension's kernels, then as if it could not be built."""
+    if request.param == "aten":
+        failed = extension.ExtensionLoad(None, "RuntimeError: no compiler", None)
+        monkeypatch.setattr(extension, "load_extension", lambda: failed)
+    elif extension.load_extension().module is None:
+        pytest.skip("C++ ops extension unavailable")
+    return str(request.param)
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -30,16 +48,18 @@ def _check_method(weights, rows: int = 512, cols: int = 768) -> None:
 
 
 @pytest.mark.parametrize("name", TYPES)
-def test_every_type_matches_dequantized_matmul(name: str) -> None:
+def test_every_type_matches_dequantized_matmul(name: str, kernels: str) -> None:
     gen = np.random.default_rng(0)
     values = gen.standard_normal((512, 768)).astype(np.float32)
     weights = unpack_rows(torch.from_numpy(quantize(values, QT[name])), QT[name], (512, 768))
-    expected = Int4PackedMethod if name in ("Q4_0", "Q4_1", "Q4_K") else BlockInt8Method
+    expected: type = Int4PackedMethod if name in ("Q4_0", "Q4_1", "Q4_K") else BlockInt8Method
+    if kernels == "default":
+        expected = QuantGemmMethod
     assert isinstance(create_quant_method(weights, CPU), expected)
     _check_method(weights)
 
 
-def test_real_model_formats(smollm_path: str, gemma_path: str) -> None:
+def test_real_model_formats(smollm_path: str, gemma_path: str, kernels: str) -> None:
     """One matrix of each type the embedded (Q4_1, Q8_0) and Gemma (Q4_K, Q5_0, Q6_K) use."""
     seen = set()
     for path in (smollm_path, gemma_path):
@@ -54,7 +74,7 @@ def test_real_model_formats(smollm_path: str, gemma_path: str) -> None:
     assert {QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_0, QT.Q6_K} <= seen
 
 
-def test_fused_shards_of_different_formats() -> None:
+def test_fused_shards_of_different_formats(kernels: str) -> None:
     """q/k in Q4_K and v in Q6_K: one method per shard, outputs concatenated in order."""
     layer = MergedLinear(512, {"q": 256, "k": 128, "v": 128})
     gen = np.random.default_rng(1)
@@ -72,7 +92,7 @@ def test_fused_shards_of_different_formats() -> None:
     assert _relative_error(layer(x), x @ torch.cat(dense).T) < 1e-2
 
 
-def test_packed_embedding_rows_and_tied_head() -> None:
+def test_packed_embedding_rows_and_tied_head(kernels: str) -> None:
     gen = np.random.default_rng(2)
     values = gen.standard_normal((1000, 64)).astype(np.float32)
     weights = unpack_rows(torch.from_numpy(quantize(values, QT.Q8_0)), QT.Q8_0, (1000, 64))

@@ -1,0 +1,299 @@
+// Fused per-layer elementwise ops on the CPU: each replaces several eager torch ops (and their
+// temporaries) of a decoder layer, which at a few tokens per step cost more than the maths.
+//
+// Dimensions: T tokens, E hidden size, F MLP width, H heads (query and key heads side by side for
+// the rotary), D head dim, KVH KV heads.
+//
+//   rms_norm(x [T, E], w [E], eps)                      -> x / rms(x) * w
+//   add_rms_norm(x [T, E], residual [T, E], w, eps)     -> residual += x; residual / rms * w
+//   rotary_(x [T, H, D], cos [T, D], signed_sin [T, D])    x = x cos + roll(x, D/2) signed_sin
+//   silu_and_mul(gate_up [T, 2F])                       -> silu(gate_up[:, :F]) * gate_up[:, F:]
+//   kv_cache_store(k, v [T, KVH, D], k_cache, v_cache [NB, BS, KVH, D], slots [T])
+//                                                          cache[slot] = (k, v) in the cache dtype
+// Everything is computed in float32 and rounded once to the output dtype (float32, bfloat16 or
+// float16), so each op matches its torch reference (layers/norm.py, layers/rotary.py, the MLP,
+// PagedKVCache._store) to the last rounding. Inputs may be strided views (rows of a fused qkv);
+// the last dimension must be contiguous. Rows go to at::parallel_for when there are many.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGrainRows = 16;
+
+template <typename T>
+inline float to_f32(const T* p) {
+  return static_cast<float>(*p);
+}
+template <typename T>
+inline void from_f32(T* p, float v) {
+  *p = static_cast<T>(v);
+}
+
+void check_rows(const at::Tensor& x, const char* name, int64_t dims) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == dims, name, " must be a ", dims, "-D CPU tensor");
+  TORCH_CHECK(x.stride(-1) == 1, name, "'s last dimension must be contiguous");
+  const auto type = x.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf, name,
+              " must be float32, bfloat16 or float16");
+}
+
+#define KVF_FLOAT_TYPES(TYPE, NAME, ...)                                                  \
+  [&] {                                                                                   \
+    switch (TYPE) {                                                                       \
+      case at::kFloat: { using NAME = float; return __VA_ARGS__(); }                      \
+      case at::kBFloat16: { using NAME = at::BFloat16; return __VA_ARGS__(); }            \
+      case at::kHalf: { using NAME = at::Half; return __VA_ARGS__(); }                    \
+      default: TORCH_CHECK(false, "unsupported dtype ", TYPE);                            \
+    }                                                                                     \
+  }()
+
+// One row: out = r / rms(r) * w, r = x (+ residual, stored back when given).
+template <typename T, typename W>
+void norm_row(const T* x, T* residual, const W* w, T* out, int64_t n, float eps,
+              std::vector<float>& buf) {
+  float* r = buf.data();
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    float v = to_f32(x + i);
+    if (residual != nullptr) {
+      v += to_f32(residual + i);
+      from_f32(residual + i, v);
+      v = to_f32(residual + i);  // the stored (rounded) sum, as the torch reference sees it
+    }
+    r[i] = v;
+    sum += v * v;
+  }
+  const float inv = 1.0f / std::sqrt(sum / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) from_f32(out + i, r[i] * inv * to_f32(w + i));
+}
+
+at::Tensor norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                     const at::Tensor& weight, double eps) {
+  check_rows(x, "x", 2);
+  const int64_t rows = x.size(0), n = x.size(1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == n && weight.is_contiguous(),
+              "weight must be contiguous [", n, "]");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == x.scalar_type(),
+              "weight must be float32 or x's dtype");
+  if (residual.has_value()) {
+    check_rows(*residual, "residual", 2);
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                    residual->is_contiguous(),
+                "residual must be contiguous and match x");
+  }
+  at::Tensor out = at::empty({rows, n}, x.options());
+  KVF_FLOAT_TYPES(x.scalar_type(), T, [&] {
+    auto run = [&](const auto* w) {
+      at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
+        std::vector<float> buf(n);
+        for (int64_t t = begin; t < end; ++t) {
+          T* res = residual.has_value() ? residual->data_ptr<T>() + t * n : nullptr;
+          norm_row(x.data_ptr<T>() + t * x.stride(0), res, w, out.data_ptr<T>() + t * n, n,
+                   static_cast<float>(eps), buf);
+        }
+      });
+    };
+    if (weight.scalar_type() == at::kFloat) {
+      run(weight.data_ptr<float>());
+    } else {
+      run(weight.data_ptr<T>());
+    }
+  });
+  return out;
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return norm_impl(x, std::nullopt, weight, eps);
+}
+
+at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,
+                        double eps) {
+  return norm_impl(x, residual, weight, eps);
+}
+
+// x [T, H, D] in place (any row and head strides, contiguous D): NeoX half rotation.
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& signed_sin) {
+  check_rows(x, "x", 3);
+  const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), half = dim / 2;
+  TORCH_CHECK(dim % 2 == 0, "head dim must be even");
+  for (const at::Tensor* t : {&cos, &signed_sin}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == tokens * dim,
+                "cos / signed_sin must be contiguous float32 [T, D]");
+  }
+  const float* c = cos.data_ptr<float>();
+  const float* s = signed_sin.data_ptr<float>();
+  KVF_FLOAT_TYPES(x.scalar_type(), T, [&] {
+    T* base = x.data_ptr<T>();
+    at::parallel_for(0, tokens, kGrainRows, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(dim);
+      for (int64_t t = begin; t < end; ++t) {
+        const float* ct = c + t * dim;
+        const float* st = s + t * dim;
+        for (int64_t h = 0; h < heads; ++h) {
+          T* p = base + t * x.stride(0) + h * x.stride(1);
+          for (int64_t i = 0; i < dim; ++i) row[i] = to_f32(p + i);
+          for (int64_t i = 0; i < dim; ++i) {
+            const float rolled = row[i < half ? i + half : i - half];
+            from_f32(p + i, row[i] * ct[i] + rolled * st[i]);
+          }
+        }
+      }
+    });
+  });
+}
+
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up", 2);
+  const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must have an even width");
+  at::Tensor out = at::empty({rows, width}, gate_up.options());
+  KVF_FLOAT_TYPES(gate_up.scalar_type(), T, [&] {
+    at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const T* g = gate_up.data_ptr<T>() + t * gate_up.stride(0);
+        T* o = out.data_ptr<T>() + t * width;
+        for (int64_t i = 0; i < width; ++i) {
+          // torch rounds silu(gate) to the dtype before the product
+          const float a = to_f32(g + i);
+          const T act = static_cast<T>(a / (1.0f + std::exp(-a)));
+          from_f32(o + i, static_cast<float>(act) * to_f32(g + width + i));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+template <typename S, typename C>
+void store_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, int64_t tokens) {
+  const int64_t heads = src.size(1), dim = src.size(2);
+  C* dst = cache.data_ptr<C>();
+  const S* base = src.data_ptr<S>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    C* out = dst + slots[t] * heads * dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      const S* in = base + t * src.stride(0) + h * src.stride(1);
+      if constexpr (std::is_same_v<S, C>) {
+        std::memcpy(out + h * dim, in, dim * sizeof(C));
+      } else {
+        for (int64_t i = 0; i < dim; ++i) out[h * dim + i] = static_cast<C>(to_f32(in + i));
+      }
+    }
+  }
+}
+
+void kv_cache_store(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                    at::Tensor& value_cache, const at::Tensor& slots) {
+  check_rows(key, "key", 3);
+  check_rows(value, "value", 3);
+  TORCH_CHECK(key.sizes() == value.sizes() && key.scalar_type() == value.scalar_type(),
+              "key and value must match");
+  const int64_t tokens = key.size(0);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() &&
+                  slots.numel() == tokens,
+              "slots must be contiguous int64 [T]");
+  for (const at::Tensor* c : {&key_cache, &value_cache}) {
+    check_rows(*c, "cache", 4);
+    TORCH_CHECK(c->is_contiguous() && c->size(2) == key.size(1) && c->size(3) == key.size(2),
+                "caches must be contiguous [NB, BS, KVH, D]");
+  }
+  TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "caches must match");
+  const int64_t* s = slots.data_ptr<int64_t>();
+  const int64_t capacity = key_cache.size(0) * key_cache.size(1);
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(s[t] >= 0 && s[t] < capacity, "slot ", s[t], " is outside the cache");
+  }
+  KVF_FLOAT_TYPES(key.scalar_type(), S, [&] {
+    KVF_FLOAT_TYPES(key_cache.scalar_type(), C, [&] {
+      store_rows<S, C>(key, key_cache, s, tokens);
+      store_rows<S, C>(value, value_cache, s, tokens);
+    });
+  });
+}
+
+}  // namespace
+
+// quant_gemm.cpp and paged_attention.cpp
+at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& mins, int64_t act_bits);
+at::Tensor paged_attention(
+    const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_lens,
+    const at::Tensor& query_start_loc, double scale, int64_t sliding_window,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+    const std::optional<at::Tensor>& k_center, const std::optional<at::Tensor>& v_center,
+    const std::optional<at::Tensor>& k_token_scale, const std::optional<at::Tensor>& v_token_scale,
+    const std::optional<at::Tensor>& recent_slot_of_block,
+    const std::optional<at::Tensor>& recent_k, const std::optional<at::Tensor>& recent_v);
+
+// One plain pre-norm decoder layer in a single call: the same ops, in the same order, as
+// DecoderLayer.forward in models/common.py takes for a layer without biases, QK-norm or sandwich
+// norms, with SiLU, quant_gemm weights, float32 activations and a 16/32-bit paged KV cache; so
+// the results are identical and only the ~12 Python module calls per layer go away.
+//   linears: (qs, scales, mins) of qkv, o, gate_up and down, in that order.
+// Returns (mlp output, residual): the hidden state is their sum (the next norm adds them).
+std::tuple<at::Tensor, at::Tensor> decoder_layer(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& input_norm,
+    const at::Tensor& post_norm, double eps, const std::vector<std::optional<at::Tensor>>& linears,
+    int64_t act_bits, int64_t num_heads, int64_t num_kv_heads, const at::Tensor& cos,
+    const at::Tensor& signed_sin, at::Tensor& key_cache, at::Tensor& value_cache,
+    const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+    const at::Tensor& query_lens, const at::Tensor& query_start_loc, double scale,
+    int64_t sliding_window) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x must be contiguous float32 [T, E]");
+  TORCH_CHECK(linears.size() == 12, "linears must hold (qs, scales, mins) of 4 layers");
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK(linears[3 * i].has_value() && linears[3 * i + 1].has_value(),
+                "linear ", i, " lacks its codes or scales");
+  }
+  auto linear = [&](const at::Tensor& in, int i) {
+    return quant_gemm(in, *linears[3 * i], *linears[3 * i + 1], linears[3 * i + 2], act_bits);
+  };
+  at::Tensor res = residual.has_value() ? *residual : x;
+  at::Tensor h = residual.has_value() ? add_rms_norm(x, res, input_norm, eps)
+                                      : rms_norm(x, input_norm, eps);
+  const at::Tensor qkv = linear(h, 0);  // [T, (H + 2 KVH) D]
+  const int64_t tokens = x.size(0);
+  const int64_t head_dim = qkv.size(1) / (num_heads + 2 * num_kv_heads);
+  TORCH_CHECK(head_dim * (num_heads + 2 * num_kv_heads) == qkv.size(1), "qkv width mismatch");
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  at::Tensor qk = qkv.narrow(1, 0, q_size + kv_size).view({tokens, -1, head_dim});
+  rotary_(qk, cos, signed_sin);
+  const at::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, num_kv_heads, head_dim});
+  const at::Tensor v =
+      qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, num_kv_heads, head_dim});
+  kv_cache_store(k, v, key_cache, value_cache, slots);
+  const at::Tensor attn = paged_attention(
+      qk.narrow(1, 0, num_heads), key_cache, value_cache, block_tables, seq_lens, query_lens,
+      query_start_loc, scale, sliding_window, std::nullopt, std::nullopt, std::nullopt,
+      std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+  const at::Tensor o = linear(attn.view({tokens, q_size}), 1);
+  h = add_rms_norm(o, res, post_norm, eps);
+  return {linear(silu_and_mul(linear(h, 2)), 3), res};
+}
+
+void bind_fused_ops(pybind11::module_& m) {
+  m.def("rms_norm", &rms_norm, "x / rms(x) * weight over the last dimension", py::arg("x"),
+        py::arg("weight"), py::arg("eps"));
+  m.def("add_rms_norm", &add_rms_norm,
+        "residual += x in place, then rms_norm(residual): returns the normalized rows",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("rotary_", &rotary_, "NeoX rotary in place on x [T, H, D] with cos / signed sin [T, D]",
+        py::arg("x"), py::arg("cos"), py::arg("signed_sin"));
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [T, 2F] gate/up output",
+        py::arg("gate_up"));
+  m.def("kv_cache_store", &kv_cache_store, "k / v [T, KVH, D] into 16/32-bit caches at slots",
+        py::arg("key"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"),
+        py::arg("slots"));
+  m.def("decoder_layer", &decoder_layer,
+        "a plain pre-norm decoder layer in one call: (x, residual) -> (mlp out, residual)");
+}

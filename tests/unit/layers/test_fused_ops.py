@@ -1,0 +1,113 @@
+"""The C++ fused layer ops match the torch code they replace, on every float dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvforge.layers.kv_cache import PagedKVCache
+from kvforge.layers.norm import RMSNorm
+from kvforge.layers.rotary import RotaryEmbedding, apply_rotary
+from kvforge.ops import extension
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    loaded = extension.load_extension()
+    if loaded.module is None:
+        pytest.skip(f"C++ ops extension unavailable: {loaded.error}")
+    return loaded.module
+
+
+def _torch_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    # float32 sums in another order; 16-bit results may differ by one rounding
+    tol = 1e-5 if got.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_norms(ops, dtype: torch.dtype, rows: int) -> None:
+    x, residual = torch.randn(rows, 576).to(dtype), torch.randn(rows, 576).to(dtype)
+    weight = torch.randn(576)
+    _close(ops.rms_norm(x, weight, 1e-6), _torch_norm(x, weight, 1e-6))
+    summed = residual + x
+    fused_residual = residual.clone()
+    out = ops.add_rms_norm(x, fused_residual, weight, 1e-6)
+    assert torch.equal(fused_residual, summed)  # updated in place, rounded as torch rounds
+    _close(out, _torch_norm(summed, weight, 1e-6))
+    # the module takes the same path and keeps its torch one for other shapes
+    norm = RMSNorm(576, 1e-6)
+    norm.weight.data.copy_(weight)
+    _close(norm(x), _torch_norm(x, weight, 1e-6))
+    _close(norm(x[:, None]), _torch_norm(x[:, None], weight, 1e-6))
+    normed, new_residual = norm.add_and_norm(x, residual.clone())
+    assert torch.equal(new_residual, summed)
+    _close(normed, _torch_norm(summed, weight, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_in_place_on_strided_rows(ops, dtype: torch.dtype) -> None:
+    tokens, heads, kv_heads, dim = 7, 9, 3, 64
+    rope = RotaryEmbedding(dim, 10000.0)
+    cos, signed_sin = rope.cos_sin(torch.tensor([0, 1, 5, 17, 300, 2, 9]))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
+    qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, -1, dim)  # rows strided by qkv's width
+    want = apply_rotary(qk.clone(), cos, signed_sin)
+    v_before = qkv[:, (heads + kv_heads) * dim :].clone()
+    ops.rotary_(qk, cos, signed_sin)
+    _close(qk, want)
+    assert torch.equal(qkv[:, (heads + kv_heads) * dim :], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(ops, dtype: torch.dtype) -> None:
+    gate_up = (torch.randn(5, 2 * 96) * 4).to(dtype)
+    gate, up = gate_up.split(96, dim=-1)
+    _close(ops.silu_and_mul(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("src", DTYPES)
+@pytest.mark.parametrize("cache_dtype", DTYPES)
+def test_kv_cache_store_matches_index_copy(ops, src: torch.dtype, cache_dtype: torch.dtype) -> None:
+    blocks, block_size, kv_heads, dim, tokens = 6, 4, 2, 32, 5
+    qkv = torch.randn(tokens, 3 * kv_heads * dim).to(src)
+    k = qkv[:, : kv_heads * dim].view(tokens, kv_heads, dim)  # strided views, as the model has
+    v = qkv[:, kv_heads * dim : 2 * kv_heads * dim].view(tokens, kv_heads, dim)
+    slots = torch.tensor([0, 23, 5, 6, 17])
+    got_k, got_v = (torch.zeros(blocks, block_size, kv_heads, dim, dtype=cache_dtype) for _ in "kv")
+    want_k, want_v = got_k.clone(), got_v.clone()
+    ops.kv_cache_store(k, v, got_k, got_v, slots)
+    PagedKVCache._store(want_k, k, slots)
+    PagedKVCache._store(want_v, v, slots)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+
+
+def test_bad_arguments_raise(ops) -> None:
+    cache = torch.zeros(2, 4, 1, 8)
+    k = torch.randn(1, 1, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.kv_cache_store(k, k, cache, cache.clone(), torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.kv_cache_store(k, k, cache, cache.clone(), torch.tensor([-1]))
+    with pytest.raises(RuntimeError, match="int64"):
+        ops.kv_cache_store(k, k, cache, cache.clone(), torch.tensor([1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6)
+    with pytest.raises(RuntimeError, match="residual"):
+        ops.add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.randn(8), 1e-6)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        ops.silu_and_mul(torch.ones(2, 8, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="cos"):
+        ops.rotary_(torch.randn(2, 1, 8), torch.randn(3, 8), torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match="even width"):
+        ops.silu_and_mul(torch.randn(2, 7))
