@@ -45,15 +45,21 @@ class AsyncLLM:
     The engine is single-threaded. Other threads never touch it: they submit commands
     (add, abort, read stats, embed) that the loop thread runs between steps, so a busy engine
     cannot starve them and they never block a step.
+
+    ``engine`` may be a factory: the engine is then built on the loop thread (the constructor
+    waits for it and re-raises its error). Servers should pass one. NOTE: with GNU OpenMP, a
+    second thread running parallel regions next to an idle pool owned by the thread that loaded
+    the model finds the CPUs "oversubscribed" and throttles its spin-waits; every kernel then
+    pays a sleeping worker's wake-up (2.5x slower decode steps on two cores). Loading and
+    stepping on one thread keeps a single pool.
     """
 
     def __init__(
         self,
-        engine: LLMEngine,
+        engine: LLMEngine | Callable[[], LLMEngine],
         max_queued_requests: int | None = None,
         num_workers: int = DEFAULT_NUM_WORKERS,
     ) -> None:
-        self.engine = engine
         self.max_queued_requests = max_queued_requests
         # Bounded pool for CPU work that must stay off the event loop and off the engine
         # thread: chat templates, tokenization, grammar compilation.
@@ -65,8 +71,16 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="kvforge-engine", daemon=True)
+        ready: Future[LLMEngine] = Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(engine, ready), name="kvforge-engine", daemon=True
+        )
         self._thread.start()
+        try:
+            self.engine = ready.result()
+        except BaseException:
+            self.workers.shutdown(wait=False)
+            raise
 
     # ----------------------------------------------------------------- state
     @property
@@ -153,7 +167,13 @@ class AsyncLLM:
         self.submit(do_abort)
 
     # ------------------------------------------------------------------ loop
-    def _run(self) -> None:
+    def _run(self, source: LLMEngine | Callable[[], LLMEngine], ready: Future[LLMEngine]) -> None:
+        try:
+            self.engine = source if isinstance(source, LLMEngine) else source()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the constructor
+            ready.set_exception(exc)
+            return
+        ready.set_result(self.engine)
         try:
             while True:
                 self._wake.clear()

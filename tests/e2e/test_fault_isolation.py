@@ -137,6 +137,31 @@ def test_async_stream_gets_the_request_error(make_engine):
         llm.shutdown()
 
 
+def test_engine_factory_runs_on_the_engine_thread(make_engine):
+    """A factory builds the engine on the loop thread (one OpenMP pool for load and steps);
+    its error reaches the constructor."""
+    built_on: list[int] = []
+
+    def factory():  # type: ignore[no-untyped-def]
+        built_on.append(threading.get_ident())
+        return make_engine()
+
+    llm = AsyncLLM(factory)
+    try:
+        assert built_on == [llm._thread.ident] and built_on[0] != threading.get_ident()
+        text = llm.call(lambda engine: engine.tokenizer.decode([72]))
+        assert isinstance(text, str)
+        assert llm.is_healthy
+    finally:
+        llm.shutdown()
+
+    def broken():  # type: ignore[no-untyped-def]
+        raise ValueError("corrupt model file")
+
+    with pytest.raises(ValueError, match="corrupt model file"):
+        AsyncLLM(broken)
+
+
 def test_model_failure_stops_the_loop_and_the_server_exits_nonzero(make_engine):
     from kvforge.entrypoints.openai import ServerConfig, serve
 

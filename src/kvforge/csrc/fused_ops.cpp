@@ -282,18 +282,18 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
 }
 
 void bind_fused_ops(pybind11::module_& m) {
-  m.def("rms_norm", &rms_norm, "x / rms(x) * weight over the last dimension", py::arg("x"),
+  m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>(), "x / rms(x) * weight over the last dimension", py::arg("x"),
         py::arg("weight"), py::arg("eps"));
-  m.def("add_rms_norm", &add_rms_norm,
+  m.def("add_rms_norm", &add_rms_norm, py::call_guard<py::gil_scoped_release>(),
         "residual += x in place, then rms_norm(residual): returns the normalized rows",
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
-  m.def("rotary_", &rotary_, "NeoX rotary in place on x [T, H, D] with cos / signed sin [T, D]",
+  m.def("rotary_", &rotary_, py::call_guard<py::gil_scoped_release>(), "NeoX rotary in place on x [T, H, D] with cos / signed sin [T, D]",
         py::arg("x"), py::arg("cos"), py::arg("signed_sin"));
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused [T, 2F] gate/up output",
+  m.def("silu_and_mul", &silu_and_mul, py::call_guard<py::gil_scoped_release>(), "silu(gate) * up of a fused [T, 2F] gate/up output",
         py::arg("gate_up"));
-  m.def("kv_cache_store", &kv_cache_store, "k / v [T, KVH, D] into 16/32-bit caches at slots",
+  m.def("kv_cache_store", &kv_cache_store, py::call_guard<py::gil_scoped_release>(), "k / v [T, KVH, D] into 16/32-bit caches at slots",
         py::arg("key"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"),
         py::arg("slots"));
-  m.def("decoder_layer", &decoder_layer,
+  m.def("decoder_layer", &decoder_layer, py::call_guard<py::gil_scoped_release>(),
         "a plain pre-norm decoder layer in one call: (x, residual) -> (mlp out, residual)");
 }

@@ -770,9 +770,11 @@ at::Tensor paged_attention(
 void bind_quant_gemm(pybind11::module_& m);  // quant_gemm.cpp
 void bind_fused_ops(pybind11::module_& m);  // fused_ops.cpp
 
+// Every op releases the GIL while it runs (py::call_guard): the server's event loop thread keeps
+// streaming tokens while the engine thread computes, as it does during torch's own ops.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kvforge CPU ops: paged attention, block-quantized GEMM, fused layer ops";
-  m.def("paged_attention", &paged_attention, "Attention over paged K/V blocks, read in place",
+  m.def("paged_attention", &paged_attention, py::call_guard<py::gil_scoped_release>(), "Attention over paged K/V blocks, read in place",
         py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
         py::arg("seq_lens"), py::arg("query_lens"), py::arg("query_start_loc"), py::arg("scale"),
         py::arg("sliding_window"), py::arg("k_scale") = py::none(),

@@ -54,16 +54,17 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kRowTile = 64;    // activation rows kept in cache while a weight slice streams
-constexpr int kMicroRows = 4;       // activation rows sharing one unpacked weight block
+constexpr int kMicroRows = 8;       // activation rows sharing one unpacked weight block
 constexpr int64_t kGrainRows = 16;  // fewest output rows per parallel task
 
 // Activations quantized per 32-block: codes [M, K] (int8_t or int16_t), scales [M, NB],
-// dx * sum(qx) per 16-half [M, 2 * NB].
+// dx * sum(qx) per 16-half [M, 2 * NB] and per block [M, NB] (the weights' mins multiply them).
 template <typename Q>
 struct QuantizedActs {
   std::vector<Q> q;
   std::vector<float> d;
   std::vector<float> half_sums;
+  std::vector<float> block_sums;
 };
 
 struct Weights {
@@ -105,7 +106,7 @@ template <typename Q>
 constexpr float kQMax = sizeof(Q) == 1 ? 127.0f : 32767.0f;
 
 template <typename T, typename Q>
-void quantize_block(const T* x, Q* q, float* d, float* half_sums) {
+void quantize_block(const T* x, Q* q, float* d, float* half_sums, float* block_sum) {
 #ifdef KVF_QG_AVX2
   __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
@@ -152,17 +153,18 @@ void quantize_block(const T* x, Q* q, float* d, float* half_sums) {
   *d = scale;
   half_sums[0] = scale * static_cast<float>(s0);
   half_sums[1] = scale * static_cast<float>(s1);
+  *block_sum = scale * static_cast<float>(s0 + s1);
 }
 
 template <typename Q, typename T>
 QuantizedActs<Q> quantize_acts(const T* x, int64_t M, int64_t K) {
   const int64_t NB = K / kBlock;
   QuantizedActs<Q> a{std::vector<Q>(M * K), std::vector<float>(M * NB),
-                     std::vector<float>(2 * M * NB)};
+                     std::vector<float>(2 * M * NB), std::vector<float>(M * NB)};
   at::parallel_for(0, M * NB, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       quantize_block(x + i * kBlock, a.q.data() + i * kBlock, a.d.data() + i,
-                     a.half_sums.data() + 2 * i);
+                     a.half_sums.data() + 2 * i, a.block_sums.data() + i);
     }
   });
   return a;
@@ -233,11 +235,7 @@ void micro_kernel(const Weights& w, const QuantizedActs<Q>& a, int64_t n, int64_
   const float* scales = w.scales + n * w.row_scales;
   const float* mins = kMins ? w.mins + n * w.row_scales : nullptr;
   __m256 acc[R];
-  float min_acc[R];
-  for (int r = 0; r < R; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    min_acc[r] = 0.0f;
-  }
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < NB; ++b) {
     const uint8_t* block = qs + b * (kFour ? 16 : 32);
     __m256i wq, wu, w0, w1;
@@ -265,17 +263,21 @@ void micro_kernel(const Weights& w, const QuantizedActs<Q>& a, int64_t n, int64_
       }
       const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[m * NB + b]));
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dd, acc[r]);
-      if constexpr (kMins) {
-        const float* hs = a.half_sums.data() + 2 * (m * NB + b);
-        if constexpr (kSub16) {
-          min_acc[r] += mins[2 * b] * hs[0] + mins[2 * b + 1] * hs[1];
-        } else {
-          min_acc[r] += mins[b] * (hs[0] + hs[1]);
-        }
-      }
     }
   }
-  for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = hsum(acc[r]) + min_acc[r];
+  for (int r = 0; r < R; ++r) {
+    float tail = 0.0f;
+    if constexpr (kMins) {  // sum over scale entries s of min[s] * dx sum(qx) of s's columns
+      const int64_t m = m0 + r, S = w.row_scales;
+      const float* sums = kSub16 ? a.half_sums.data() + m * S : a.block_sums.data() + m * S;
+      int64_t s = 0;
+      for (; s + 8 <= S; s += 8) {
+        acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(mins + s), _mm256_loadu_ps(sums + s), acc[r]);
+      }
+      for (; s < S; ++s) tail += mins[s] * sums[s];
+    }
+    y[(m0 + r) * N + n] = hsum(acc[r]) + tail;
+  }
 }
 #else
 template <bool kFour>
@@ -319,6 +321,19 @@ void micro_kernel(const Weights& w, const QuantizedActs<Q>& a, int64_t n, int64_
 }
 #endif
 
+// The last rows < kMicroRows of a tile: micro_kernel<R> for R = rows.
+template <typename Q, bool kFour, bool kSub16, bool kMins, int R>
+void remainder_rows(int64_t rows, const Weights& w, const QuantizedActs<Q>& a, int64_t n,
+                    int64_t m, int64_t K, int64_t N, float* y) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      micro_kernel<Q, kFour, kSub16, kMins, R>(w, a, n, m, K, N, y);
+    } else {
+      remainder_rows<Q, kFour, kSub16, kMins, R - 1>(rows, w, a, n, m, K, N, y);
+    }
+  }
+}
+
 template <typename Q, bool kFour, bool kSub16, bool kMins>
 void gemm_rows(const Weights& w, const QuantizedActs<Q>& a, int64_t M, int64_t N, int64_t K,
                float* y) {
@@ -330,12 +345,7 @@ void gemm_rows(const Weights& w, const QuantizedActs<Q>& a, int64_t M, int64_t N
         for (; m + kMicroRows <= t_end; m += kMicroRows) {
           micro_kernel<Q, kFour, kSub16, kMins, kMicroRows>(w, a, n, m, K, N, y);
         }
-        switch (t_end - m) {
-          case 3: micro_kernel<Q, kFour, kSub16, kMins, 3>(w, a, n, m, K, N, y); break;
-          case 2: micro_kernel<Q, kFour, kSub16, kMins, 2>(w, a, n, m, K, N, y); break;
-          case 1: micro_kernel<Q, kFour, kSub16, kMins, 1>(w, a, n, m, K, N, y); break;
-          default: break;
-        }
+        remainder_rows<Q, kFour, kSub16, kMins, kMicroRows - 1>(t_end - m, w, a, n, m, K, N, y);
       }
     }
   });
@@ -451,12 +461,12 @@ std::string quant_gemm_isa() {
 }
 
 void bind_quant_gemm(pybind11::module_& m) {
-  m.def("quant_gemm", &quant_gemm, "x [M, K] times block-quantized weights: float32 [M, N]",
+  m.def("quant_gemm", &quant_gemm, py::call_guard<py::gil_scoped_release>(), "x [M, K] times block-quantized weights: float32 [M, N]",
         py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("mins") = py::none(),
         py::arg("act_bits") = 16);
-  m.def("quant_gemm_repack", &quant_gemm_repack,
+  m.def("quant_gemm_repack", &quant_gemm_repack, py::call_guard<py::gil_scoped_release>(),
         "codes/scales/mins/group -> (qs, scales, mins) in quant_gemm's layout", py::arg("codes"),
         py::arg("scales"), py::arg("mins"), py::arg("group"));
-  m.def("quant_gemm_isa", &quant_gemm_isa, "The SIMD path compiled: avx512vnni, avxvnni, avx2 "
+  m.def("quant_gemm_isa", &quant_gemm_isa, py::call_guard<py::gil_scoped_release>(), "The SIMD path compiled: avx512vnni, avxvnni, avx2 "
         "or scalar");
 }

@@ -142,9 +142,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.model_positional:
         args.model = args.model_positional
-    llm = _make_llm(args)
-    # Build the grammar backend's vocabulary tables now, not on the first structured request.
-    llm.engine.structured_outputs()
+
+    def make_engine() -> Any:
+        # Runs on the engine's own thread (see AsyncLLM): loading and stepping share one
+        # OpenMP pool.
+        engine = _make_llm(args).engine
+        # Build the grammar backend's vocabulary tables now, not on the first structured request.
+        engine.structured_outputs()
+        return engine
+
+    async_llm = AsyncLLM(make_engine, args.max_queued_requests)
     names = args.served_model_name or [
         Path(args.model).stem if args.model else kv_config.DEFAULT_MODEL_NAME
     ]
@@ -159,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=args.timeout_keep_alive,
         limit_concurrency=args.limit_concurrency,
     )
-    return serve(AsyncLLM(llm.engine, args.max_queued_requests), config, args.host, args.port)
+    return serve(async_llm, config, args.host, args.port)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
