@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "kvforge_ops.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -220,19 +222,6 @@ void kv_cache_store(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
 }
 
 }  // namespace
-
-// quant_gemm.cpp and paged_attention.cpp
-at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
-                      const std::optional<at::Tensor>& mins, int64_t act_bits);
-at::Tensor paged_attention(
-    const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_lens,
-    const at::Tensor& query_start_loc, double scale, int64_t sliding_window,
-    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
-    const std::optional<at::Tensor>& k_center, const std::optional<at::Tensor>& v_center,
-    const std::optional<at::Tensor>& k_token_scale, const std::optional<at::Tensor>& v_token_scale,
-    const std::optional<at::Tensor>& recent_slot_of_block,
-    const std::optional<at::Tensor>& recent_k, const std::optional<at::Tensor>& recent_v);
 
 // One plain pre-norm decoder layer in a single call: the same ops, in the same order, as
 // DecoderLayer.forward in models/common.py takes for a layer without biases, QK-norm or sandwich

@@ -30,6 +30,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "kvforge_ops.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -767,8 +769,6 @@ at::Tensor paged_attention(
   return out;
 }
 
-void bind_quant_gemm(pybind11::module_& m);  // quant_gemm.cpp
-void bind_fused_ops(pybind11::module_& m);  // fused_ops.cpp
 
 // Every op releases the GIL while it runs (py::call_guard): the server's event loop thread keeps
 // streaming tokens while the engine thread computes, as it does during torch's own ops.

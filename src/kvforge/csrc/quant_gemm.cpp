@@ -37,6 +37,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "kvforge_ops.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define KVF_QG_AVX2 1

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).resolve().parents[1] / "csrc"
 # paged_attention.cpp holds the module definition; the others add their ops to it.
 SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "quant_gemm.cpp", _CSRC / "fused_ops.cpp")
+HEADERS = (_CSRC / "kvforge_ops.h",)
 _NAME = "kvforge_ops"
 _REQUIRED_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 # Each group is added when the compiler accepts it.
@@ -98,7 +99,7 @@ def _cpu_identity() -> str:
 def build_dir(flags: list[str]) -> Path:
     """Cache directory of the build for these sources, torch, Python, flags (and CPU)."""
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     digest.update(f"{torch.__version__} {sys.version} {platform.machine()}".encode())
     digest.update(" ".join(flags).encode())

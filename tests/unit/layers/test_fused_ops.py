@@ -9,17 +9,8 @@ import torch.nn.functional as F
 from kvforge.layers.kv_cache import PagedKVCache
 from kvforge.layers.norm import RMSNorm
 from kvforge.layers.rotary import RotaryEmbedding, apply_rotary
-from kvforge.ops import extension
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(scope="module")
-def ops():
-    loaded = extension.load_extension()
-    if loaded.module is None:
-        pytest.skip(f"C++ ops extension unavailable: {loaded.error}")
-    return loaded.module
 
 
 def _torch_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -27,14 +27,6 @@ TYPES = ["Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
 NUM_OUT = 97  # odd, and not a multiple of the parallel grain
 
 
-@pytest.fixture(scope="module")
-def ops():
-    loaded = extension.load_extension()
-    if loaded.module is None:
-        pytest.skip(f"C++ ops extension unavailable: {loaded.error}")
-    return loaded.module
-
-
 def _in_features(name: str) -> tuple[int, ...]:
     # K-quants need whole 256-blocks, so 576 is out of their reach
     return (768, 1536) if name.endswith("_K") else (576, 1536)

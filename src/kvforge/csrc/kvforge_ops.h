@@ -1,0 +1,25 @@
+// Declarations shared by the extension's sources: the ops one source calls from another, and the
+// functions that add each source's ops to the Python module (defined in paged_attention.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+
+// quant_gemm.cpp: y [M, N] float32 = x [M, K] times block-quantized weights.
+at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& mins, int64_t act_bits);
+
+// paged_attention.cpp: attention over paged K/V blocks, read in place; [T, H, D].
+at::Tensor paged_attention(
+    const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_lens,
+    const at::Tensor& query_start_loc, double scale, int64_t sliding_window,
+    const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+    const std::optional<at::Tensor>& k_center, const std::optional<at::Tensor>& v_center,
+    const std::optional<at::Tensor>& k_token_scale, const std::optional<at::Tensor>& v_token_scale,
+    const std::optional<at::Tensor>& recent_slot_of_block,
+    const std::optional<at::Tensor>& recent_k, const std::optional<at::Tensor>& recent_v);
+
+void bind_quant_gemm(pybind11::module_& m);
+void bind_fused_ops(pybind11::module_& m);
