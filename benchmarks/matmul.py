@@ -1,5 +1,6 @@
 """Quantized matmul time per call: ATen methods vs the C++ ``quant_gemm`` with 16-bit (default)
-and 8-bit activations, on the embedded model's shapes.
+and 8-bit activations and its float GEMM on dequantized tiles (``act_bits=0``, what it runs from
+``QUANT_GEMM_DENSE_MIN_ROWS`` rows), on the embedded model's shapes.
 
     python benchmarks/matmul.py [--rows 1 4 16 64 512] [--min-seconds 0.2] [--threads N]
 
@@ -14,13 +15,13 @@ import argparse
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 
 from kvforge.entrypoints.bench.report import cpu_model
 from kvforge.layers.quantization import (
-    BaseQuantMethod,
     BlockInt8Method,
     Int4PackedMethod,
     QuantGemmMethod,
@@ -50,13 +51,20 @@ def seconds_per_call(fn: Callable[[], object], min_seconds: float) -> float:
     return float(np.median(times))
 
 
-def methods(cols: int, rows: int, name: str, ops: object) -> tuple[BaseQuantMethod, ...]:
-    """The ATen method and the quant_gemm methods (16-, 8-bit activations), same weights."""
+def methods(cols: int, rows: int, name: str, ops: Any) -> list[Callable[[torch.Tensor], object]]:
+    """The ATen method, then quant_gemm's kernels (16-, 8-bit activations, float GEMM on
+    dequantized tiles) at any row count, on the same weights."""
     values = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
     qtype = QT.__members__[name]
     weights = unpack_rows(torch.from_numpy(quantize(values, qtype)), qtype, (rows, cols))
     aten = Int4PackedMethod(weights) if name == "Q4_1" else BlockInt8Method(weights)
-    return aten, QuantGemmMethod(weights, ops, 16), QuantGemmMethod(weights, ops, 8)  # type: ignore[arg-type]
+    packed = QuantGemmMethod(weights, ops)
+    kernels = [partial(_raw, ops, packed, bits) for bits in (16, 8, 0)]
+    return [partial(aten, precise=True) if name == "Q8_0" else aten, *kernels]
+
+
+def _raw(ops: Any, packed: QuantGemmMethod, act_bits: int, x: torch.Tensor) -> torch.Tensor:
+    return ops.quant_gemm(x, packed.qs, packed.scales, packed.mins, act_bits)
 
 
 def main() -> None:
@@ -74,21 +82,19 @@ def main() -> None:
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"quant_gemm SIMD path: {loaded.module.quant_gemm_isa()}")
     header = f"{'layer':<8} {'shape':<12} {'format':<6} {'M':>4}"
-    print(f"{header} {'aten ms':>9} {'q16 ms':>9} {'speedup':>8} {'q8 ms':>9} {'speedup':>8}")
+    columns = "".join(f" {name + ' ms':>9} {'speedup':>8}" for name in ("q16", "q8", "f32"))
+    print(f"{header} {'aten ms':>9}{columns}")
     for layer, cols, rows, name in SHAPES:
         candidates = methods(cols, rows, name, loaded.module)
-        kwargs = {"precise": True} if layer == "lm_head" else {}
         for num_rows in args.rows:
             x = torch.randn(num_rows, cols)
             with torch.inference_mode():
-                aten_s, q16_s, q8_s = (
-                    seconds_per_call(partial(method, x, **kwargs), args.min_seconds)
-                    for method in candidates
+                aten_s, *kernel_s = (
+                    seconds_per_call(partial(method, x), args.min_seconds) for method in candidates
                 )
+            cells = "".join(f" {s * 1e3:>9.3f} {aten_s / s:>7.2f}x" for s in kernel_s)
             print(
-                f"{layer:<8} {f'{cols}->{rows}':<12} {name:<6} {num_rows:>4} "
-                f"{aten_s * 1e3:>9.3f} {q16_s * 1e3:>9.3f} {aten_s / q16_s:>7.2f}x "
-                f"{q8_s * 1e3:>9.3f} {aten_s / q8_s:>7.2f}x"
+                f"{layer:<8} {f'{cols}->{rows}':<12} {name:<6} {num_rows:>4} {aten_s * 1e3:>9.3f}{cells}"
             )
 
 

@@ -245,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
                 "linear ", i, " lacks its codes or scales");
   }
   auto linear = [&](const at::Tensor& in, int i) {
-    return quant_gemm(in, *linears[3 * i], *linears[3 * i + 1], linears[3 * i + 2], act_bits);
+    return quant_linear(in, *linears[3 * i], *linears[3 * i + 1], linears[3 * i + 2], act_bits);
   };
   at::Tensor res = residual.has_value() ? *residual : x;
   at::Tensor h = residual.has_value() ? add_rms_norm(x, res, input_norm, eps)

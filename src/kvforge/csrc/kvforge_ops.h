@@ -9,6 +9,9 @@
 // quant_gemm.cpp: y [M, N] float32 = x [M, K] times block-quantized weights.
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
                       const std::optional<at::Tensor>& mins, int64_t act_bits);
+// quant_gemm, or the float GEMM from a row count where it is faster.
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& mins, int64_t act_bits);
 
 // paged_attention.cpp: attention over paged K/V blocks, read in place; [T, H, D].
 at::Tensor paged_attention(

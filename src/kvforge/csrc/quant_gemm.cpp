@@ -11,9 +11,11 @@
 //                  (high nibble), codes unsigned 0..15 (symmetric -8..7 codes are stored +8 with
 //                  min = -8 * scale), as GGML's Q4 blocks;
 //           8-bit: int8 [N, NB, 32]: signed codes in column order.
-//   scales  float32 [N, S]: a group of 32k columns (k > 1) repeats its scale over its 32-blocks;
-//           a group of 16 (Q2_K, Q3_K, Q6_K) keeps two scales per 32-block.
-//   mins    float32 [N, S] or None.
+//   scales  float16 or float32 [N, S]: a group of 32k columns (k > 1) repeats its scale over its
+//           32-blocks; a group of 16 (Q2_K, Q3_K, Q6_K) keeps two scales per 32-block. float16
+//           when every scale and min is exactly a float16 (Q4_0, Q4_1, Q8_0 store them so): one
+//           token's decode reads every weight once, so 2-byte scales are 1/6 less memory traffic.
+//   mins    as scales (same dtype) or None.
 //
 // Maths, for one block (or 16-half) with weights w_j = d q_j + m and activations x_j ~ dx qx_j
 // (dx = max|x| / Q, qx_j = round(x_j / dx) in [-Q, Q], Q = 127 or 32767):
@@ -29,6 +31,10 @@
 //   same lane sums per 16-half (a lane holds two products; |q qx| <= 128 * 32767 cannot overflow).
 //   Otherwise: scalar loops.
 // The build uses -march=native on the machine that runs it, so these #ifs are the run-time choice.
+//
+// Many rows (prefill): the integer kernels are compute-bound there, so from kDenseMinRows rows a
+// tile of weight rows is dequantized to float32 and multiplied by ATen's float GEMM (exact float32
+// activations: the same result as the float32 reference on the dequantized weights).
 //
 // Parallelism: at::parallel_for over N; each thread takes a slice of output rows for every
 // activation row, so each weight is read from memory once. Activation rows go in tiles of
@@ -58,6 +64,8 @@ constexpr int64_t kBlock = 32;
 constexpr int64_t kRowTile = 64;    // activation rows kept in cache while a weight slice streams
 constexpr int kMicroRows = 8;       // activation rows sharing one unpacked weight block
 constexpr int64_t kGrainRows = 16;  // fewest output rows per parallel task
+constexpr int64_t kDenseMinRows = 256; // from this many activation rows: dequantize + float GEMM
+constexpr int64_t kDenseTileBytes = 8 << 20;  // float32 weight rows dequantized at a time
 
 // Activations quantized per 32-block: codes [M, K] (int8_t or int16_t), scales [M, NB],
 // dx * sum(qx) per 16-half [M, 2 * NB] and per block [M, NB] (the weights' mins multiply them).
@@ -69,13 +77,24 @@ struct QuantizedActs {
   std::vector<float> block_sums;
 };
 
+// SC: the scales' type, float or at::Half.
+template <typename SC>
 struct Weights {
   const uint8_t* qs;
-  const float* scales;
-  const float* mins;  // nullptr without mins
+  const SC* scales;
+  const SC* mins;  // nullptr without mins
   int64_t row_bytes;  // bytes of qs per weight row
   int64_t row_scales;  // S
 };
+
+inline float scale_at(const float* p, int64_t i) { return p[i]; }
+inline float scale_at(const at::Half* p, int64_t i) {
+#if defined(__F16C__) && defined(KVF_QG_AVX2)
+  return _cvtsh_ss(reinterpret_cast<const uint16_t*>(p)[i]);
+#else
+  return static_cast<float>(p[i]);
+#endif
+}
 
 // ---- activation quantization ------------------------------------------------------------------
 
@@ -87,6 +106,16 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::BFloat16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline __m256 load8(const at::Half* p) {
+#if defined(__F16C__) && defined(KVF_QG_AVX2)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  alignas(32) float f[8];
+  for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(p[i]);
+  return _mm256_load_ps(f);
+#endif
 }
 
 inline float hsum(__m256 v) {
@@ -228,14 +257,14 @@ inline __m256i dot_i16(__m256i w0, __m256i w1, const int16_t* x) {
 }
 
 // One weight row n against R activation rows starting at m0 (R <= kMicroRows).
-template <typename Q, bool kFour, bool kSub16, bool kMins, int R>
-void micro_kernel(const Weights& w, const QuantizedActs<Q>& a, int64_t n, int64_t m0, int64_t K,
-                  int64_t N, float* y) {
+template <typename Q, typename SC, bool kFour, bool kSub16, bool kMins, int R>
+void micro_kernel(const Weights<SC>& w, const QuantizedActs<Q>& a, int64_t n, int64_t m0,
+                  int64_t K, int64_t N, float* y) {
   constexpr bool kByteActs = sizeof(Q) == 1;
   const int64_t NB = K / kBlock;
   const uint8_t* qs = w.qs + n * w.row_bytes;
-  const float* scales = w.scales + n * w.row_scales;
-  const float* mins = kMins ? w.mins + n * w.row_scales : nullptr;
+  const SC* scales = w.scales + n * w.row_scales;
+  const SC* mins = kMins ? w.mins + n * w.row_scales : nullptr;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < NB; ++b) {
@@ -249,9 +278,10 @@ void micro_kernel(const Weights& w, const QuantizedActs<Q>& a, int64_t n, int64_
     }
     __m256 dw;
     if constexpr (kSub16) {
-      dw = _mm256_set_m128(_mm_set1_ps(scales[2 * b + 1]), _mm_set1_ps(scales[2 * b]));
+      dw = _mm256_set_m128(_mm_set1_ps(scale_at(scales, 2 * b + 1)),
+                           _mm_set1_ps(scale_at(scales, 2 * b)));
     } else {
-      dw = _mm256_set1_ps(scales[b]);
+      dw = _mm256_set1_ps(scale_at(scales, b));
     }
     for (int r = 0; r < R; ++r) {
       const int64_t m = m0 + r;
@@ -274,9 +304,9 @@ void micro_kernel(const Weights& w, const QuantizedActs<Q>& a, int64_t n, int64_
       const float* sums = kSub16 ? a.half_sums.data() + m * S : a.block_sums.data() + m * S;
       int64_t s = 0;
       for (; s + 8 <= S; s += 8) {
-        acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(mins + s), _mm256_loadu_ps(sums + s), acc[r]);
+        acc[r] = _mm256_fmadd_ps(load8(mins + s), _mm256_loadu_ps(sums + s), acc[r]);
       }
-      for (; s < S; ++s) tail += mins[s] * sums[s];
+      for (; s < S; ++s) tail += scale_at(mins, s) * sums[s];
     }
     y[(m0 + r) * N + n] = hsum(acc[r]) + tail;
   }
@@ -291,19 +321,19 @@ inline void load_weight_block(const uint8_t* p, int32_t* out) {
   for (int j = 0; j < 32 && !kFour; ++j) out[j] = static_cast<int8_t>(p[j]);
 }
 
-template <typename Q, bool kFour, bool kSub16, bool kMins, int R>
-void micro_kernel(const Weights& w, const QuantizedActs<Q>& a, int64_t n, int64_t m0, int64_t K,
-                  int64_t N, float* y) {
+template <typename Q, typename SC, bool kFour, bool kSub16, bool kMins, int R>
+void micro_kernel(const Weights<SC>& w, const QuantizedActs<Q>& a, int64_t n, int64_t m0,
+                  int64_t K, int64_t N, float* y) {
   const int64_t NB = K / kBlock;
   const uint8_t* qs = w.qs + n * w.row_bytes;
-  const float* scales = w.scales + n * w.row_scales;
-  const float* mins = kMins ? w.mins + n * w.row_scales : nullptr;
+  const SC* scales = w.scales + n * w.row_scales;
+  const SC* mins = kMins ? w.mins + n * w.row_scales : nullptr;
   float acc[R] = {};
   int32_t wq[kBlock];
   for (int64_t b = 0; b < NB; ++b) {
     load_weight_block<kFour>(qs + b * (kFour ? 16 : 32), wq);
-    const float d0 = kSub16 ? scales[2 * b] : scales[b];
-    const float d1 = kSub16 ? scales[2 * b + 1] : scales[b];
+    const float d0 = scale_at(scales, kSub16 ? 2 * b : b);
+    const float d1 = scale_at(scales, kSub16 ? 2 * b + 1 : b);
     for (int r = 0; r < R; ++r) {
       const int64_t m = m0 + r;
       const Q* xq = a.q.data() + m * K + b * kBlock;
@@ -314,8 +344,8 @@ void micro_kernel(const Weights& w, const QuantizedActs<Q>& a, int64_t n, int64_
       acc[r] += dx * (d0 * static_cast<float>(s0) + d1 * static_cast<float>(s1));
       if constexpr (kMins) {
         const float* hs = a.half_sums.data() + 2 * (m * NB + b);
-        acc[r] += kSub16 ? mins[2 * b] * hs[0] + mins[2 * b + 1] * hs[1]
-                         : mins[b] * (hs[0] + hs[1]);
+        acc[r] += kSub16 ? scale_at(mins, 2 * b) * hs[0] + scale_at(mins, 2 * b + 1) * hs[1]
+                         : scale_at(mins, b) * (hs[0] + hs[1]);
       }
     }
   }
@@ -324,20 +354,20 @@ void micro_kernel(const Weights& w, const QuantizedActs<Q>& a, int64_t n, int64_
 #endif
 
 // The last rows < kMicroRows of a tile: micro_kernel<R> for R = rows.
-template <typename Q, bool kFour, bool kSub16, bool kMins, int R>
-void remainder_rows(int64_t rows, const Weights& w, const QuantizedActs<Q>& a, int64_t n,
+template <typename Q, typename SC, bool kFour, bool kSub16, bool kMins, int R>
+void remainder_rows(int64_t rows, const Weights<SC>& w, const QuantizedActs<Q>& a, int64_t n,
                     int64_t m, int64_t K, int64_t N, float* y) {
   if constexpr (R > 0) {
     if (rows == R) {
-      micro_kernel<Q, kFour, kSub16, kMins, R>(w, a, n, m, K, N, y);
+      micro_kernel<Q, SC, kFour, kSub16, kMins, R>(w, a, n, m, K, N, y);
     } else {
-      remainder_rows<Q, kFour, kSub16, kMins, R - 1>(rows, w, a, n, m, K, N, y);
+      remainder_rows<Q, SC, kFour, kSub16, kMins, R - 1>(rows, w, a, n, m, K, N, y);
     }
   }
 }
 
-template <typename Q, bool kFour, bool kSub16, bool kMins>
-void gemm_rows(const Weights& w, const QuantizedActs<Q>& a, int64_t M, int64_t N, int64_t K,
+template <typename Q, typename SC, bool kFour, bool kSub16, bool kMins>
+void gemm_rows(const Weights<SC>& w, const QuantizedActs<Q>& a, int64_t M, int64_t N, int64_t K,
                float* y) {
   at::parallel_for(0, N, kGrainRows, [&](int64_t n_begin, int64_t n_end) {
     for (int64_t t = 0; t < M; t += kRowTile) {
@@ -345,31 +375,84 @@ void gemm_rows(const Weights& w, const QuantizedActs<Q>& a, int64_t M, int64_t N
       for (int64_t n = n_begin; n < n_end; ++n) {
         int64_t m = t;
         for (; m + kMicroRows <= t_end; m += kMicroRows) {
-          micro_kernel<Q, kFour, kSub16, kMins, kMicroRows>(w, a, n, m, K, N, y);
+          micro_kernel<Q, SC, kFour, kSub16, kMins, kMicroRows>(w, a, n, m, K, N, y);
         }
-        remainder_rows<Q, kFour, kSub16, kMins, kMicroRows - 1>(t_end - m, w, a, n, m, K, N, y);
+        remainder_rows<Q, SC, kFour, kSub16, kMins, kMicroRows - 1>(t_end - m, w, a, n, m, K, N,
+                                                                     y);
       }
     }
   });
 }
 
-template <typename Q, bool kFour>
-void dispatch(const Weights& w, const QuantizedActs<Q>& a, bool sub16, int64_t M, int64_t N,
+template <typename Q, typename SC, bool kFour>
+void dispatch(const Weights<SC>& w, const QuantizedActs<Q>& a, bool sub16, int64_t M, int64_t N,
               int64_t K, float* y) {
   const bool has_mins = w.mins != nullptr;
   if (sub16) {
-    has_mins ? gemm_rows<Q, kFour, true, true>(w, a, M, N, K, y)
-             : gemm_rows<Q, kFour, true, false>(w, a, M, N, K, y);
+    has_mins ? gemm_rows<Q, SC, kFour, true, true>(w, a, M, N, K, y)
+             : gemm_rows<Q, SC, kFour, true, false>(w, a, M, N, K, y);
   } else {
-    has_mins ? gemm_rows<Q, kFour, false, true>(w, a, M, N, K, y)
-             : gemm_rows<Q, kFour, false, false>(w, a, M, N, K, y);
+    has_mins ? gemm_rows<Q, SC, kFour, false, true>(w, a, M, N, K, y)
+             : gemm_rows<Q, SC, kFour, false, false>(w, a, M, N, K, y);
+  }
+}
+
+// Weight rows [n0, n1) dequantized to float32 out [n1 - n0, K].
+template <typename SC>
+void dequantize_rows(const Weights<SC>& w, bool four, bool sub16, int64_t n0, int64_t n1,
+                     int64_t K, float* out) {
+  const int64_t NB = K / kBlock;
+  at::parallel_for(n0, n1, kGrainRows, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* qs = w.qs + n * w.row_bytes;
+      const SC* scales = w.scales + n * w.row_scales;
+      const SC* mins = w.mins ? w.mins + n * w.row_scales : nullptr;
+      float* row = out + (n - n0) * K;
+      for (int64_t b = 0; b < NB; ++b) {
+        float code[kBlock];
+        if (four) {
+          for (int j = 0; j < 16; ++j) {
+            code[j] = static_cast<float>(qs[b * 16 + j] & 0x0F);
+            code[j + 16] = static_cast<float>(qs[b * 16 + j] >> 4);
+          }
+        } else {
+          for (int j = 0; j < kBlock; ++j) {
+            code[j] = static_cast<float>(static_cast<int8_t>(qs[b * kBlock + j]));
+          }
+        }
+        for (int half = 0; half < 2; ++half) {
+          const int64_t s = sub16 ? 2 * b + half : b;
+          const float d = scale_at(scales, s), m = mins ? scale_at(mins, s) : 0.0f;
+          for (int j = 16 * half; j < 16 * half + 16; ++j) row[b * kBlock + j] = code[j] * d + m;
+        }
+      }
+    }
+  });
+}
+
+// y = x W^T through float32 tiles of W and ATen's GEMM (see kDenseMinRows).
+template <typename SC>
+void dense_gemm(const at::Tensor& x, const Weights<SC>& w, bool four, bool sub16, int64_t N,
+                int64_t K, at::Tensor& y) {
+  const at::Tensor xf = x.to(at::kFloat);
+  const int64_t tile = std::max<int64_t>(kGrainRows, kDenseTileBytes / (4 * K));
+  at::Tensor wt = at::empty({std::min(tile, N), K}, xf.options());
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t n1 = std::min(N, n0 + tile);
+    at::Tensor part = wt.narrow(0, 0, n1 - n0);
+    dequantize_rows(w, four, sub16, n0, n1, K, part.data_ptr<float>());
+    if (n0 == 0 && n1 == N) {
+      at::mm_out(y, xf, part.t());
+    } else {
+      y.narrow(1, n0, n1 - n0).copy_(at::mm(xf, part.t()));
+    }
   }
 }
 
 }  // namespace
 
 // y [M, N] float32 = x [M, K] (float32 or bfloat16) times the packed weights (layout above), x
-// quantized to act_bits (8 or 16) per block.
+// quantized to act_bits (8 or 16) per block; act_bits 0: the float GEMM on dequantized tiles.
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
                       const std::optional<at::Tensor>& mins, int64_t act_bits) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
@@ -379,39 +462,61 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tenso
               "qs must be contiguous [N, K/32, 16 or 32]");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0), NB = qs.size(1);
   TORCH_CHECK(K == NB * kBlock, "x has ", K, " columns, the weights ", NB * kBlock);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() &&
+  const bool half = scales.scalar_type() == at::kHalf;
+  TORCH_CHECK((half || scales.scalar_type() == at::kFloat) && scales.is_contiguous() &&
                   scales.size(0) == N && (scales.size(1) == NB || scales.size(1) == 2 * NB),
-              "scales must be contiguous float32 [N, K/32 or K/16]");
+              "scales must be contiguous float16 or float32 [N, K/32 or K/16]");
   const bool has_mins = mins.has_value() && mins->defined();
   if (has_mins) {
-    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == at::kFloat &&
+    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type() &&
                     mins->is_contiguous(),
                 "mins must match scales");
   }
-  TORCH_CHECK(act_bits == 8 || act_bits == 16, "act_bits must be 8 or 16, got ", act_bits);
+  TORCH_CHECK(act_bits == 0 || act_bits == 8 || act_bits == 16,
+              "act_bits must be 8 or 16 (0: float GEMM), got ", act_bits);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return y;
   const at::Tensor xc = x.contiguous();
-  const Weights w{static_cast<const uint8_t*>(qs.data_ptr()), scales.data_ptr<float>(),
-                  has_mins ? mins->data_ptr<float>() : nullptr, NB * qs.size(2), scales.size(1)};
   const bool sub16 = scales.size(1) == 2 * NB;
   const bool four = qs.size(2) == 16;
-  auto run = [&](auto a) {
-    four ? dispatch<typename decltype(a.q)::value_type, true>(w, a, sub16, M, N, K, y.data_ptr<float>())
-         : dispatch<typename decltype(a.q)::value_type, false>(w, a, sub16, M, N, K,
-                                                               y.data_ptr<float>());
+  auto run = [&](auto scale_tag) {
+    using SC = decltype(scale_tag);
+    const Weights<SC> w{static_cast<const uint8_t*>(qs.data_ptr()), scales.data_ptr<SC>(),
+                        has_mins ? mins->data_ptr<SC>() : nullptr, NB * qs.size(2),
+                        scales.size(1)};
+    if (act_bits == 0) {
+      dense_gemm(xc, w, four, sub16, N, K, y);
+      return;
+    }
+    auto gemm = [&](auto a) {
+      using Q = typename decltype(a.q)::value_type;
+      four ? dispatch<Q, SC, true>(w, a, sub16, M, N, K, y.data_ptr<float>())
+           : dispatch<Q, SC, false>(w, a, sub16, M, N, K, y.data_ptr<float>());
+    };
+    auto quantize = [&](auto tag) {
+      using Q = decltype(tag);
+      return xc.scalar_type() == at::kFloat ? quantize_acts<Q>(xc.data_ptr<float>(), M, K)
+                                            : quantize_acts<Q>(xc.data_ptr<at::BFloat16>(), M, K);
+    };
+    if (act_bits == 16) {
+      gemm(quantize(int16_t{}));
+    } else {
+      gemm(quantize(int8_t{}));
+    }
   };
-  auto quantize = [&](auto tag) {
-    using Q = decltype(tag);
-    return xc.scalar_type() == at::kFloat ? quantize_acts<Q>(xc.data_ptr<float>(), M, K)
-                                          : quantize_acts<Q>(xc.data_ptr<at::BFloat16>(), M, K);
-  };
-  if (act_bits == 16) {
-    run(quantize(int16_t{}));
+  if (half) {
+    run(at::Half{});
   } else {
-    run(quantize(int8_t{}));
+    run(float{});
   }
   return y;
+}
+
+// What a linear layer runs: quant_gemm with act_bits for few rows, the float GEMM from
+// kDenseMinRows rows.
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& mins, int64_t act_bits) {
+  return quant_gemm(x, qs, scales, mins, x.dim() == 2 && x.size(0) >= kDenseMinRows ? 0 : act_bits);
 }
 
 // The common form (codes int8 [N, K], scales [N, K/group], mins or None) -> (qs, scales, mins)
@@ -436,17 +541,25 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> quant_gemm_repack(
   const int64_t high = codes.numel() ? codes.max().item<int64_t>() : 0;
   const bool unsigned4 = has_mins && low >= 0 && high <= 15;
   const bool signed4 = !has_mins && low >= -8 && high <= 7;
+  at::Tensor qs;
   if (!unsigned4 && !signed4) {
-    return {codes.contiguous().view({N, K / kBlock, kBlock}), out_scales, out_mins};
+    qs = codes.contiguous().view({N, K / kBlock, kBlock});
+  } else {
+    at::Tensor u = codes.to(at::kShort);
+    if (signed4) {  // w = d q = d (q + 8) - 8 d
+      u = u + 8;
+      out_mins = (out_scales * -8.0f).contiguous();
+    }
+    u = u.to(at::kByte).view({N, K / kBlock, 2, 16});
+    qs = at::bitwise_or(u.select(2, 0), at::bitwise_left_shift(u.select(2, 1), 4)).contiguous();
   }
-  at::Tensor u = codes.to(at::kShort);
-  if (signed4) {  // w = d q = d (q + 8) - 8 d
-    u = u + 8;
-    out_mins = (out_scales * -8.0f).contiguous();
+  // float16 scales and mins when every value is exactly a float16 (see the layout above).
+  auto exact_half = [](const at::Tensor& t) { return t.to(at::kHalf).to(at::kFloat).equal(t); };
+  if (exact_half(out_scales) && (!out_mins || exact_half(*out_mins))) {
+    out_scales = out_scales.to(at::kHalf);
+    if (out_mins) out_mins = out_mins->to(at::kHalf);
   }
-  u = u.to(at::kByte).view({N, K / kBlock, 2, 16});
-  at::Tensor qs = at::bitwise_or(u.select(2, 0), at::bitwise_left_shift(u.select(2, 1), 4));
-  return {qs.contiguous(), out_scales, out_mins};
+  return {qs, out_scales, out_mins};
 }
 
 // The SIMD path this build compiled.
@@ -469,6 +582,11 @@ void bind_quant_gemm(pybind11::module_& m) {
   m.def("quant_gemm_repack", &quant_gemm_repack, py::call_guard<py::gil_scoped_release>(),
         "codes/scales/mins/group -> (qs, scales, mins) in quant_gemm's layout", py::arg("codes"),
         py::arg("scales"), py::arg("mins"), py::arg("group"));
+  m.def("quant_linear", &quant_linear, py::call_guard<py::gil_scoped_release>(),
+        "quant_gemm with act_bits below QUANT_GEMM_DENSE_MIN_ROWS rows, the float GEMM from there",
+        py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("mins") = py::none(),
+        py::arg("act_bits") = 16);
+  m.attr("QUANT_GEMM_DENSE_MIN_ROWS") = kDenseMinRows;
   m.def("quant_gemm_isa", &quant_gemm_isa, py::call_guard<py::gil_scoped_release>(), "The SIMD path compiled: avx512vnni, avxvnni, avx2 "
         "or scalar");
 }

@@ -181,8 +181,9 @@ class QuantGemmMethod(BaseQuantMethod):
     activations (``act_bits``).
 
     Layout (see ``csrc/quant_gemm.cpp``): ``qs`` uint8 [out, in/32, 16] (two 4-bit codes a byte)
-    or int8 [out, in/32, 32]; float32 ``scales`` (and ``mins``) [out, in/sub] with sub = 16 for
-    16-column groups, else 32 (larger groups repeat their scale over their 32-blocks).
+    or int8 [out, in/32, 32]; ``scales`` (and ``mins``) [out, in/sub] with sub = 16 for 16-column
+    groups, else 32 (larger groups repeat their scale over their 32-blocks), float16 when every
+    value is exactly one (Q4_0, Q4_1, Q8_0: less memory traffic per token), else float32.
     """
 
     qs: torch.Tensor
@@ -216,7 +217,7 @@ class QuantGemmMethod(BaseQuantMethod):
         flat = x.reshape(-1, self.in_features)
         if flat.dtype not in (torch.float32, torch.bfloat16):
             flat = flat.float()
-        y = self._ops.quant_gemm(flat, self.qs, self.scales, self.mins, self.act_bits)  # [M, out]
+        y = self._ops.quant_linear(flat, self.qs, self.scales, self.mins, self.act_bits)  # [M, out]
         return y.to(torch.float32 if precise else x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
@@ -226,9 +227,9 @@ class QuantGemmMethod(BaseQuantMethod):
         if qs.shape[-1] == _QUANT_GEMM_BLOCK // 2:  # low nibbles: columns 0..15, high: 16..31
             qs = torch.stack([qs & 0x0F, qs >> 4], dim=2)
         sub = self.in_features // self.scales.shape[1]
-        w = qs.reshape(flat.shape[0], -1, sub).float() * self.scales[flat, :, None]
+        w = qs.reshape(flat.shape[0], -1, sub).float() * self.scales[flat, :, None].float()
         if self.mins is not None:
-            w = w + self.mins[flat, :, None]
+            w = w + self.mins[flat, :, None].float()
         return w.reshape(*index.shape, self.in_features)
 
 

@@ -1,5 +1,7 @@
 """The C++ block-quantized GEMM: exact against int16- / int8-quantized activations, close to
-float (int16 much closer than the bfloat16 activations of the ATen kernels)."""
+float (int16 much closer than the bfloat16 activations of the ATen kernels); from
+``QUANT_GEMM_DENSE_MIN_ROWS`` rows (or ``act_bits=0``) the float GEMM on dequantized tiles, equal
+to float32 on the dequantized weights."""
 
 from __future__ import annotations
 
@@ -62,16 +64,33 @@ def test_kernel_matches_references(ops, name: str) -> None:
         assert qs.shape[:2] == (NUM_OUT, cols // 32)
         dense = weights.dequantize().double()
         for num_rows, dtype, act_bits in itertools.product(
-            (1, 3, 16, 100), (torch.float32, torch.bfloat16), (8, 16)
+            (1, 3, 16, 100), (torch.float32, torch.bfloat16), (0, 8, 16)
         ):
             x = torch.randn(num_rows, cols).to(dtype)
             y = ops.quant_gemm(x, qs, scales, mins, act_bits)
             assert y.dtype == torch.float32 and y.shape == (num_rows, NUM_OUT)
+            if act_bits == 0:  # float GEMM on dequantized tiles: float32 rounding only
+                assert _relative_error(y, x.double() @ dense.T) < 1e-6, (cols, num_rows, dtype)
+                continue
             exact = _quantized_activations(x, act_bits) @ dense.T
             assert _relative_error(y, exact) < 1e-5, (cols, num_rows, dtype, act_bits)
             # per 32-block: int8 ~0.5% relative error on random data, int16 ~2e-5
             bound = 1.5e-2 if act_bits == 8 else 1e-4
             assert _relative_error(y, x.double() @ dense.T) < bound, (cols, num_rows, act_bits)
+
+
+def test_linear_takes_the_float_gemm_from_many_rows(ops) -> None:
+    weights = _weights("Q4_1", 576)
+    qs, scales, mins = ops.quant_gemm_repack(
+        weights.codes, weights.scales, weights.mins, weights.group
+    )
+    threshold = ops.QUANT_GEMM_DENSE_MIN_ROWS
+    for num_rows in (1, threshold - 1, threshold, threshold + 5):
+        x = torch.randn(num_rows, 576)
+        mode = 0 if num_rows >= threshold else 16
+        assert torch.equal(
+            ops.quant_linear(x, qs, scales, mins, 16), ops.quant_gemm(x, qs, scales, mins, mode)
+        )
 
 
 def test_four_bit_codes_pack_two_a_byte(ops) -> None:
@@ -108,10 +127,26 @@ def test_dispatch_picks_quant_gemm_and_matches_aten(ops, name: str) -> None:
 def test_weight_bytes_are_the_packed_bytes(ops) -> None:
     weights = _weights("Q4_1", 576)
     method = create_quant_method(weights, CPU, quantize_activations=True)
-    # 4-bit codes plus a float32 scale and min per 32 columns: 0.75 bytes per weight
-    assert method.weight_bytes() == NUM_OUT * 576 * 3 // 4
+    # 4-bit codes plus a float16 scale and min per 32 columns (exact: GGUF stores them so),
+    # 0.625 bytes per weight as in the file
+    assert method.scales.dtype == method.mins.dtype == torch.float16
+    assert method.weight_bytes() == NUM_OUT * 576 * 5 // 8
     q8 = create_quant_method(_weights("Q8_0", 576), CPU, quantize_activations=True)
-    assert q8.weight_bytes() == NUM_OUT * (576 + 576 // 32 * 4)
+    assert q8.weight_bytes() == NUM_OUT * (576 + 576 // 32 * 2)
+    # K-quant scales (super-block scale times a 6-bit sub-scale) stay float32
+    assert create_quant_method(_weights("Q4_K", 768), CPU).scales.dtype == torch.float32
+
+
+def test_scales_keep_float32_unless_float16_is_exact(ops) -> None:
+    weights = _weights("Q4_1", 576)
+    scales = weights.scales.float() * (1.0 + 2.0**-20)  # not representable in float16
+    qs, packed, mins = ops.quant_gemm_repack(weights.codes, scales, weights.mins, weights.group)
+    assert packed.dtype == mins.dtype == torch.float32
+    x = torch.randn(3, 576)
+    want = Unpacked(weights.codes, scales, weights.mins, weights.group).dequantize().double()
+    assert _relative_error(ops.quant_gemm(x, qs, packed, mins, 16), x.double() @ want.T) < 1e-4
+    with pytest.raises(RuntimeError, match="mins must match scales"):
+        ops.quant_gemm(x, qs, packed, mins.half(), 16)
 
 
 def test_per_channel_int8_runs_in_the_kernel(ops) -> None:
