@@ -60,6 +60,17 @@ def test_rotary_in_place_on_strided_rows(ops, dtype: torch.dtype) -> None:
     assert torch.equal(qkv[:, (heads + kv_heads) * dim :], v_before)  # v untouched
 
 
+def test_silu_and_mul_extremes(ops) -> None:
+    """The vectorized exp: large and tiny gates, infinities and NaN, a width with a tail."""
+    values = [0.0, -0.0, 1e-30, -1e-30, 3.0, -3.0, 30.0, -30.0, 87.0, -87.0, 88.5, -88.5]
+    values += [100.0, -100.0, 1e4, -1e4, float("inf"), float("-inf"), float("nan")]
+    gate = torch.tensor(values + [0.5] * (21 - len(values)))[None].repeat(3, 1)
+    gate = torch.cat([gate, torch.randn(3, 80) * 20], dim=1)  # 101 columns: 12 vectors + 5
+    up = torch.randn_like(gate)
+    got = ops.silu_and_mul(torch.cat([gate, up], dim=1))
+    torch.testing.assert_close(got, F.silu(gate) * up, rtol=2e-6, atol=1e-30, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(ops, dtype: torch.dtype) -> None:
     gate_up = (torch.randn(5, 2 * 96) * 4).to(dtype)
