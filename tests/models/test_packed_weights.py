@@ -121,20 +121,29 @@ def test_quantization_rejects_bad_group(tmp_path):
         load_model(config, create_attention_backend(), False)
 
 
-def test_fused_decoder_layer_equals_the_per_op_path(smollm_packed, smollm_path):
-    """The C++ decoder_layer runs the same kernels in the same order as the module path."""
-    layers = smollm_packed.model.layers
+@pytest.mark.parametrize("num_tokens", [300, 48])  # the float GEMM, quant_gemm's int16 kernel
+def test_fused_decoder_layer_equals_the_per_op_path(smollm_packed, smollm_path, num_tokens):
+    """The C++ decoder_stack and decoder_layer run the same kernels in the same order as the
+    module path."""
+    model = smollm_packed.model
+    layers = model.layers
     if layers[0].fused_linears() is None:
         pytest.skip("the fused layer needs the C++ extension and the cpu_paged backend")
-    ids = list(range(100, 400))
+    ids = list(range(100, 100 + num_tokens))
     runner = _runner(smollm_packed, smollm_path)
-    fused = runner.score(ids)
+    stacked = runner.score(ids)
+    assert model.fused_stack() is not None
+    saved_stack = (model._stack, model._stack_checked)
     saved = [(layer._fused, layer._fused_checked) for layer in layers]
     try:
+        model._stack, model._stack_checked = None, True
+        layer_by_layer = runner.score(ids)
         for layer in layers:
             layer._fused, layer._fused_checked = None, True
         per_op = runner.score(ids)
     finally:
+        model._stack, model._stack_checked = saved_stack
         for layer, (linears, checked) in zip(layers, saved, strict=True):
             layer._fused, layer._fused_checked = linears, checked
-    torch.testing.assert_close(fused, per_op, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stacked, layer_by_layer)
+    torch.testing.assert_close(layer_by_layer, per_op, rtol=1e-5, atol=1e-5)

@@ -323,6 +323,37 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
   return {linear(silu_and_mul(linear(h, 2)), 3), res};
 }
 
+// Every layer of a plain model in one call, so no Python runs between layers: decoder_layer for
+// layer i with weights[14 i .. 14 i + 13] = (input norm, post-attention norm, the 12 linear
+// tensors) and caches[2 i], caches[2 i + 1] = its key and value caches; the other arguments are
+// shared (one rotary table, one sliding window). Returns (mlp output, residual) of the last layer.
+std::tuple<at::Tensor, at::Tensor> decoder_stack(
+    const at::Tensor& x, const std::vector<std::optional<at::Tensor>>& weights,
+    std::vector<at::Tensor> caches, double eps, int64_t act_bits, int64_t num_heads,
+    int64_t num_kv_heads, const at::Tensor& cos, const at::Tensor& signed_sin,
+    const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+    const at::Tensor& query_lens, const at::Tensor& query_start_loc, double scale,
+    int64_t sliding_window) {
+  const int64_t layers = static_cast<int64_t>(caches.size()) / 2;
+  TORCH_CHECK(layers > 0 && caches.size() % 2 == 0 &&
+                  static_cast<int64_t>(weights.size()) == 14 * layers,
+              "decoder_stack needs 14 weights and 2 caches per layer");
+  std::optional<at::Tensor> residual;
+  at::Tensor h = x;
+  for (int64_t i = 0; i < layers; ++i) {
+    const auto first = weights.begin() + 14 * i;
+    TORCH_CHECK(first[0].has_value() && first[1].has_value(), "layer ", i, " lacks its norms");
+    const std::vector<std::optional<at::Tensor>> linears(first + 2, first + 14);
+    auto [out, res] = decoder_layer(h, residual, *first[0], *first[1], eps, linears, act_bits,
+                                    num_heads, num_kv_heads, cos, signed_sin, caches[2 * i],
+                                    caches[2 * i + 1], slots, block_tables, seq_lens,
+                                    query_lens, query_start_loc, scale, sliding_window);
+    h = out;
+    residual = res;
+  }
+  return {h, *residual};
+}
+
 void bind_fused_ops(pybind11::module_& m) {
   m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>(), "x / rms(x) * weight over the last dimension", py::arg("x"),
         py::arg("weight"), py::arg("eps"));
@@ -338,4 +369,6 @@ void bind_fused_ops(pybind11::module_& m) {
         py::arg("slots"));
   m.def("decoder_layer", &decoder_layer, py::call_guard<py::gil_scoped_release>(),
         "a plain pre-norm decoder layer in one call: (x, residual) -> (mlp out, residual)");
+  m.def("decoder_stack", &decoder_stack, py::call_guard<py::gil_scoped_release>(),
+        "every layer of a plain model in one call: x -> (mlp out, residual) of the last layer");
 }

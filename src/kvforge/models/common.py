@@ -224,6 +224,47 @@ class DecoderLM(nn.Module):
         self.rope_local = (
             RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta) if cfg.rope_local_theta else None
         )
+        self._stack: (
+            tuple[list[torch.Tensor | None], tuple[float, int, int, int, float, int]] | None
+        )
+        self._stack = None
+        self._stack_checked = False
+
+    def fused_stack(
+        self,
+    ) -> tuple[list[torch.Tensor | None], tuple[float, int, int, int, float, int]] | None:
+        """Every layer's (input norm, post-attention norm, 12 packed linear tensors) and the
+        shared (eps, act_bits, heads, kv heads, scale, sliding window) when all layers run as
+        ``decoder_layer`` with one rotary table and the same shapes, so the C++
+        ``decoder_stack`` can run them in one call; else None. Decided on the first forward, as
+        :meth:`DecoderLayer.fused_linears` (reset both when weights change at run time)."""
+        if self._stack_checked:
+            return self._stack
+        self._stack_checked = True
+        layers = [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+        fused = [layer.fused_linears() for layer in layers]
+        if self.rope_local is not None or len(layers) != len(self.layers) or None in fused:
+            return None
+        shared = {
+            (
+                float(layer.input_layernorm.eps),
+                int(layer.mlp.gate_up_proj.quant.act_bits),  # type: ignore[union-attr,arg-type]
+                int(layer.self_attn.num_heads),
+                int(layer.self_attn.num_kv_heads),
+                float(layer.self_attn.scale),
+                int(layer.self_attn.sliding_window or 0),
+            )
+            for layer in layers
+        }
+        if len(shared) == 1:
+            weights = [
+                t
+                for layer, linears in zip(layers, fused, strict=True)
+                for t in [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+                + list(linears or [])
+            ]
+            self._stack = (weights, shared.pop())
+        return self._stack
 
     def forward(self, batch: ForwardBatch, kv_caches: list[PagedKVCache]) -> torch.Tensor:
         """Hidden states [T, E] of the batch's tokens, after the final norm."""
@@ -234,6 +275,28 @@ class DecoderLM(nn.Module):
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         rope_global = self.rope_global.cos_sin(batch.positions)
         rope_local = self.rope_local.cos_sin(batch.positions) if self.rope_local else rope_global
+        stack = self.fused_stack()
+        ops = cpu_ops(x) if stack is not None and x.dtype == torch.float32 else None
+        if stack is not None and ops is not None and not any(c.is_quantized for c in kv_caches):
+            weights, (eps, act_bits, heads, kv_heads, scale, window) = stack
+            out, res = ops.decoder_stack(
+                x,
+                weights,
+                [t for cache in kv_caches for t in (cache.k, cache.v)],
+                eps,
+                act_bits,
+                heads,
+                kv_heads,
+                *rope_global,
+                batch.slot_mapping,
+                batch.block_tables,
+                batch.seq_lens,
+                batch.query_lens,
+                batch.query_start_loc,
+                scale,
+                window,
+            )
+            return self.norm.add_and_norm(out, res)[0]
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             rope = rope_local if self.config.is_sliding(i) else rope_global
