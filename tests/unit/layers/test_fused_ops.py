@@ -113,3 +113,18 @@ def test_bad_arguments_raise(ops) -> None:
         ops.rotary_(torch.randn(2, 1, 8), torch.randn(3, 8), torch.randn(3, 8))
     with pytest.raises(RuntimeError, match="even width"):
         ops.silu_and_mul(torch.randn(2, 7))
+
+
+def test_decoder_stack_checks_its_lists(ops) -> None:
+    ints = {"dtype": torch.int32}
+    shared = (1e-5, 16, 1, 1, torch.ones(1, 8), torch.ones(1, 8), torch.zeros(1, dtype=torch.long))
+    batch = (torch.zeros(1, 1, **ints), torch.ones(1, **ints), torch.ones(1, **ints))
+    tail = (*batch, torch.zeros(2, **ints), 1.0, 0)
+    caches = [torch.zeros(1), torch.zeros(1)]
+    x = torch.randn(1, 8)
+    with pytest.raises(RuntimeError, match="14 weights and 2 caches per layer"):
+        ops.decoder_stack(x, [], [], *shared, *tail)
+    with pytest.raises(RuntimeError, match="14 weights and 2 caches per layer"):
+        ops.decoder_stack(x, [None] * 13, caches, *shared, *tail)
+    with pytest.raises(RuntimeError, match="lacks its norms"):
+        ops.decoder_stack(x, [None] * 14, caches, *shared, *tail)
