@@ -25,6 +25,8 @@ from kvforge.ops import cpu_ops
 from kvforge.quant.formats import Unpacked
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+# decoder_stack's per-layer weights and shared (eps, act_bits, heads, kv heads, scale, window)
+FusedStack = tuple[list[torch.Tensor | None], tuple[float, int, int, int, float, int]]
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -224,15 +226,10 @@ class DecoderLM(nn.Module):
         self.rope_local = (
             RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta) if cfg.rope_local_theta else None
         )
-        self._stack: (
-            tuple[list[torch.Tensor | None], tuple[float, int, int, int, float, int]] | None
-        )
-        self._stack = None
+        self._stack: FusedStack | None = None
         self._stack_checked = False
 
-    def fused_stack(
-        self,
-    ) -> tuple[list[torch.Tensor | None], tuple[float, int, int, int, float, int]] | None:
+    def fused_stack(self) -> FusedStack | None:
         """Every layer's (input norm, post-attention norm, 12 packed linear tensors) and the
         shared (eps, act_bits, heads, kv heads, scale, sliding window) when all layers run as
         ``decoder_layer`` with one rotary table and the same shapes, so the C++
