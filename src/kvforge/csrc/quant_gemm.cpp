@@ -397,36 +397,57 @@ void dispatch(const Weights<SC>& w, const QuantizedActs<Q>& a, bool sub16, int64
   }
 }
 
+// Weight row n dequantized to float32 out [K].
+template <typename SC>
+inline void dequantize_row(const Weights<SC>& w, bool four, bool sub16, int64_t n, int64_t K,
+                           float* out) {
+  const int64_t NB = K / kBlock;
+  const uint8_t* qs = w.qs + n * w.row_bytes;
+  const SC* scales = w.scales + n * w.row_scales;
+  const SC* mins = w.mins ? w.mins + n * w.row_scales : nullptr;
+  for (int64_t b = 0; b < NB; ++b) {
+    float* row = out + b * kBlock;
+    // Codes 0..15 and 16..31 of the block: each 16-half has its own scale with sub16.
+    const int64_t s0 = sub16 ? 2 * b : b, s1 = sub16 ? 2 * b + 1 : b;
+    const float d0 = scale_at(scales, s0), d1 = scale_at(scales, s1);
+    const float m0 = mins ? scale_at(mins, s0) : 0.0f, m1 = mins ? scale_at(mins, s1) : 0.0f;
+#ifdef KVF_QG_AVX2
+    __m256i c[4];  // codes 8i..8i+7 as int32
+    if (four) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + b * 16));
+      const __m128i mask = _mm_set1_epi8(0x0F);
+      const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+      c[0] = _mm256_cvtepu8_epi32(lo);
+      c[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
+      c[2] = _mm256_cvtepu8_epi32(hi);
+      c[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+    } else {
+      const uint8_t* p = qs + b * kBlock;
+      for (int i = 0; i < 4; ++i) {
+        c[i] = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i)));
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m256 d = _mm256_set1_ps(i < 2 ? d0 : d1), m = _mm256_set1_ps(i < 2 ? m0 : m1);
+      _mm256_storeu_ps(row + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[i]), d, m));
+    }
+#else
+    for (int j = 0; j < kBlock; ++j) {
+      const float code =
+          four ? static_cast<float>(j < 16 ? qs[b * 16 + j] & 0x0F : qs[b * 16 + j - 16] >> 4)
+               : static_cast<float>(static_cast<int8_t>(qs[b * kBlock + j]));
+      row[j] = j < 16 ? code * d0 + m0 : code * d1 + m1;
+    }
+#endif
+  }
+}
+
 // Weight rows [n0, n1) dequantized to float32 out [n1 - n0, K].
 template <typename SC>
 void dequantize_rows(const Weights<SC>& w, bool four, bool sub16, int64_t n0, int64_t n1,
                      int64_t K, float* out) {
-  const int64_t NB = K / kBlock;
   at::parallel_for(n0, n1, kGrainRows, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* qs = w.qs + n * w.row_bytes;
-      const SC* scales = w.scales + n * w.row_scales;
-      const SC* mins = w.mins ? w.mins + n * w.row_scales : nullptr;
-      float* row = out + (n - n0) * K;
-      for (int64_t b = 0; b < NB; ++b) {
-        float code[kBlock];
-        if (four) {
-          for (int j = 0; j < 16; ++j) {
-            code[j] = static_cast<float>(qs[b * 16 + j] & 0x0F);
-            code[j + 16] = static_cast<float>(qs[b * 16 + j] >> 4);
-          }
-        } else {
-          for (int j = 0; j < kBlock; ++j) {
-            code[j] = static_cast<float>(static_cast<int8_t>(qs[b * kBlock + j]));
-          }
-        }
-        for (int half = 0; half < 2; ++half) {
-          const int64_t s = sub16 ? 2 * b + half : b;
-          const float d = scale_at(scales, s), m = mins ? scale_at(mins, s) : 0.0f;
-          for (int j = 16 * half; j < 16 * half + 16; ++j) row[b * kBlock + j] = code[j] * d + m;
-        }
-      }
-    }
+    for (int64_t n = begin; n < end; ++n) dequantize_row(w, four, sub16, n, K, out + (n - n0) * K);
   });
 }
 
