@@ -166,6 +166,50 @@ class SchedulerConfig:
             raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be >= 1")
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: who proposes draft tokens and how many (``method`` None: off)."""
+
+    method: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_prompt_lookup_min: int = 1
+    ngram_prompt_lookup_max: int = 4
+    # No drafts in steps where more requests than this decode: verifying k extra tokens per
+    # request costs more than it saves once the batch is compute-bound (0: never disable).
+    disable_by_batch_size: int = 4
+
+    @property
+    def enabled(self) -> bool:
+        """True when a proposer is configured."""
+        return self.method is not None
+
+    def check(self) -> None:
+        """Raise on an unknown method or inconsistent limits."""
+        if self.method is not None and self.method not in SPECULATIVE_METHODS:
+            raise InvalidRequestError(
+                f"unknown speculative method {self.method!r}; choose from "
+                f"{', '.join(SPECULATIVE_METHODS)}",
+                "speculative_method",
+            )
+        if not 1 <= self.num_speculative_tokens <= 32:
+            raise InvalidRequestError(
+                "num_speculative_tokens must be in [1, 32]", "num_speculative_tokens"
+            )
+        if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max <= 64:
+            raise InvalidRequestError(
+                "need 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max <= 64",
+                "ngram_prompt_lookup_min",
+            )
+        if self.disable_by_batch_size < 0:
+            raise InvalidRequestError(
+                "speculative_disable_by_batch_size must be >= 0",
+                "speculative_disable_by_batch_size",
+            )
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """All configuration of one engine."""
@@ -173,4 +217,5 @@ class EngineConfig:
     model_config: ModelConfig = field(default_factory=ModelConfig)
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative_config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     show_progress: bool = True

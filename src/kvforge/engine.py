@@ -33,6 +33,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
         config.scheduler_config.check()
         config.cache_config.check()
+        config.speculative_config.check()
         self.config = config
         self.runner = runner or ModelRunner(config)
         self.tokenizer: Tokenizer = self.runner.loaded.tokenizer
@@ -47,7 +48,11 @@ class LLMEngine:
             self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(
-            config.scheduler_config, self.kv_cache_manager, self.max_model_len, self.vocab_size
+            config.scheduler_config,
+            self.kv_cache_manager,
+            self.max_model_len,
+            self.vocab_size,
+            config.speculative_config,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.structured: StructuredOutputManager | None = None

@@ -15,10 +15,12 @@ from typing import Any
 
 from kvforge.config import (
     KV_CACHE_DTYPES,
+    SPECULATIVE_METHODS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 from kvforge.errors import InvalidRequestError
 from kvforge.utils import parse_size
@@ -119,6 +121,29 @@ class EngineArgs:
         default="auto",
         metadata=_opt("auto (the fastest that runs here), cpu_paged or torch_ref"),
     )
+    speculative_method: str | None = field(
+        default=None,
+        metadata=_opt(
+            "speculative decoding: ngram (prompt lookup: propose what followed the last "
+            "n tokens earlier in the prompt or output); off by default",
+            choices=SPECULATIVE_METHODS,
+        ),
+    )
+    num_speculative_tokens: int = field(
+        default=4, metadata=_opt("draft tokens verified per step at most (adapted per request)")
+    )
+    ngram_prompt_lookup_min: int = field(
+        default=1, metadata=_opt("ngram: shortest suffix to look up")
+    )
+    ngram_prompt_lookup_max: int = field(
+        default=4, metadata=_opt("ngram: longest suffix to look up (longer matches first)")
+    )
+    speculative_disable_by_batch_size: int = field(
+        default=4,
+        metadata=_opt(
+            "no drafts in steps with more running requests than this (0: always speculate)"
+        ),
+    )
     seed: int = field(
         default=0, metadata=_opt("seed of the engine's random state (unseeded sampling)")
     )
@@ -199,6 +224,13 @@ class EngineArgs:
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
                 policy=self.scheduling_policy,
+            ),
+            speculative_config=SpeculativeConfig(
+                method=self.speculative_method,
+                num_speculative_tokens=self.num_speculative_tokens,
+                ngram_prompt_lookup_min=self.ngram_prompt_lookup_min,
+                ngram_prompt_lookup_max=self.ngram_prompt_lookup_max,
+                disable_by_batch_size=self.speculative_disable_by_batch_size,
             ),
             show_progress=self.show_progress,
         )

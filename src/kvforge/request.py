@@ -80,6 +80,12 @@ class Request:
     # and indices of entries replaced since (copy on write, adopting a cached block).
     num_blocks_sent: int = -1
     replaced_blocks: list[int] = field(default_factory=list)
+    # Speculative decoding: the proposer's per-request state, the draft length it may use now
+    # (adapted to how many drafts were accepted), drafts proposed and accepted so far.
+    spec_state: Any = None
+    spec_k: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

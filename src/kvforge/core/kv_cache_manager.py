@@ -138,6 +138,17 @@ class KVCacheManager:
                 request.replaced_blocks.append(index)
         self._cache_state[request.request_id] = (node, num_full)
 
+    def trim(self, request: Request) -> None:
+        """Free the blocks past the request's computed tokens (KV of rejected draft tokens).
+
+        They were allocated for this step's drafts, so they are private and uncached.
+        """
+        keep = cdiv(request.num_computed_tokens, self.block_size)
+        while len(request.block_ids) > keep:
+            self._decref(request.block_ids.pop())
+        request.num_blocks_sent = min(request.num_blocks_sent, keep)
+        request.replaced_blocks = [i for i in request.replaced_blocks if i < keep]
+
     def fork(self, parent: Request, child: Request) -> None:
         """Give ``child`` shared references to the parent's computed blocks (copy-on-write)."""
         assert not child.block_ids

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from kvforge.config import SchedulerConfig
+from kvforge.config import SchedulerConfig, SpeculativeConfig
 from kvforge.core.kv_cache_manager import KVCacheManager
 from kvforge.core.step_io import (
     CachedRequestData,
@@ -21,6 +21,7 @@ from kvforge.core.step_io import (
 )
 from kvforge.outputs import RequestFailure
 from kvforge.request import Request, RequestStatus
+from kvforge.spec_decode import NgramProposer, SpecDecodeStats
 from kvforge.utils import cdiv
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Scheduler:
         kv_cache_manager: KVCacheManager,
         max_model_len: int,
         vocab_size: int = 0,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.config = config
         self.kv = kv_cache_manager
@@ -45,6 +47,13 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
+        self.spec = speculative or SpeculativeConfig()
+        self.proposer = (
+            NgramProposer(self.spec.ngram_prompt_lookup_min, self.spec.ngram_prompt_lookup_max)
+            if self.spec.method == "ngram"
+            else None
+        )
+        self.spec_stats = SpecDecodeStats(self.spec.num_speculative_tokens)
 
     # ----------------------------------------------------------------- queues
     def add_request(self, request: Request) -> None:
@@ -74,6 +83,11 @@ class Scheduler:
         self._fork_ready_children()
         preempted = False
         scheduled_ids: set[str] = set()
+        drafts: dict[str, list[int]] = {}
+        speculate = self.proposer is not None and (
+            not self.spec.disable_by_batch_size
+            or len(self.running) <= self.spec.disable_by_batch_size
+        )
         for request in list(self.running):
             if budget <= 0:
                 break
@@ -82,25 +96,53 @@ class Scheduler:
             num_new = self._num_new_tokens(request, budget)
             if num_new == 0:
                 continue
-            while not self.kv.allocate_slots(request, num_new):
+            proposal = self._propose(request, budget - num_new) if speculate else []
+            while not self.kv.allocate_slots(request, num_new + len(proposal)):
+                if proposal:  # no room for the drafts: decode one token as usual
+                    proposal = []
+                    continue
                 victim = self._pick_victim(exclude=scheduled_ids, requester=request)
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
                     break
             else:
-                output.append((request, num_new))
+                output.append((request, num_new + len(proposal)))
                 scheduled_ids.add(request.request_id)
-                budget -= num_new
+                budget -= num_new + len(proposal)
+                if proposal:
+                    drafts[request.request_id] = proposal
         if not preempted:
             budget = self._admit_waiting(output, budget)
             if not output:
                 budget = self._preempt_held_for_waiting(output, budget)
-        return self._make_output(output)
+        return self._make_output(output, drafts)
 
-    def _make_output(self, scheduled: list[tuple[Request, int]]) -> SchedulerOutput:
+    def _propose(self, request: Request, room: int) -> list[int]:
+        """Draft tokens for a decoding request (``[]`` where speculation cannot apply)."""
+        assert self.proposer is not None
+        params = request.sampling_params
+        if (
+            request.num_computed_tokens != request.num_tokens - 1
+            or request.grammar is not None
+            or request.is_held
+            or params.use_beam_search
+        ):
+            return []
+        k = min(
+            request.spec_k or self.spec.num_speculative_tokens,
+            room,
+            # the step keeps at most k + 1 tokens: no drafts past max_tokens or the context
+            request.max_tokens - len(request.output_token_ids) - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+        return self.proposer.propose(request, k) if k > 0 else []
+
+    def _make_output(
+        self, scheduled: list[tuple[Request, int]], drafts: dict[str, list[int]] | None = None
+    ) -> SchedulerOutput:
         """The step as plain data: new requests whole, running ones as diffs."""
-        output = SchedulerOutput(blocks_to_copy=self.kv.take_copies())
+        output = SchedulerOutput(blocks_to_copy=self.kv.take_copies(), draft_token_ids=drafts or {})
         output.finished_request_ids, self._finished_ids = self._finished_ids, []
         now = time.monotonic()
         sampling: list[Request] = []
@@ -129,6 +171,7 @@ class Scheduler:
                         request.num_computed_tokens,
                         request.block_ids[sent:],
                         [(i, request.block_ids[i]) for i in request.replaced_blocks if i < sent],
+                        sent,
                     )
                 )
             request.num_blocks_sent = len(request.block_ids)
@@ -310,28 +353,56 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.is_finished:
                 continue
+            index = sampled.get(request_id)
+            drafts = output.draft_token_ids.get(request_id)
+            token_ids = runner_output.sampled_token_ids[index] if index is not None else []
+            if drafts:
+                # The runner returns the accepted drafts plus one token of its own; the KV
+                # written for the rejected drafts is discarded below (trim).
+                accepted = max(len(token_ids) - 1, 0)
+                num_new -= len(drafts) - accepted
+                self._record_drafts(request, len(drafts), accepted)
             request.num_computed_tokens += num_new
-            self.kv.cache_blocks(request)
+            if not drafts:
+                self.kv.cache_blocks(request)
             if request.error is not None:  # its grammar failed while building the bitmask
                 self.finish(request, RequestStatus.FINISHED_ABORTED)
                 changed.append(request)
                 continue
-            index = sampled.get(request_id)
             if index is None:
                 continue
             logprobs = runner_output.sampled_logprobs[index]
-            for token_id, logprob in zip(runner_output.sampled_token_ids[index], logprobs):
+            status = None
+            for token_id, logprob in zip(token_ids, logprobs):
                 request.output_token_ids.append(token_id)
                 request.cumulative_logprob += logprob
                 status = self._advance_grammar(request, token_id)
                 status = status or self._check_stop(request, token_id)
                 if status is not None:
-                    self.finish(request, status)
                     break
+            if drafts:
+                # A stop among the accepted tokens drops the rest: their KV is not the
+                # request's. Cache only now that the accepted tokens are in the request.
+                request.num_computed_tokens = min(
+                    request.num_computed_tokens, request.num_tokens - 1
+                )
+                self.kv.trim(request)
+                self.kv.cache_blocks(request)
+            if status is not None:
+                self.finish(request, status)
             if request.first_token_time is None:
                 request.first_token_time = now
             changed.append(request)
         return changed
+
+    def _record_drafts(self, request: Request, proposed: int, accepted: int) -> None:
+        """Count a verification and adapt the request's draft length: one more after all
+        drafts were accepted, else what was accepted plus one."""
+        request.num_draft_tokens += proposed
+        request.num_accepted_tokens += accepted
+        self.spec_stats.record(proposed, accepted)
+        limit = self.spec.num_speculative_tokens
+        request.spec_k = min(limit, proposed + 1) if accepted == proposed else accepted + 1
 
     @staticmethod
     def _advance_grammar(request: Request, token_id: int) -> RequestStatus | None:

@@ -51,6 +51,9 @@ class CachedRequestData:
     new_block_ids: list[int] = field(default_factory=list)
     # (index in the block table, new block id): copy on write, or adoption of a cached block
     replaced_block_ids: list[tuple[int, int]] = field(default_factory=list)
+    # Entries of the runner's table that stay before new_block_ids are appended (fewer than
+    # it holds when rejected draft tokens freed trailing blocks); -1: all of them.
+    num_kept_blocks: int = -1
 
 
 @dataclass(slots=True)

@@ -91,6 +91,8 @@ class InputBatch:
         state = self.requests[data.request_id]
         state.num_computed_tokens = data.num_computed_tokens
         row = state.row
+        if 0 <= data.num_kept_blocks < len(state.block_ids):
+            del state.block_ids[data.num_kept_blocks :]
         for index, block_id in data.replaced_block_ids:
             state.block_ids[index] = block_id
             self.block_table[row, index] = block_id
@@ -107,6 +109,13 @@ class InputBatch:
         state.output_token_ids.extend(token_ids)
         self._fit(state.num_tokens, 0)
         self.token_ids[state.row, start : state.num_tokens] = token_ids
+
+    def set_drafts(self, state: CachedRequestState, draft_ids: list[int]) -> None:
+        """Draft tokens to run after ``state``'s known tokens this step (not part of them:
+        the tokens the runner keeps overwrite them)."""
+        start = state.num_tokens
+        self._fit(start + len(draft_ids), 0)
+        self.token_ids[state.row, start : start + len(draft_ids)] = draft_ids
 
     def remove(self, request_id: str) -> None:
         """Forget a finished (or resent) request and free its row."""

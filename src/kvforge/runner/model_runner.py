@@ -14,6 +14,7 @@ from kvforge.loader import LoadedModel, load_model
 from kvforge.outputs import RequestFailure
 from kvforge.runner.input_batch import CachedRequestState, InputBatch
 from kvforge.sample import Sampler, SamplingMetadata, gather_logprobs
+from kvforge.sample.rejection import RejectionSampler
 from kvforge.utils import available_memory, cdiv, format_size
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler()
+        self.rejection_sampler = RejectionSampler()
         self.input_batch = InputBatch(self.block_size, config.scheduler_config.max_num_seqs)
 
     def _bytes_per_block(self, kv_cache_dtype: str, model_dtype: torch.dtype) -> int:
@@ -149,9 +151,18 @@ class ModelRunner:
         sample_reqs: list[tuple[CachedRequestState, int]] = []  # (request, row in logits)
         # (request, first row, n, first pos)
         prompt_reqs: list[tuple[CachedRequestState, int, int, int]] = []
+        # (request, first row in logits, its draft tokens): k + 1 rows each
+        spec_reqs: list[tuple[CachedRequestState, int, list[int]]] = []
         offset = 0
         for state in states:
             start, num_new = state.num_computed_tokens, state.num_scheduled
+            drafts = output.draft_token_ids.get(state.request_id)
+            if drafts:
+                self.input_batch.set_drafts(state, drafts)
+                spec_reqs.append((state, len(logit_rows), drafts))
+                logit_rows.extend(range(offset + num_new - len(drafts) - 1, offset + num_new))
+                offset += num_new
+                continue
             # The last position whose logits predict a prompt token.
             last_prompt_pos = state.num_prompt_tokens - 2
             if state.sampling_params.prompt_logprobs is not None and start <= last_prompt_pos:
@@ -177,6 +188,8 @@ class ModelRunner:
         result = ModelRunnerOutput()
         if sample_reqs:
             self._sample_isolated(logits, sample_reqs, self._bitmask_rows(output), result)
+        if spec_reqs:
+            self._verify_isolated(logits, spec_reqs, result)
         for state, row, count, first_pos in prompt_reqs:
             try:
                 entries = self._prompt_logprobs(logits[row : row + count], state, first_pos)
@@ -252,7 +265,7 @@ class ModelRunner:
             [r.sampling_params for r in states],
             [r.prompt_token_ids for r in states],
             [r.output_token_ids for r in states],
-            [self._banned_tokens(r) for r in states],
+            [self._banned_tokens(r, len(r.output_token_ids)) for r in states],
             {i: g for i, r in enumerate(states) if (g := self._generator(r)) is not None},
             self.model_config.vocab_size,
             self.device,
@@ -275,6 +288,63 @@ class ModelRunner:
                 )
                 result.logprobs[state.request_id] = [
                     TokenLogprobs(token_ids[i], logprobs[i], ranks[i], top)
+                ]
+
+    def _verify_isolated(
+        self,
+        logits: torch.Tensor,
+        reqs: list[tuple[CachedRequestState, int, list[int]]],
+        result: ModelRunnerOutput,
+    ) -> None:
+        """Verify the batch's drafts; if that raises, one request at a time (culprits fail)."""
+        try:
+            self._verify(logits, reqs, result)
+            return
+        except Exception as exc:  # noqa: BLE001 - attributed below
+            if len(reqs) == 1:
+                result.failed[reqs[0][0].request_id] = _describe(exc)
+                return
+        for item in reqs:
+            try:
+                self._verify(logits, [item], result)
+            except Exception as exc:  # noqa: BLE001 - fails this request only
+                result.failed[item[0].request_id] = _describe(exc)
+
+    def _verify(
+        self,
+        logits: torch.Tensor,
+        reqs: list[tuple[CachedRequestState, int, list[int]]],
+        result: ModelRunnerOutput,
+    ) -> None:
+        """Accept a prefix of each request's drafts plus one token (see sample/rejection)."""
+        rows: list[int] = []
+        params, prompts, outputs, banned = [], [], [], []
+        for state, first, drafts in reqs:
+            rows.extend(range(first, first + len(drafts) + 1))
+            for j in range(len(drafts) + 1):
+                # Row j sees drafts 0..j-1 as generated tokens (penalties, min_tokens).
+                generated = state.output_token_ids + drafts[:j]
+                params.append(state.sampling_params)
+                prompts.append(state.prompt_token_ids)
+                outputs.append(generated)
+                banned.append(self._banned_tokens(state, len(generated)))
+        md = SamplingMetadata.build(
+            params, prompts, outputs, banned, {}, self.model_config.vocab_size, self.device
+        )
+        index = torch.tensor(rows, device=self.device)
+        verified = self.rejection_sampler(
+            logits[index],
+            md,
+            [drafts for _, _, drafts in reqs],
+            [self._generator(state) for state, _, _ in reqs],
+            [state.sampling_params.logprobs for state, _, _ in reqs],
+        )
+        for (state, _, _), out in zip(reqs, verified):
+            result.add(state.request_id, out.token_ids, out.logprobs)
+            if state.sampling_params.logprobs is not None:
+                result.logprobs[state.request_id] = [
+                    TokenLogprobs(*entry)
+                    for entry in zip(out.token_ids, out.logprobs, out.ranks, out.top)
                 ]
 
     def _prompt_logprobs(
@@ -330,9 +400,10 @@ class ModelRunner:
         return [i for i, ok in enumerate(alive) if ok]
 
     @staticmethod
-    def _banned_tokens(request: CachedRequestState) -> list[int]:
+    def _banned_tokens(request: CachedRequestState, num_generated: int) -> list[int]:
+        """Stop tokens banned while fewer than min_tokens are generated."""
         params = request.sampling_params
-        if len(request.output_token_ids) >= params.min_tokens:
+        if num_generated >= params.min_tokens:
             return []
         banned = list(params.stop_token_ids or [])
         if not params.ignore_eos:
