@@ -208,6 +208,8 @@ class OutputProcessor:
                 default=None,
             ),
             finished_time=now if state.finished else None,
+            num_draft_tokens=sum(s.request.num_draft_tokens for s in state.sequences),
+            num_accepted_tokens=sum(s.request.num_accepted_tokens for s in state.sequences),
         )
         if state.finished:
             self._forget(state)

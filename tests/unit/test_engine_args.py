@@ -83,3 +83,41 @@ def test_every_command_renders_its_help() -> None:
     assert len(parsers) > 10
     for parser in parsers:
         assert "usage:" in parser.format_help()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"speculative_method": "medusa"},
+        {"speculative_method": "ngram", "num_speculative_tokens": 0},
+        {"speculative_method": "ngram", "num_speculative_tokens": 10_000},
+        {"speculative_method": "ngram", "ngram_prompt_lookup_min": 3, "ngram_prompt_lookup_max": 2},
+        {"speculative_method": "ngram", "speculative_disable_by_batch_size": -1},
+    ],
+)
+def test_bad_speculative_options_are_refused(flags):
+    config = EngineArgs(**flags).create_engine_config()
+    with pytest.raises(InvalidRequestError):
+        config.speculative_config.check()
+
+
+def test_speculative_flags_parse():
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    args = parser.parse_args(
+        [
+            "--speculative-method",
+            "ngram",
+            "--num-speculative-tokens",
+            "3",
+            "--ngram-prompt-lookup-max",
+            "6",
+        ]
+    )
+    spec = EngineArgs.from_cli_args(args).create_engine_config().speculative_config
+    assert (spec.method, spec.num_speculative_tokens, spec.ngram_prompt_lookup_max) == (
+        "ngram",
+        3,
+        6,
+    )
+    assert spec.enabled

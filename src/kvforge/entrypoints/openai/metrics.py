@@ -19,6 +19,7 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 def read_engine_stats(engine: Any) -> tuple[int, ...]:
     """Queue sizes, KV usage, prefix-cache and preemption counts (run on the engine thread)."""
     kv = engine.kv_cache_manager
+    spec = engine.scheduler.spec_stats
     return (
         len(engine.scheduler.running),
         len(engine.scheduler.waiting),
@@ -27,6 +28,11 @@ def read_engine_stats(engine: Any) -> tuple[int, ...]:
         kv.prefix_cache.num_queries,
         kv.prefix_cache.num_hits,
         engine.num_preemptions,
+        spec.num_verifications,
+        spec.num_draft_tokens,
+        spec.num_accepted_tokens,
+        *spec.proposed_per_position,
+        *spec.accepted_per_position,
     )
 
 
@@ -34,10 +40,16 @@ class _EngineCollector(Collector):
     """Exports the engine stats read just before the scrape."""
 
     def __init__(self) -> None:
-        self.stats: tuple[int, ...] = (0, 0, 0, 1, 0, 0, 0)
+        self.stats: tuple[int, ...] = (0, 0, 0, 1, 0, 0, 0, 0, 0, 0)
 
     def collect(self) -> Iterator[Any]:
-        running, waiting, used, total, queries, hits, preemptions = self.stats
+        running, waiting, used, total, queries, hits, preemptions = self.stats[:7]
+        verifications, drafts, accepted = self.stats[7:10]
+        positions = self.stats[10:]
+        proposed_at, accepted_at = (
+            positions[: len(positions) // 2],
+            positions[len(positions) // 2 :],
+        )
         yield GaugeMetricFamily(
             "kvforge:num_requests_running", "Requests in the running queue", running
         )
@@ -57,6 +69,30 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             "kvforge:num_preemptions", "Requests preempted for lack of KV blocks", preemptions
         )
+        yield CounterMetricFamily(
+            "kvforge:spec_decode_num_verifications",
+            "Steps of a request that verified draft tokens",
+            verifications,
+        )
+        yield CounterMetricFamily(
+            "kvforge:spec_decode_num_draft_tokens", "Draft tokens proposed", drafts
+        )
+        yield CounterMetricFamily(
+            "kvforge:spec_decode_num_accepted_tokens", "Draft tokens accepted", accepted
+        )
+        yield GaugeMetricFamily(
+            "kvforge:spec_decode_mean_accepted_length",
+            "Tokens per verification: accepted drafts plus the target's own token",
+            1 + accepted / verifications if verifications else 0.0,
+        )
+        rate = GaugeMetricFamily(
+            "kvforge:spec_decode_acceptance_rate_per_position",
+            "Accepted over proposed drafts at each draft position",
+            labels=["position"],
+        )
+        for position, (p, a) in enumerate(zip(proposed_at, accepted_at)):
+            rate.add_metric([str(position)], a / p if p else 0.0)
+        yield rate
 
 
 class ServerMetrics:

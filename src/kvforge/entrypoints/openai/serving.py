@@ -117,14 +117,20 @@ class OpenAIServing:
         if last is not None and last.metrics is not None:
             m = last.metrics
             ttft = f"{m.time_to_first_token:.3f}s" if m.time_to_first_token is not None else "-"
+            drafts = (
+                f", drafts {m.num_accepted_tokens}/{m.num_draft_tokens} accepted"
+                if m.num_draft_tokens
+                else ""
+            )
             logger.info(
-                "request %s: %d prompt tokens (%d cached), %d generated, ttft %s, %.3fs",
+                "request %s: %d prompt tokens (%d cached), %d generated, ttft %s, %.3fs%s",
                 request_id,
                 m.num_prompt_tokens,
                 m.num_cached_tokens,
                 sum(len(c.token_ids) for c in last.outputs),
                 ttft,
                 time.monotonic() - m.arrival_time,
+                drafts,
             )
 
     async def collect(self, streams: Sequence[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
