@@ -166,7 +166,7 @@ class SchedulerConfig:
             raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be >= 1")
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 @dataclass(frozen=True)
@@ -174,6 +174,7 @@ class SpeculativeConfig:
     """Speculative decoding: who proposes draft tokens and how many (``method`` None: off)."""
 
     method: str | None = None
+    model: str | None = None  # the draft model of method "draft"
     num_speculative_tokens: int = 4
     ngram_prompt_lookup_min: int = 1
     ngram_prompt_lookup_max: int = 4
@@ -193,6 +194,15 @@ class SpeculativeConfig:
                 f"unknown speculative method {self.method!r}; choose from "
                 f"{', '.join(SPECULATIVE_METHODS)}",
                 "speculative_method",
+            )
+        if self.method == "draft" and not self.model:
+            raise InvalidRequestError(
+                "speculative method draft needs a speculative_model", "speculative_model"
+            )
+        if self.model and self.method != "draft":
+            raise InvalidRequestError(
+                f"speculative_model is for the draft method, not {self.method}",
+                "speculative_model",
             )
         if not 1 <= self.num_speculative_tokens <= 32:
             raise InvalidRequestError(

@@ -129,6 +129,13 @@ class EngineArgs:
             choices=SPECULATIVE_METHODS,
         ),
     )
+    speculative_model: str | None = field(
+        default=None,
+        metadata=_opt(
+            "draft model (GGUF file or HF directory sharing the target's tokenizer): implies "
+            "--speculative-method draft"
+        ),
+    )
     num_speculative_tokens: int = field(
         default=4, metadata=_opt("draft tokens verified per step at most (adapted per request)")
     )
@@ -226,7 +233,8 @@ class EngineArgs:
                 policy=self.scheduling_policy,
             ),
             speculative_config=SpeculativeConfig(
-                method=self.speculative_method,
+                method=self.speculative_method or ("draft" if self.speculative_model else None),
+                model=self.speculative_model,
                 num_speculative_tokens=self.num_speculative_tokens,
                 ngram_prompt_lookup_min=self.ngram_prompt_lookup_min,
                 ngram_prompt_lookup_max=self.ngram_prompt_lookup_max,

@@ -83,6 +83,10 @@ class Request:
     # Speculative decoding: the proposer's per-request state, the draft length it may use now
     # (adapted to how many drafts were accepted), drafts proposed and accepted so far.
     spec_state: Any = None
+    # Drafts a draft model proposed at the end of the last step, valid while the request
+    # still has spec_base tokens.
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_base: int = -1
     spec_k: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0

@@ -142,6 +142,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    # False: this request decodes without draft tokens when the engine speculates.
+    speculative: bool = True
     structured_outputs: StructuredOutputsParams | None = None
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
@@ -183,6 +185,7 @@ class SamplingParams:
             "include_stop_str_in_output",
             "skip_special_tokens",
             "use_beam_search",
+            "speculative",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"{name} must be a boolean", name)

@@ -1,12 +1,18 @@
-"""Speculative decoding (n-gram lookup) on the embedded model: greedy output is token-identical
-with and without it, alone, in mixed batches and under preemption; the KV bookkeeping holds
-after every step; drafts are really proposed and accepted."""
+"""Speculative decoding (n-gram lookup and a draft model) on the embedded model: greedy output
+is token-identical with and without it, alone, in mixed batches and under preemption; the KV
+bookkeeping holds after every step; drafts are really proposed and accepted."""
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import pytest
 
+from kvforge.config import default_model_path
+from kvforge.errors import InvalidRequestError
 from kvforge.sampling_params import SamplingParams, StructuredOutputsParams
+from tests.e2e.schemas import all_schemas
 from tests.helpers import run_to_completion
 
 # Input-grounded prompts (copying, editing): n-gram lookup finds what to propose.
@@ -19,6 +25,8 @@ PROMPTS = [
     "Copy the sentence: 'Rivers carry water from the mountains to the sea.' Copy:",
 ]
 SPEC = {"speculative_method": "ngram", "num_speculative_tokens": 4}
+# The embedded Q4_1 file, packed, drafting for its float32 dequantization (the target).
+DRAFT = {"speculative_model": default_model_path(), "num_speculative_tokens": 4}
 
 
 def generate(engine, prompts, params_list, check=True) -> list[list[int]]:
@@ -41,22 +49,31 @@ def reference(make_engine) -> list[list[int]]:
     return [generate(engine, [p], [GREEDY])[0] for p in PROMPTS]
 
 
-def test_alone_equals_without_speculation(make_engine, reference):
-    engine = make_engine(**SPEC)
+PROPOSERS = pytest.mark.parametrize("spec", [SPEC, DRAFT], ids=["ngram", "draft"])
+
+
+@PROPOSERS
+def test_alone_equals_without_speculation(make_engine, reference, spec):
+    engine = make_engine(**spec)
     outputs = [generate(engine, [p], [GREEDY])[0] for p in PROMPTS]
     assert outputs == reference
     stats = engine.scheduler.spec_stats
     assert stats.num_accepted_tokens > 20, stats  # drafts were proposed and many held
     assert 0 < stats.acceptance_rate <= 1
+    if "speculative_model" in spec:
+        # the same weights, 4-bit: nearly every draft holds, which it could not if the
+        # draft's mirrored KV cache were wrong
+        assert stats.acceptance_rate > 0.8, stats
 
 
+@PROPOSERS
 @pytest.mark.parametrize(
     "flags",
     [{}, {"num_blocks": 14}, {"max_num_batched_tokens": 24}],
     ids=["batch", "preemption", "small-budget"],
 )
-def test_mixed_batch_equals_without_speculation(make_engine, reference, flags):
-    engine = make_engine(**SPEC, speculative_disable_by_batch_size=0, **flags)
+def test_mixed_batch_equals_without_speculation(make_engine, reference, flags, spec):
+    engine = make_engine(**spec, speculative_disable_by_batch_size=0, **flags)
     # Greedy requests that speculate next to requests that do not (random sampling with a
     # seed, a JSON-constrained one): the greedy ones must not change.
     prompts = PROMPTS + ["Tell me about cats.", "Give a JSON object with a name."]
@@ -82,8 +99,9 @@ def test_fast_path_equals_without_speculation(make_fast_engine):
         assert generate(spec, [prompt], [GREEDY]) == generate(plain, [prompt], [GREEDY])
 
 
-def test_logprobs_stops_and_limits_with_speculation(make_engine):
-    engine = make_engine(**SPEC)
+@PROPOSERS
+def test_logprobs_stops_and_limits_with_speculation(make_engine, spec):
+    engine = make_engine(**spec)
     plain = make_engine()
     cases = [
         SamplingParams(temperature=0, max_tokens=7, logprobs=2),  # max_tokens mid-draft
@@ -106,7 +124,65 @@ def test_logprobs_stops_and_limits_with_speculation(make_engine):
                     assert x[token_id].logprob == pytest.approx(y[token_id].logprob, abs=1e-4)
 
 
-def test_seeded_sampling_is_reproducible_with_speculation(make_engine):
+@PROPOSERS
+def test_seeded_sampling_is_reproducible_with_speculation(make_engine, spec):
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=30)
-    runs = [generate(make_engine(**SPEC), [PROMPTS[0]], [params])[0] for _ in range(2)]
+    runs = [generate(make_engine(**spec), [PROMPTS[0]], [params])[0] for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_draft_model_must_share_the_vocabulary(make_engine, gemma_path):
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        make_engine(speculative_model=gemma_path)
+
+
+def test_draft_options_are_checked(make_engine, tmp_path):
+    with pytest.raises(InvalidRequestError, match="speculative_model"):
+        make_engine(speculative_method="draft")
+    with pytest.raises(InvalidRequestError, match="draft method"):
+        make_engine(speculative_method="ngram", speculative_model=default_model_path())
+    with pytest.raises(Exception, match="not found|No such"):
+        make_engine(speculative_model=str(tmp_path / "missing.gguf"))
+
+
+@PROPOSERS
+def test_structured_outputs_validate_with_speculation(make_engine, spec):
+    """The 30-schema suite with drafts checked by each grammar: every output validates, and the
+    greedy ones equal their runs without speculation."""
+    from tests.e2e.test_structured import chat, constrained
+
+    schemas = all_schemas()
+    plain = make_engine(num_blocks=1024, max_num_seqs=128)
+    engine = make_engine(
+        num_blocks=1024, max_num_seqs=128, speculative_disable_by_batch_size=0, **spec
+    )
+    results = []
+    for eng in (plain, engine):
+        ids = {}
+        for schema in schemas:
+            prompt = chat(eng, f"Reply with JSON for this schema: {json.dumps(schema)[:200]}")
+            for sampled in (False, True):
+                params = constrained(StructuredOutputsParams(json=schema), sampled)
+                ids[eng.add_request(prompt, params)] = (schema, sampled)
+        outputs = run_to_completion(eng, eng.scheduler.check_integrity)
+        for request_id, (schema, _) in ids.items():
+            completion = outputs[request_id].outputs[0]
+            assert completion.finish_reason == "stop", (schema, completion.text)
+            jsonschema.validate(json.loads(completion.text), schema)
+        results.append(
+            [outputs[r].outputs[0].token_ids for r, (_, sampled) in ids.items() if not sampled]
+        )
+    assert results[0] == results[1]
+    assert engine.scheduler.spec_stats.num_accepted_tokens > 0
+
+
+def test_a_request_can_opt_out(make_engine, reference):
+    engine = make_engine(**SPEC)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, speculative=False)
+    request_id = engine.add_request(PROMPTS[0], params)
+    output = run_to_completion(engine)[request_id]
+    assert output.outputs[0].token_ids == reference[0]
+    assert output.metrics is not None and output.metrics.num_draft_tokens == 0
+    assert engine.scheduler.spec_stats.num_verifications == 0
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(speculative="no")  # type: ignore[arg-type]

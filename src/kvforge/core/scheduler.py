@@ -54,6 +54,7 @@ class Scheduler:
             else None
         )
         self.spec_stats = SpecDecodeStats(self.spec.num_speculative_tokens)
+        self._speculate = False  # this step's batch may take drafts
 
     # ----------------------------------------------------------------- queues
     def add_request(self, request: Request) -> None:
@@ -84,10 +85,11 @@ class Scheduler:
         preempted = False
         scheduled_ids: set[str] = set()
         drafts: dict[str, list[int]] = {}
-        speculate = self.proposer is not None and (
+        speculate = self.spec.enabled and (
             not self.spec.disable_by_batch_size
             or len(self.running) <= self.spec.disable_by_batch_size
         )
+        self._speculate = speculate
         for request in list(self.running):
             if budget <= 0:
                 break
@@ -118,15 +120,16 @@ class Scheduler:
                 budget = self._preempt_held_for_waiting(output, budget)
         return self._make_output(output, drafts)
 
+    @staticmethod
+    def _can_speculate(request: Request) -> bool:
+        """False for requests that take no drafts: beams, and those that opted out."""
+        params = request.sampling_params
+        return params.speculative and not (request.is_held or params.use_beam_search)
+
     def _propose(self, request: Request, room: int) -> list[int]:
         """Draft tokens for a decoding request (``[]`` where speculation cannot apply)."""
-        assert self.proposer is not None
-        params = request.sampling_params
-        if (
-            request.num_computed_tokens != request.num_tokens - 1
-            or request.grammar is not None
-            or request.is_held
-            or params.use_beam_search
+        if request.num_computed_tokens != request.num_tokens - 1 or not self._can_speculate(
+            request
         ):
             return []
         k = min(
@@ -136,7 +139,33 @@ class Scheduler:
             request.max_tokens - len(request.output_token_ids) - 1,
             self.max_model_len - request.num_tokens - 1,
         )
-        return self.proposer.propose(request, k) if k > 0 else []
+        if k <= 0:
+            return []
+        if self.proposer is not None:
+            proposal = self.proposer.propose(request, k)
+        elif request.spec_base == request.num_tokens:
+            # A draft model proposed at the end of the last step, for the tokens it had.
+            proposal = request.spec_token_ids[:k]
+        else:
+            return []
+        return self._grammar_prefix(request, proposal) if request.grammar else proposal
+
+    @staticmethod
+    def _grammar_prefix(request: Request, proposal: list[int]) -> list[int]:
+        """The drafts the request's grammar allows, up to the first it rejects or its end."""
+        grammar = request.grammar
+        accepted = kept = 0
+        try:
+            for token_id in proposal:
+                if not grammar.accept_token(token_id):
+                    break
+                accepted += 1
+                if grammar.is_terminated():  # the end is the target's to choose
+                    break
+                kept = accepted
+        finally:
+            grammar.rollback(accepted)
+        return proposal[:kept]
 
     def _make_output(
         self, scheduled: list[tuple[Request, int]], drafts: dict[str, list[int]] | None = None
@@ -176,26 +205,54 @@ class Scheduler:
                 )
             request.num_blocks_sent = len(request.block_ids)
             request.replaced_blocks.clear()
+            drafted = len(output.draft_token_ids.get(request.request_id, ()))
             if request.grammar is not None and (
-                request.num_computed_tokens + num_new == request.num_tokens
+                request.num_computed_tokens + num_new == request.num_tokens + drafted
             ):
                 sampling.append(request)
+            if self.proposer is None and self._speculate:
+                self._ask_for_drafts(output, request, num_new)
         if sampling:
             self._fill_bitmask(output, sampling)
         return output
+
+    def _ask_for_drafts(self, output: SchedulerOutput, request: Request, num_new: int) -> None:
+        """Have the draft model propose for ``request`` at the end of the step, if it samples
+        then and may take drafts."""
+        drafts = output.draft_token_ids.get(request.request_id, ())
+        samples = request.num_computed_tokens + num_new == request.num_tokens + len(drafts)
+        if samples and self._can_speculate(request) and request.num_pending_forks == 0:
+            output.draft_lengths[request.request_id] = (
+                request.spec_k or self.spec.num_speculative_tokens
+            )
 
     def _fill_bitmask(self, output: SchedulerOutput, requests: list[Request]) -> None:
         """Allowed next tokens of the structured-output requests that sample this step."""
         from kvforge.structured.backend import new_bitmask  # torch, only when needed
 
-        bitmask = new_bitmask(len(requests), self.vocab_size)
-        for row, request in enumerate(requests):
+        drafts = [output.draft_token_ids.get(r.request_id, []) for r in requests]
+        bitmask = new_bitmask(sum(len(d) + 1 for d in drafts), self.vocab_size)
+        row = 0
+        for request, draft in zip(requests, drafts):
+            grammar = request.grammar
+            accepted = 0
             try:
-                request.grammar.fill_bitmask(bitmask, row)
+                # One row per position: the bits before each draft and after the last one.
+                for j in range(len(draft) + 1):
+                    grammar.fill_bitmask(bitmask, row + j)
+                    if j < len(draft):
+                        if not grammar.accept_token(draft[j]):
+                            raise RuntimeError(f"draft token {draft[j]} was checked but rejected")
+                        accepted += 1
             except Exception as exc:  # noqa: BLE001 - one request's grammar fails, not the engine
                 logger.error("grammar of %s failed", request.request_id, exc_info=exc)
                 request.error = RequestFailure(f"grammar failed: {type(exc).__name__}: {exc}")
-        output.grammar_request_ids = [r.request_id for r in requests]
+            finally:
+                grammar.rollback(accepted)
+            row += len(draft) + 1
+        output.grammar_request_ids = [
+            r.request_id for r, d in zip(requests, drafts) for _ in range(len(d) + 1)
+        ]
         output.grammar_bitmask = bitmask
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
@@ -388,6 +445,9 @@ class Scheduler:
                 )
                 self.kv.trim(request)
                 self.kv.cache_blocks(request)
+            proposed = runner_output.draft_token_ids.get(request_id)
+            if proposed is not None and status is None:
+                request.spec_token_ids, request.spec_base = proposed, request.num_tokens
             if status is not None:
                 self.finish(request, status)
             if request.first_token_time is None:

@@ -68,8 +68,12 @@ class SchedulerOutput:
     finished_request_ids: list[str] = field(default_factory=list)  # since the last step
     # Draft tokens to verify per request (speculative decoding; empty otherwise).
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Drafts a draft model should propose at the end of this step, per request that samples
+    # (the scheduler takes them in the next step).
+    draft_lengths: dict[str, int] = field(default_factory=dict)
     # Allowed-token bits of the structured-output requests that sample this step: an int32
-    # tensor [len(grammar_request_ids), ceil(V / 32)] built by the grammar backend.
+    # tensor [len(grammar_request_ids), ceil(V / 32)] built by the grammar backend. A request
+    # with k drafts has k + 1 consecutive rows (its id repeated): the bits after each draft.
     grammar_request_ids: list[str] = field(default_factory=list)
     grammar_bitmask: Any = None
 
@@ -110,6 +114,8 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     # request id -> why it failed (that request fails; the rest of the batch goes on)
     failed: dict[str, RequestFailure] = field(default_factory=dict)
+    # request id -> draft tokens for its next step (see SchedulerOutput.draft_lengths)
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     def add(self, request_id: str, token_ids: list[int], logprobs: list[float]) -> None:
         """Record a request's sampled tokens."""

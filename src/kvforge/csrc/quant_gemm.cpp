@@ -470,7 +470,84 @@ void dense_gemm(const at::Tensor& x, const Weights<SC>& w, bool four, bool sub16
   }
 }
 
+// ---- float32 weights, few activation rows ------------------------------------------------------
+
+// y[m, n] = x[m, :] . w[n, :] for an MR x NR tile: x rows with stride ldx, w rows with stride
+// ldw, y with stride ldy. 3 x 3 tiles keep 9 accumulators (8 lanes each), 3 weight and 3
+// activation vectors in the 16 AVX2 registers: 6 loads per 9 FMAs.
+template <int MR, int NR>
+void fma_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, float* y,
+              int64_t ldy) {
+#ifdef KVF_QG_AVX2
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[NR], xv[MR];
+    for (int n = 0; n < NR; ++n) wv[n] = _mm256_loadu_ps(w + n * ldw + k);
+    for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(xv[m], wv[n], acc[m][n]);
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      float sum = hsum(acc[m][n]);
+      for (int64_t j = k; j < K; ++j) sum += x[m * ldx + j] * w[n * ldw + j];
+      y[m * ldy + n] = sum;
+    }
+#else
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K; ++k) sum += x[m * ldx + k] * w[n * ldw + k];
+      y[m * ldy + n] = sum;
+    }
+#endif
+}
+
+constexpr int kTileM = 3;
+constexpr int kTileN = 3;
+
+// All M rows of x against NR weight rows into y[:, 0 : NR] (y has stride N).
+template <int NR>
+void fma_rows(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t N) {
+  int64_t m = 0;
+  for (; m + kTileM <= M; m += kTileM) fma_tile<kTileM, NR>(x + m * K, K, w, K, K, y + m * N, N);
+  if (M - m == 2) fma_tile<2, NR>(x + m * K, K, w, K, K, y + m * N, N);
+  if (M - m == 1) fma_tile<1, NR>(x + m * K, K, w, K, K, y + m * N, N);
+}
+
 }  // namespace
+
+// y [M, N] = x [M, K] w [N, K]^T for float32 x and w and few rows M: each weight row is read
+// from memory once and multiplied by every activation row (kept in cache), which is what a
+// decode step of a small batch or a speculative verification needs. ATen's GEMM is 2-5x slower
+// per weight byte there than at one row (see layers/linear.py).
+at::Tensor float_gemm(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+                  x.device().is_cpu() && w.device().is_cpu(),
+              "float_gemm takes float32 CPU tensors");
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t groups = (N + kTileN - 1) / kTileN;
+  at::parallel_for(0, groups, std::max<int64_t>(1, kGrainRows / kTileN), [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n0 = g * kTileN, rows = std::min<int64_t>(kTileN, N - n0);
+      const float* wr = wp + n0 * K;
+      if (rows == 3) fma_rows<3>(xp, M, wr, K, yp + n0, N);
+      if (rows == 2) fma_rows<2>(xp, M, wr, K, yp + n0, N);
+      if (rows == 1) fma_rows<1>(xp, M, wr, K, yp + n0, N);
+    }
+  });
+  return y;
+}
 
 // y [M, N] float32 = x [M, K] (float32 or bfloat16) times the packed weights (layout above), x
 // quantized to act_bits (8 or 16) per block; act_bits 0: the float GEMM on dequantized tiles.
@@ -608,6 +685,9 @@ void bind_quant_gemm(pybind11::module_& m) {
         py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("mins") = py::none(),
         py::arg("act_bits") = 16);
   m.attr("QUANT_GEMM_DENSE_MIN_ROWS") = kDenseMinRows;
+  m.def("float_gemm", &float_gemm, py::call_guard<py::gil_scoped_release>(),
+        "x [M, K] w [N, K]^T in float32 for few rows M (each weight read once)", py::arg("x"),
+        py::arg("w"));
   m.def("quant_gemm_isa", &quant_gemm_isa, py::call_guard<py::gil_scoped_release>(), "The SIMD path compiled: avx512vnni, avxvnni, avx2 "
         "or scalar");
 }

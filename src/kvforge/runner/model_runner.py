@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from kvforge.config import CacheConfig, EngineConfig
+from kvforge.config import CacheConfig, EngineConfig, ModelConfig
 from kvforge.core.step_io import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.layers.kv_cache import PagedKVCache, RecentBlocks, block_bytes, kv_storage_dtype
@@ -15,6 +15,7 @@ from kvforge.outputs import RequestFailure
 from kvforge.runner.input_batch import CachedRequestState, InputBatch
 from kvforge.sample import Sampler, SamplingMetadata, gather_logprobs
 from kvforge.sample.rejection import RejectionSampler
+from kvforge.spec_decode.draft import DraftModel
 from kvforge.utils import available_memory, cdiv, format_size
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,20 @@ class ModelRunner:
         self.model_config = self.loaded.config
         cache = config.cache_config
         self.block_size = cache.block_size
+        spec = config.speculative_config
+        self.drafter: DraftModel | None = None
+        if spec.method == "draft":
+            assert spec.model is not None
+            model_config = config.model_config
+            self.drafter = DraftModel(
+                ModelConfig(
+                    model=spec.model,
+                    device=model_config.device,
+                    attention_backend=model_config.attention_backend,
+                ),
+                self.model_config.vocab_size,
+                config.show_progress,
+            )
         self.kv_dtype = kv_storage_dtype(cache.kv_cache_dtype, self.loaded.kv_dtype)
         self.num_blocks, recent_capacity = self._num_blocks(cache)
         self.recent = (
@@ -61,6 +76,13 @@ class ModelRunner:
             )
             for _ in range(cfg.num_layers)
         ]
+        if self.drafter is not None:
+            per_request = cdiv(spec.num_speculative_tokens + 1, self.block_size) + 1
+            self.drafter.allocate(
+                self.num_blocks,
+                self.block_size,
+                per_request * config.scheduler_config.max_num_seqs,
+            )
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler()
         self.input_batch = InputBatch(self.block_size, config.scheduler_config.max_num_seqs)
@@ -74,8 +96,11 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
-        """KV bytes of one block over all layers (K and V)."""
-        return self._bytes_per_block(self.config.cache_config.kv_cache_dtype, self.loaded.kv_dtype)
+        """KV bytes of one block over all layers (K and V), the draft model's included."""
+        draft = self.drafter.bytes_per_block(self.block_size) if self.drafter else 0
+        return draft + self._bytes_per_block(
+            self.config.cache_config.kv_cache_dtype, self.loaded.kv_dtype
+        )
 
     def _num_blocks(self, cache: CacheConfig) -> tuple[int, int]:
         """Blocks in the pool and exact recent-block copies that fit the KV budget."""
@@ -182,14 +207,17 @@ class ModelRunner:
             )
         batch = self.input_batch.forward_batch(states, self.device)
         hidden = self.model(batch, self.kv_caches)
+        if self.drafter is not None:
+            self.drafter.mirror(batch)
         if len(logit_rows) < hidden.shape[0]:
             hidden = hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)]
         logits = self.model.compute_logits(hidden)
         result = ModelRunnerOutput()
+        bitmasks = self._bitmask_rows(output)
         if sample_reqs:
-            self._sample_isolated(logits, sample_reqs, self._bitmask_rows(output), result)
+            self._sample_isolated(logits, sample_reqs, bitmasks, result)
         if spec_reqs:
-            self._verify_isolated(logits, spec_reqs, result)
+            self._verify_isolated(logits, spec_reqs, bitmasks, result)
         for state, row, count, first_pos in prompt_reqs:
             try:
                 entries = self._prompt_logprobs(logits[row : row + count], state, first_pos)
@@ -199,7 +227,28 @@ class ModelRunner:
             result.prompt_logprobs[state.request_id] = (first_pos, entries)
         for request_id, token_ids in zip(result.request_ids, result.sampled_token_ids):
             self.input_batch.append_tokens(self.input_batch.requests[request_id], token_ids)
+        if self.drafter is not None and output.draft_lengths:
+            self._propose_drafts(output.draft_lengths, result)
         return result
+
+    def _propose_drafts(self, lengths: dict[str, int], result: ModelRunnerOutput) -> None:
+        """The draft model's proposals for the requests that sampled this step."""
+        assert self.drafter is not None
+        sampled = set(result.request_ids) - set(result.failed)
+        states = [self.input_batch.requests[r] for r in lengths if r in sampled]
+        if not states:
+            return
+        try:
+            drafts = self.drafter.propose(
+                [s.output_token_ids[-1] for s in states],
+                [s.num_tokens - 1 for s in states],
+                [s.block_ids for s in states],
+                [lengths[s.request_id] for s in states],
+            )
+        except Exception:  # noqa: BLE001 - no drafts this time; decoding goes on without them
+            logger.exception("the draft model failed to propose")
+            return
+        result.draft_token_ids = {s.request_id: d for s, d in zip(states, drafts)}
 
     def _update_states(self, output: SchedulerOutput) -> list[CachedRequestState]:
         """Apply the step's diff to the persistent batch; the scheduled states in batch order."""
@@ -218,10 +267,14 @@ class ModelRunner:
         return states
 
     def _bitmask_rows(self, output: SchedulerOutput) -> dict[str, torch.Tensor]:
-        """Each structured-output request's row of the step's grammar bitmask."""
+        """Each structured-output request's rows [1 + drafts, W] of the step's grammar
+        bitmask."""
         if output.grammar_bitmask is None:
             return {}
-        return dict(zip(output.grammar_request_ids, output.grammar_bitmask))
+        rows: dict[str, list[int]] = {}
+        for index, request_id in enumerate(output.grammar_request_ids):
+            rows.setdefault(request_id, []).append(index)
+        return {rid: output.grammar_bitmask[index] for rid, index in rows.items()}
 
     def _sample_isolated(
         self,
@@ -294,11 +347,12 @@ class ModelRunner:
         self,
         logits: torch.Tensor,
         reqs: list[tuple[CachedRequestState, int, list[int]]],
+        bitmasks: dict[str, torch.Tensor],
         result: ModelRunnerOutput,
     ) -> None:
         """Verify the batch's drafts; if that raises, one request at a time (culprits fail)."""
         try:
-            self._verify(logits, reqs, result)
+            self._verify(logits, reqs, bitmasks, result)
             return
         except Exception as exc:  # noqa: BLE001 - attributed below
             if len(reqs) == 1:
@@ -306,7 +360,7 @@ class ModelRunner:
                 return
         for item in reqs:
             try:
-                self._verify(logits, [item], result)
+                self._verify(logits, [item], bitmasks, result)
             except Exception as exc:  # noqa: BLE001 - fails this request only
                 result.failed[item[0].request_id] = _describe(exc)
 
@@ -314,9 +368,11 @@ class ModelRunner:
         self,
         logits: torch.Tensor,
         reqs: list[tuple[CachedRequestState, int, list[int]]],
+        bitmasks: dict[str, torch.Tensor],
         result: ModelRunnerOutput,
     ) -> None:
-        """Accept a prefix of each request's drafts plus one token (see sample/rejection)."""
+        """Accept a prefix of each request's drafts plus one token (see sample/rejection);
+        structured-output requests come with a grammar bitmask row per position."""
         rows: list[int] = []
         params, prompts, outputs, banned = [], [], [], []
         for state, first, drafts in reqs:
@@ -328,8 +384,25 @@ class ModelRunner:
                 prompts.append(state.prompt_token_ids)
                 outputs.append(generated)
                 banned.append(self._banned_tokens(state, len(generated)))
+        bitmask = None
+        if any(state.request_id in bitmasks for state, _, _ in reqs):
+            words = cdiv(self.model_config.vocab_size, 32)
+            bitmask = torch.full((len(rows), words), -1, dtype=torch.int32)  # all allowed
+            row = 0
+            for state, _, drafts in reqs:
+                allowed = bitmasks.get(state.request_id)
+                if allowed is not None:
+                    bitmask[row : row + len(drafts) + 1] = allowed
+                row += len(drafts) + 1
         md = SamplingMetadata.build(
-            params, prompts, outputs, banned, {}, self.model_config.vocab_size, self.device
+            params,
+            prompts,
+            outputs,
+            banned,
+            {},
+            self.model_config.vocab_size,
+            self.device,
+            None if bitmask is None else bitmask.to(self.device),
         )
         index = torch.tensor(rows, device=self.device)
         verified = self.rejection_sampler(
@@ -377,7 +450,7 @@ class ModelRunner:
         for row, state in enumerate(states):
             allowed = bitmasks.get(state.request_id)
             if allowed is not None:
-                bitmask[row] = allowed
+                bitmask[row] = allowed[0]
         return bitmask
 
     @staticmethod
@@ -487,6 +560,8 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for cache in self.kv_caches:
             cache.copy_blocks(src, dst)
+        if self.drafter is not None:
+            self.drafter.copy_blocks(src, dst)
 
 
 def _describe(exc: BaseException) -> RequestFailure:

@@ -29,6 +29,10 @@ class BaseGrammarMatcher(ABC):
     def is_terminated(self) -> bool:
         """True once the grammar accepted its stop token."""
 
+    @abstractmethod
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last ``num_tokens`` accepted tokens (draft tokens checked ahead)."""
+
 
 class BaseGrammarBackend(ABC):
     """Compiles constraints for one tokenizer and makes matchers from compiled grammars."""

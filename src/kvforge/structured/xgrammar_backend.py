@@ -47,6 +47,11 @@ class XGrammarMatcher(BaseGrammarMatcher):
         """See BaseGrammarMatcher."""
         return bool(self._matcher.is_terminated())
 
+    def rollback(self, num_tokens: int) -> None:
+        """See BaseGrammarMatcher."""
+        if num_tokens:
+            self._matcher.rollback(num_tokens)
+
 
 class XGrammarBackend(BaseGrammarBackend):
     """Compiles constraints against the model's vocabulary with xgrammar."""

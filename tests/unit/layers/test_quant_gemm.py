@@ -207,3 +207,34 @@ def test_engine_option_selects_8_bit_activations(ops, smollm_path) -> None:  # t
     model = load_model(config, create_attention_backend(), False).model
     for method in (model.layers[0].mlp.down_proj.quant, model.embed_tokens.quant):
         assert isinstance(method, QuantGemmMethod) and method.act_bits == 8
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16])
+@pytest.mark.parametrize("n, k", [(1, 8), (2, 5), (7, 64), (100, 576), (33, 1539)])
+def test_float_gemm_matches_linear(ops, m: int, n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    # float32 sums of k products, against a float64 reference: errors grow like sqrt(k)
+    tol = {"atol": 2e-6 * k, "rtol": 1e-4}
+    expected = x.double().mm(w.double().t()).float()
+    torch.testing.assert_close(ops.float_gemm(x, w), expected, **tol)
+    # non-contiguous inputs are made contiguous
+    torch.testing.assert_close(ops.float_gemm(x.t().contiguous().t(), w), expected, **tol)
+
+
+def test_float_gemm_rejects_bad_inputs(ops) -> None:
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.float_gemm(torch.randn(2, 8).double(), torch.randn(3, 8).double())
+    with pytest.raises(RuntimeError, match="K"):
+        ops.float_gemm(torch.randn(2, 8), torch.randn(3, 9))
+    assert ops.float_gemm(torch.randn(0, 8), torch.randn(3, 8)).shape == (0, 3)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
+def test_dense_linear_matches_f_linear(rows: int) -> None:
+    from kvforge.layers.linear import dense_linear
+
+    x, w, b = torch.randn(rows, 3, 64), torch.randn(40, 64), torch.randn(40)
+    torch.testing.assert_close(
+        dense_linear(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4
+    )

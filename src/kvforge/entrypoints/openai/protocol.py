@@ -113,6 +113,7 @@ class SamplingFields(RequestBody):
     include_stop_str_in_output: bool = False
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    speculative: bool = True  # kvforge: False opts this request out of speculative decoding
     priority: int = 0
     cache_salt: str | None = None
     # structured outputs (OpenAI response_format plus the names vLLM / SGLang users send)
@@ -192,6 +193,7 @@ class SamplingFields(RequestBody):
             skip_special_tokens=self.skip_special_tokens,
             use_beam_search=self.use_beam_search,
             length_penalty=self.length_penalty,
+            speculative=self.speculative,
             structured_outputs=self.structured_outputs(),
         )
         return check_num_samples(params)
@@ -367,6 +369,7 @@ class GenerateRequest(RequestBody):
             "n": "n",
             "seed": "seed",
             "skip_special_tokens": "skip_special_tokens",
+            "speculative": "speculative",
         }
         constraints = {
             "json_schema": "json",
