@@ -43,9 +43,10 @@ class ModelRunner:
         cache = config.cache_config
         self.block_size = cache.block_size
         spec = config.speculative_config
+        spec.check()  # before loading a draft model
         self.drafter: DraftModel | None = None
         if spec.method == "draft":
-            assert spec.model is not None
+            assert spec.model is not None  # check() guarantees it
             model_config = config.model_config
             self.drafter = DraftModel(
                 ModelConfig(
