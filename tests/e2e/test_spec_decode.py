@@ -131,6 +131,7 @@ def test_seeded_sampling_is_reproducible_with_speculation(make_engine, spec):
     assert runs[0] == runs[1]
 
 
+@pytest.mark.slow
 def test_draft_model_must_share_the_vocabulary(make_engine, gemma_path):
     with pytest.raises(InvalidRequestError, match="vocabulary"):
         make_engine(speculative_model=gemma_path)
@@ -145,6 +146,7 @@ def test_draft_options_are_checked(make_engine, tmp_path):
         make_engine(speculative_model=str(tmp_path / "missing.gguf"))
 
 
+@pytest.mark.slow
 @PROPOSERS
 def test_structured_outputs_validate_with_speculation(make_engine, spec):
     """The 30-schema suite with drafts checked by each grammar: every output validates, and the
