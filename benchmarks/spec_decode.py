@@ -3,11 +3,11 @@
     python benchmarks/spec_decode.py ngram [--dtype auto] [--k 4] [--max-tokens 128]
     python benchmarks/spec_decode.py draft [--dtype float32] [--draft-type Q4_0 | --draft PATH]
 
-``ngram``: prompt lookup on input-grounded prompts (quote, edit code, summarize with the
-passage's words). ``draft``: the embedded model as the target (float32 by default) and the same
+``ngram``: prompt lookup on input-grounded chat requests (copy a passage, add type hints to
+code, quote a sentence, summarize with the passage's words). ``draft``: the embedded model as the target (float32 by default) and the same
 model written by ``kvforge quantize`` at ``--draft-type`` as the draft, on the same prompts plus
-open-ended ones. Both engines run in one process, one greedy request at a time (medians of
-``--repeats``); the script prints generated tokens/s, the speed-up and acceptance per draft
+open-ended ones. Both engines run in one process, one greedy chat request at a time (medians of
+``--repeats``; the replies are the same tokens with and without speculation); the script prints generated tokens/s, the speed-up and acceptance per draft
 position, with the CPU model.
 """
 
@@ -38,9 +38,10 @@ CODE = (
     "        total += (v - m) ** 2\n    return total / len(values)\n"
 )
 GROUNDED = {
-    "quote": f"Passage: {PASSAGE}\n\nQuote the passage word for word.\nQuote: The river",
-    "edit-code": f"{CODE}\n# The same two functions, with type hints added:\n",
-    "summarize": f"Passage: {PASSAGE}\n\nSummarize the passage in two sentences using its words.\n",
+    "copy": f"Copy this text exactly: {PASSAGE}",
+    "edit-code": f"Add type hints to this code and return the whole code:\n\n{CODE}",
+    "quote": f"{PASSAGE}\n\nWhich sentence of the text above mentions birds? Quote it exactly.",
+    "summarize": f"{PASSAGE}\n\nSummarize the text above in two sentences, using its words.",
 }
 OPEN = {
     "story": "Write a short story about a lighthouse keeper.",
@@ -49,10 +50,12 @@ OPEN = {
 
 
 def run(llm: LLM, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """Seconds and tokens of one greedy generation."""
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    """Seconds and tokens of one greedy chat reply (the same tokens with and without
+    speculation, so the rates compare)."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    messages = [{"role": "user", "content": prompt}]
     start = time.perf_counter()
-    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    out = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
     return time.perf_counter() - start, len(out.token_ids)
 
 
@@ -70,15 +73,27 @@ def main() -> None:
     parser.add_argument("method", choices=("ngram", "draft"))
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--ngram-min", type=int, default=1, help="ngram_prompt_lookup_min")
+    parser.add_argument("--ngram-max", type=int, default=4, help="ngram_prompt_lookup_max")
     parser.add_argument("--dtype", default=None, help="target dtype (ngram: auto, draft: float32)")
     parser.add_argument("--draft", default=None, help="draft model (default: --draft-type)")
     parser.add_argument("--draft-type", default="Q4_0", help="quantize the embedded model to this")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="also run this many requests at once: plain, the default policy, always speculate",
+    )
     args = parser.parse_args()
     dtype = args.dtype or ("auto" if args.method == "ngram" else "float32")
     with tempfile.TemporaryDirectory() as tmp:
         if args.method == "ngram":
-            spec = {"speculative_method": "ngram"}
+            spec = {
+                "speculative_method": "ngram",
+                "ngram_prompt_lookup_min": args.ngram_min,
+                "ngram_prompt_lookup_max": args.ngram_max,
+            }
             prompts = GROUNDED
         else:
             spec = {"speculative_model": args.draft or quantized_draft(args.draft_type, tmp)}
@@ -106,10 +121,36 @@ def main() -> None:
                 f"{name:<10} {rates['plain']:>12.1f} {rates[args.method]:>12.1f} {speedup:>8.2f}x"
             )
         stats = engines[args.method].engine.scheduler.spec_stats
-        print(
+        summary = (
             f"drafts: {stats.num_draft_tokens} proposed, acceptance {stats.acceptance_rate:.2f}, "
             f"mean accepted length {stats.mean_accepted_length:.2f}, per position "
             + ", ".join(f"{r:.2f}" for r in stats.position_rates())
+        )
+        print(summary)
+        if args.batch:
+            batch_rows(dtype, spec, args, list(prompts.values()))
+
+
+def batch_rows(dtype: str, spec: dict, args: argparse.Namespace, prompts: list[str]) -> None:
+    """Generated tokens/s of ``--batch`` requests at once: where speculation stops paying."""
+    print(f"{args.batch} requests at once (the prompts above, repeated):")
+    messages = [[{"role": "user", "content": prompts[i % len(prompts)]}] for i in range(args.batch)]
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    variants = {
+        "plain": {},
+        "policy (off above 4 running)": spec,
+        "always": {**spec, "speculative_disable_by_batch_size": 0},
+    }
+    for label, extra in variants.items():
+        llm = LLM(dtype=dtype, show_progress=False, num_speculative_tokens=args.k, **extra)
+        llm.chat(messages[:2], params, use_tqdm=False)
+        start = time.perf_counter()
+        outs = llm.chat(messages, params, use_tqdm=False)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        stats = llm.engine.scheduler.spec_stats
+        print(
+            f"  {label:<30} {tokens / (time.perf_counter() - start):>8.1f} tok/s, "
+            f"{stats.num_verifications} verifications, acceptance {stats.acceptance_rate:.2f}"
         )
 
 

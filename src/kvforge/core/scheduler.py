@@ -164,7 +164,8 @@ class Scheduler:
                     break
                 kept = accepted
         finally:
-            grammar.rollback(accepted)
+            if accepted:
+                grammar.rollback(accepted)
         return proposal[:kept]
 
     def _make_output(
@@ -248,7 +249,8 @@ class Scheduler:
                 logger.error("grammar of %s failed", request.request_id, exc_info=exc)
                 request.error = RequestFailure(f"grammar failed: {type(exc).__name__}: {exc}")
             finally:
-                grammar.rollback(accepted)
+                if accepted:
+                    grammar.rollback(accepted)
             row += len(draft) + 1
         output.grammar_request_ids = [
             r.request_id for r, d in zip(requests, drafts) for _ in range(len(d) + 1)
