@@ -188,3 +188,81 @@ def test_a_request_can_opt_out(make_engine, reference):
     assert engine.scheduler.spec_stats.num_verifications == 0
     with pytest.raises(InvalidRequestError):
         SamplingParams(speculative="no")  # type: ignore[arg-type]
+
+
+def two_sample_p(a: list[int], b: list[int]) -> float:
+    """Chi-square p-value that samples ``a`` and ``b`` come from one distribution (cells with
+    fewer than 10 expected counts pooled)."""
+    import torch
+
+    values = sorted(set(a) | set(b))
+    counts = torch.tensor(
+        [[a.count(v) for v in values], [b.count(v) for v in values]], dtype=torch.float64
+    )
+    total = counts.sum(1, keepdim=True)
+    expected = counts.sum(0, keepdim=True) * total / total.sum()
+    big = expected.min(0).values >= 10
+    table = torch.cat([counts[:, big], counts[:, ~big].sum(1, keepdim=True)], 1)
+    exp = torch.cat([expected[:, big], expected[:, ~big].sum(1, keepdim=True)], 1)
+    keep = exp[0] > 0
+    stat = ((table[:, keep] - exp[:, keep]) ** 2 / exp[:, keep]).sum()
+    dof = int(keep.sum()) - 1
+    assert dof >= 5, "too few cells to test"
+    return float(torch.special.gammaincc(torch.tensor(dof / 2), stat / 2))
+
+
+# The prompt repeats token 7 and a logit bias makes 7 likely, so n-gram drafts of 7 are taken
+# about half the time (accept and reject paths both run); the bias also goes through the
+# verification's processing.
+BIAS = {7: 7.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, logit_bias=BIAS),
+        SamplingParams(temperature=1.0, top_p=0.9, max_tokens=4, ignore_eos=True, logit_bias=BIAS),
+        SamplingParams(temperature=1.0, top_k=20, max_tokens=4, ignore_eos=True, logit_bias=BIAS),
+    ],
+    ids=["t1", "top_p", "top_k"],
+)
+def test_sampled_distribution_is_unchanged_on_a_tiny_model(tmp_path_factory, params):
+    """20k samples of the next four tokens of a tiny random model, with and without n-gram
+    drafts (the prompt repeats a token, so drafts are proposed and many accepted): each
+    position's distribution passes a two-sample chi-square test."""
+    from kvforge.config import ModelConfig
+    from kvforge.engine import LLMEngine
+    from kvforge.entrypoints.llm import engine_config
+    from kvforge.layers.attention import create_attention_backend
+    from kvforge.loader import load_model
+    from kvforge.runner import ModelRunner
+    from tests.models.tiny_checkpoints import write_checkpoint
+
+    directory = tmp_path_factory.mktemp("tiny")
+    write_checkpoint("llama", directory)
+    loaded = load_model(ModelConfig(model=str(directory)), create_attention_backend(), False)
+    prompt = [0] + [7] * 11
+    samples = 20_000
+    results = []
+    for flags in ({}, {**SPEC, "speculative_disable_by_batch_size": 0}):
+        config = engine_config(
+            str(directory),
+            block_size=4,
+            num_blocks=4096,
+            max_num_seqs=512,
+            show_progress=False,
+            **flags,
+        )
+        engine = LLMEngine(config, ModelRunner(config, loaded))
+        ids = [engine.add_request(prompt, params) for _ in range(samples)]
+        outputs = run_to_completion(engine)
+        results.append([outputs[i].outputs[0].token_ids for i in ids])
+        if flags:
+            stats = engine.scheduler.spec_stats
+            assert stats.num_accepted_tokens > 2000, stats
+            assert stats.num_draft_tokens - stats.num_accepted_tokens > 2000, stats
+    for position in range(4):
+        plain = [t[position] for t in results[0]]
+        spec = [t[position] for t in results[1]]
+        assert two_sample_p(plain, spec) > 0.01, position
