@@ -266,3 +266,24 @@ def test_sampled_distribution_is_unchanged_on_a_tiny_model(tmp_path_factory, par
         plain = [t[position] for t in results[0]]
         spec = [t[position] for t in results[1]]
         assert two_sample_p(plain, spec) > 0.01, position
+
+
+def test_a_failing_verification_fails_only_its_request(make_engine, reference):
+    """The verification raising for one request (batched, then one by one) fails that request;
+    the others keep their greedy tokens and every block comes back."""
+    from kvforge.sample.rejection import RejectionSampler
+
+    class FlakyVerifier(RejectionSampler):
+        def __call__(self, logits, md, *args):  # type: ignore[no-untyped-def]
+            if md.top_k is not None and bool((md.top_k == 7).any()):
+                raise RuntimeError("injected verification failure")
+            return super().__call__(logits, md, *args)
+
+    engine = make_engine(**SPEC, speculative_disable_by_batch_size=0)
+    engine.runner.rejection_sampler = FlakyVerifier()
+    ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    bad = engine.add_request(PROMPTS[0], SamplingParams(top_k=7, max_tokens=40))
+    outputs = run_to_completion(engine, engine.scheduler.check_integrity)
+    assert [outputs[i].outputs[0].token_ids for i in ids] == reference
+    assert outputs[bad].error is not None and "injected" in outputs[bad].error
+    assert engine.kv_cache_manager.pool.num_in_use == 0

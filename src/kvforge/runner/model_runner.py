@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,6 +21,8 @@ from kvforge.spec_decode.draft import DraftModel
 from kvforge.utils import available_memory, cdiv, format_size
 
 logger = logging.getLogger(__name__)
+# A request in the step's sampling or verification list: (state, row in logits, ...).
+_Item = TypeVar("_Item", bound=tuple[Any, ...])
 
 # Default KV budget when none is given: room for max_num_seqs sequences of the served context
 # length, at most this share of the RAM available at start.
@@ -216,9 +220,19 @@ class ModelRunner:
         result = ModelRunnerOutput()
         bitmasks = self._bitmask_rows(output)
         if sample_reqs:
-            self._sample_isolated(logits, sample_reqs, bitmasks, result)
+            self._isolated(
+                lambda reqs: self._sample(logits, reqs, bitmasks, result),
+                sample_reqs,
+                result,
+                "sampling",
+            )
         if spec_reqs:
-            self._verify_isolated(logits, spec_reqs, bitmasks, result)
+            self._isolated(
+                lambda reqs: self._verify(logits, reqs, bitmasks, result),
+                spec_reqs,
+                result,
+                "draft verification",
+            )
         for state, row, count, first_pos in prompt_reqs:
             try:
                 entries = self._prompt_logprobs(logits[row : row + count], state, first_pos)
@@ -277,25 +291,26 @@ class ModelRunner:
             rows.setdefault(request_id, []).append(index)
         return {rid: output.grammar_bitmask[index] for rid, index in rows.items()}
 
-    def _sample_isolated(
+    def _isolated(
         self,
-        logits: torch.Tensor,
-        reqs: list[tuple[CachedRequestState, int]],
-        bitmasks: dict[str, torch.Tensor],
+        run: Callable[[list[_Item]], None],
+        reqs: list[_Item],
         result: ModelRunnerOutput,
+        what: str,
     ) -> None:
-        """Sample the batch; if that raises, sample row by row so only the culprits fail."""
+        """``run(reqs)`` (sampling or verification of the batch); if that raises, one request
+        at a time, so only the culprits fail."""
         try:
-            self._sample(logits, reqs, bitmasks, result)
+            run(reqs)
             return
         except Exception as exc:  # noqa: BLE001 - attributed below
             if len(reqs) == 1:
                 result.failed[reqs[0][0].request_id] = _describe(exc)
                 return
-        logger.warning("batched sampling failed; sampling %d requests one by one", len(reqs))
+        logger.warning("batched %s failed; %d requests one by one", what, len(reqs))
         for item in reqs:
             try:
-                self._sample(logits, [item], bitmasks, result)
+                run([item])
             except Exception as exc:  # noqa: BLE001 - fails this request only
                 result.failed[item[0].request_id] = _describe(exc)
 
@@ -343,27 +358,6 @@ class ModelRunner:
                 result.logprobs[state.request_id] = [
                     TokenLogprobs(token_ids[i], logprobs[i], ranks[i], top)
                 ]
-
-    def _verify_isolated(
-        self,
-        logits: torch.Tensor,
-        reqs: list[tuple[CachedRequestState, int, list[int]]],
-        bitmasks: dict[str, torch.Tensor],
-        result: ModelRunnerOutput,
-    ) -> None:
-        """Verify the batch's drafts; if that raises, one request at a time (culprits fail)."""
-        try:
-            self._verify(logits, reqs, bitmasks, result)
-            return
-        except Exception as exc:  # noqa: BLE001 - attributed below
-            if len(reqs) == 1:
-                result.failed[reqs[0][0].request_id] = _describe(exc)
-                return
-        for item in reqs:
-            try:
-                self._verify(logits, [item], bitmasks, result)
-            except Exception as exc:  # noqa: BLE001 - fails this request only
-                result.failed[item[0].request_id] = _describe(exc)
 
     def _verify(
         self,
