@@ -379,16 +379,9 @@ class ModelRunner:
                 prompts.append(state.prompt_token_ids)
                 outputs.append(generated)
                 banned.append(self._banned_tokens(state, len(generated)))
-        bitmask = None
-        if any(state.request_id in bitmasks for state, _, _ in reqs):
-            words = cdiv(self.model_config.vocab_size, 32)
-            bitmask = torch.full((len(rows), words), -1, dtype=torch.int32)  # all allowed
-            row = 0
-            for state, _, drafts in reqs:
-                allowed = bitmasks.get(state.request_id)
-                if allowed is not None:
-                    bitmask[row : row + len(drafts) + 1] = allowed
-                row += len(drafts) + 1
+        bitmask = self._grammar_bitmask(
+            [state for state, _, _ in reqs], bitmasks, [len(d) + 1 for _, _, d in reqs]
+        )
         md = SamplingMetadata.build(
             params,
             prompts,
@@ -435,17 +428,24 @@ class ModelRunner:
         return [TokenLogprobs(*entry) for entry in zip(ids, lps, ranks, tops)]
 
     def _grammar_bitmask(
-        self, states: list[CachedRequestState], bitmasks: dict[str, torch.Tensor]
+        self,
+        states: list[CachedRequestState],
+        bitmasks: dict[str, torch.Tensor],
+        num_rows: list[int] | None = None,
     ) -> torch.Tensor | None:
-        """Rows of the scheduler's bitmask for ``states`` (all ones for free rows)."""
+        """Rows of the scheduler's bitmask for ``states``, ``num_rows[i]`` rows each (default
+        one; a request verifying k drafts has k + 1), all ones for free rows."""
         if not any(s.request_id in bitmasks for s in states):
             return None
+        counts = num_rows or [1] * len(states)
         words = cdiv(self.model_config.vocab_size, 32)
-        bitmask = torch.full((len(states), words), -1, dtype=torch.int32)  # all allowed
-        for row, state in enumerate(states):
+        bitmask = torch.full((sum(counts), words), -1, dtype=torch.int32)  # all allowed
+        row = 0
+        for state, count in zip(states, counts):
             allowed = bitmasks.get(state.request_id)
             if allowed is not None:
-                bitmask[row] = allowed[0]
+                bitmask[row : row + count] = allowed[:count]
+            row += count
         return bitmask
 
     @staticmethod
