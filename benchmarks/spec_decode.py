@@ -3,8 +3,9 @@
     python benchmarks/spec_decode.py ngram [--dtype auto] [--k 4] [--max-tokens 128]
     python benchmarks/spec_decode.py draft [--dtype float32] [--draft-type Q4_0 | --draft PATH]
 
-``ngram``: prompt lookup on input-grounded chat requests (copy a passage, add type hints to
-code, quote a sentence, summarize with the passage's words). ``draft``: the embedded model as the target (float32 by default) and the same
+``ngram``: prompt lookup on the input-grounded chat requests of ``prompts/grounded.jsonl``
+(copy a passage, add type hints to code, quote a sentence, summarize with the passage's
+words). ``draft``: the embedded model as the target (float32 by default) and the same
 model written by ``kvforge quantize`` at ``--draft-type`` as the draft, on the same prompts plus
 open-ended ones. Both engines run in one process, one greedy chat request at a time (medians of
 ``--repeats``; the replies are the same tokens with and without speculation); the script prints generated tokens/s, the speed-up and acceptance per draft
@@ -24,36 +25,21 @@ import torch
 
 from kvforge import LLM, SamplingParams
 from kvforge.config import default_model_path
+from kvforge.entrypoints.bench.offline import load_prompt_file
 from kvforge.entrypoints.bench.report import cpu_model
 
-PASSAGE = (
-    "The river rises in the northern hills, runs south through three market towns, and "
-    "reaches the sea at a wide estuary where salt marshes shelter thousands of birds each "
-    "winter. Its water once turned forty mills; today it feeds farms and a city of a million."
-)
-CODE = (
-    "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n"
-    "    return total / len(values)\n\n"
-    "def variance(values):\n    m = mean(values)\n    total = 0\n    for v in values:\n"
-    "        total += (v - m) ** 2\n    return total / len(values)\n"
-)
-GROUNDED = {
-    "copy": f"Copy this text exactly: {PASSAGE}",
-    "edit-code": f"Add type hints to this code and return the whole code:\n\n{CODE}",
-    "quote": f"{PASSAGE}\n\nWhich sentence of the text above mentions birds? Quote it exactly.",
-    "summarize": f"{PASSAGE}\n\nSummarize the text above in two sentences, using its words.",
-}
-OPEN = {
-    "story": "Write a short story about a lighthouse keeper.",
-    "explain": "Explain how a refrigerator works.",
-}
+PROMPTS = Path(__file__).parent / "prompts"
+# Input-grounded chat requests (copy a passage, add type hints to code, quote a sentence,
+# summarize with the passage's words) and open-ended ones; the same files feed
+# ``kvforge bench latency --prompt-file``.
+GROUNDED = dict(load_prompt_file(str(PROMPTS / "grounded.jsonl")))
+OPEN = dict(load_prompt_file(str(PROMPTS / "open.jsonl")))
 
 
-def run(llm: LLM, prompt: str, max_tokens: int) -> tuple[float, int]:
+def run(llm: LLM, messages: list[dict], max_tokens: int) -> tuple[float, int]:
     """Seconds and tokens of one greedy chat reply (the same tokens with and without
     speculation, so the rates compare)."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    messages = [{"role": "user", "content": prompt}]
     start = time.perf_counter()
     out = llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
     return time.perf_counter() - start, len(out.token_ids)
@@ -106,7 +92,7 @@ def main() -> None:
             ),
         }
         for llm in engines.values():
-            run(llm, "Hello", 8)
+            run(llm, [{"role": "user", "content": "Hello"}], 8)
         print(f"{'prompt':<10} {'plain tok/s':>12} {args.method + ' tok/s':>12} {'speed-up':>9}")
         for name, prompt in prompts.items():
             rates = {}
@@ -120,21 +106,15 @@ def main() -> None:
             print(
                 f"{name:<10} {rates['plain']:>12.1f} {rates[args.method]:>12.1f} {speedup:>8.2f}x"
             )
-        stats = engines[args.method].engine.scheduler.spec_stats
-        summary = (
-            f"drafts: {stats.num_draft_tokens} proposed, acceptance {stats.acceptance_rate:.2f}, "
-            f"mean accepted length {stats.mean_accepted_length:.2f}, per position "
-            + ", ".join(f"{r:.2f}" for r in stats.position_rates())
-        )
-        print(summary)
+        print(engines[args.method].engine.scheduler.spec_stats.summary())
         if args.batch:
             batch_rows(dtype, spec, args, list(prompts.values()))
 
 
-def batch_rows(dtype: str, spec: dict, args: argparse.Namespace, prompts: list[str]) -> None:
+def batch_rows(dtype: str, spec: dict, args: argparse.Namespace, prompts: list[list[dict]]) -> None:
     """Generated tokens/s of ``--batch`` requests at once: where speculation stops paying."""
     print(f"{args.batch} requests at once (the prompts above, repeated):")
-    messages = [[{"role": "user", "content": prompts[i % len(prompts)]}] for i in range(args.batch)]
+    messages = [prompts[i % len(prompts)] for i in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     variants = {
         "plain": {},

@@ -54,6 +54,46 @@ def test_latency_reports_fresh_prefill_and_decode_rates(tmp_path, capsys):
     assert "CPU:" in out and "torch threads:" in out
 
 
+def test_latency_on_a_prompt_file_with_speculation(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [
+        {"name": "copy", "prompt": "Copy exactly: one two three four five six seven eight."},
+        {"name": "chat", "messages": [{"role": "user", "content": "Say hello."}]},
+    ]
+    prompts.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    path = tmp_path / "latency.json"
+    argv = ["bench", "latency", "-p", "0", "-n", "12", "-r", "2", "--kv-cache-memory", "64MiB"]
+    argv += ["--prompt-file", str(prompts), "--speculative-method", "ngram"]
+    assert main([*argv, "--output-json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert [t["test"] for t in data["tests"]] == ["tg12 copy", "tg12 chat"]
+    assert all(min(t["samples_ts"]) > 0 for t in data["tests"])
+    spec = data["spec_decode"]
+    # The warm-up's drafts are left out; the copy prompt has n-grams to look up.
+    assert spec["num_verifications"] > 0
+    assert 0 <= spec["num_accepted_tokens"] <= spec["num_draft_tokens"]
+    assert sum(spec["proposed_per_position"]) == spec["num_draft_tokens"]
+    assert "speculative decoding: drafts:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "holds no prompts"),
+        ("{not json\n", "line 1: not JSON"),
+        ('{"prompt": "x"}\n', "string 'name'"),
+        ('{"name": "a", "messages": []}\n', "needs a 'prompt' string or 'messages'"),
+    ],
+)
+def test_latency_rejects_a_bad_prompt_file(tmp_path, capsys, content, message):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(content)
+    argv = ["bench", "latency", "-n", "4", "--prompt-file", str(prompts)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert main(["bench", "latency", "--prompt-file", str(tmp_path / "missing.jsonl")]) == 2
+
+
 def test_throughput_counts_requests_and_tokens(tmp_path, capsys):
     path = tmp_path / "throughput.json"
     argv = ["bench", "throughput", "--num-prompts", "3", "--input-len", "8", "--output-len", "4"]

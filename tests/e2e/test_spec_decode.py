@@ -89,7 +89,12 @@ def test_mixed_batch_equals_without_speculation(make_engine, reference, flags, s
     assert outputs[: len(PROMPTS)] == reference
     if "num_blocks" in flags:
         assert engine.num_preemptions > 0
-    assert engine.scheduler.spec_stats.num_verifications > 0
+    stats = engine.scheduler.spec_stats
+    assert stats.num_verifications > 0
+    if "speculative_model" in spec:
+        # Rows that verify drafts skip the draft's mirror pass, chunked prefill and
+        # preemption move its written positions: stale draft KV would show here.
+        assert stats.acceptance_rate > 0.7, stats
 
 
 def test_fast_path_equals_without_speculation(make_fast_engine):

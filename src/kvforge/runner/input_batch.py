@@ -36,6 +36,9 @@ class CachedRequestState:
     generator: torch.Generator | None = None
     # scratch of the current step: tokens scheduled
     num_scheduled: int = field(default=0)
+    # Leading positions whose draft-model KV is written (spec_decode/draft.py); valid below
+    # num_computed_tokens. A request sent whole trusts its computed (prefix-cached) blocks.
+    draft_computed: int = field(default=0)
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +82,7 @@ class InputBatch:
             data.lora_id,
             generator,
         )
+        state.draft_computed = data.num_computed_tokens
         self.requests[data.request_id] = state
         tokens = state.prompt_token_ids + state.output_token_ids
         self._fit(len(tokens), len(state.block_ids))
@@ -146,9 +150,20 @@ class InputBatch:
     def forward_batch(self, states: list[CachedRequestState], device: torch.device) -> ForwardBatch:
         """The flattened batch of ``states``, each running ``state.num_scheduled`` tokens from
         its computed count."""
-        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
-        query_lens = np.fromiter((s.num_scheduled for s in states), np.int64, len(states))
         starts = np.fromiter((s.num_computed_tokens for s in states), np.int64, len(states))
+        query_lens = np.fromiter((s.num_scheduled for s in states), np.int64, len(states))
+        return self.span_batch(states, starts, query_lens, device)
+
+    def span_batch(
+        self,
+        states: list[CachedRequestState],
+        starts: np.ndarray,
+        query_lens: np.ndarray,
+        device: torch.device,
+    ) -> ForwardBatch:
+        """The flattened batch of ``query_lens[i]`` tokens of ``states[i]`` from position
+        ``starts[i]`` (int64 arrays)."""
+        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
         num_tokens = int(query_lens.sum())
         seq_lens = starts + query_lens
         query_start = np.zeros(len(states), dtype=np.int64)

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from kvforge.config import CacheConfig, EngineConfig, ModelConfig
@@ -213,7 +214,7 @@ class ModelRunner:
         batch = self.input_batch.forward_batch(states, self.device)
         hidden = self.model(batch, self.kv_caches)
         if self.drafter is not None:
-            self.drafter.mirror(batch)
+            self._mirror(states, batch, output.draft_token_ids)
         if len(logit_rows) < hidden.shape[0]:
             hidden = hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)]
         logits = self.model.compute_logits(hidden)
@@ -246,6 +247,39 @@ class ModelRunner:
             self._propose_drafts(output.draft_lengths, result)
         return result
 
+    def _mirror(
+        self,
+        states: list[CachedRequestState],
+        batch: ForwardBatch,
+        drafts: dict[str, list[int]],
+    ) -> None:
+        """Run the draft model over the step's tokens it lacks (see spec_decode/draft.py): the
+        target's batch as it is, unless a request verifies drafts (proposing wrote their KV) or
+        the draft is behind a request's computed tokens."""
+        assert self.drafter is not None
+        spans: list[tuple[CachedRequestState, int, int]] = []
+        same = True
+        for state in states:
+            if drafts.get(state.request_id):
+                same = False
+                continue
+            start = min(state.draft_computed, state.num_computed_tokens)
+            end = state.num_computed_tokens + state.num_scheduled
+            same &= start == state.num_computed_tokens
+            spans.append((state, start, end - start))
+            state.draft_computed = end
+        if same:
+            self.drafter.mirror(batch)
+        elif spans:
+            self.drafter.mirror(
+                self.input_batch.span_batch(
+                    [state for state, _, _ in spans],
+                    np.array([start for _, start, _ in spans], dtype=np.int64),
+                    np.array([count for _, _, count in spans], dtype=np.int64),
+                    self.device,
+                )
+            )
+
     def _propose_drafts(self, lengths: dict[str, int], result: ModelRunnerOutput) -> None:
         """The draft model's proposals for the requests that sampled this step."""
         assert self.drafter is not None
@@ -253,16 +287,24 @@ class ModelRunner:
         states = [self.input_batch.requests[r] for r in lengths if r in sampled]
         if not states:
             return
+        # The draft lacks each request's tokens from its written positions (at most the
+        # target's computed ones, all but the token just sampled) on.
+        starts = [min(s.draft_computed, s.num_tokens - 1) for s in states]
         try:
-            drafts = self.drafter.propose(
-                [s.output_token_ids[-1] for s in states],
-                [s.num_tokens - 1 for s in states],
+            drafts, written = self.drafter.propose(
+                [
+                    self.input_batch.token_ids[s.row, a : s.num_tokens].tolist()
+                    for s, a in zip(states, starts)
+                ],
+                starts,
                 [s.block_ids for s in states],
                 [lengths[s.request_id] for s in states],
             )
         except Exception:  # noqa: BLE001 - no drafts this time; decoding goes on without them
             logger.exception("the draft model failed to propose")
             return
+        for state, end in zip(states, written):
+            state.draft_computed = end
         result.draft_token_ids = {s.request_id: d for s, d in zip(states, drafts)}
 
     def _update_states(self, output: SchedulerOutput) -> list[CachedRequestState]:

@@ -1,17 +1,21 @@
 """Draft-model proposer: a small model sharing the target's vocabulary proposes k tokens.
 
-Its KV cache mirrors the target's block for block: it has the same number of blocks, and every
-step the draft model runs over exactly the tokens the target runs, writing its KV at the same
-slots. Block tables, allocation, copy-on-write, prefix caching, preemption and the rollback of
-rejected drafts therefore hold for the draft's KV with no bookkeeping of its own: a block's
-draft KV is valid exactly where the target's is.
+Its KV cache mirrors the target's block for block: it has the same number of blocks and writes
+a token's KV at the slot where the target writes it. Block tables, allocation, copy-on-write,
+prefix caching, preemption and the rollback of rejected drafts therefore hold for the draft's KV
+with no block bookkeeping of its own.
 
-Proposing then runs the draft k times, one token per proposing request per pass, from the
-token the target just sampled. Those passes write draft KV at positions past the request's
-computed tokens: inside its own blocks that is space the next step's mirror pass overwrites
-before anything reads it, and past its last block it goes to scratch blocks kept after the
-shared ones. Drafts are the draft model's argmax (a point-mass proposal, which the rejection
-sampler verifies exactly under any sampling parameters).
+Each request's runner state keeps ``draft_computed``: its leading positions whose draft KV is
+written (valid while below the target's computed count, which rejected drafts pull back). Every
+step the draft runs over what the target runs and it lacks (``mirror``), except the rows that
+verify its own drafts: proposing already wrote the KV of the known token and every draft but the
+last, and the accepted ones are exactly those tokens. Proposing then runs k passes: the first
+over the request's tokens the draft has not seen (usually just the token the target sampled,
+which it never ran), the others one draft token each. Positions past a request's blocks go to
+scratch blocks kept after the shared ones and do not count as written. Drafts are the draft
+model's argmax (a point-mass proposal, which the rejection sampler verifies exactly under any
+sampling parameters); stale or missing draft KV could only lower acceptance, never change the
+output.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class DraftModel:
         ]
 
     def mirror(self, batch: ForwardBatch) -> None:
-        """Run the target's batch through the draft so its KV follows the target's."""
+        """Run a batch of the target's tokens through the draft, writing their KV."""
         self.model(batch, self.kv_caches)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -87,36 +91,49 @@ class DraftModel:
             cache.copy_blocks(src, dst)
 
     def propose(
-        self, last_tokens: list[int], positions: list[int], tables: list[list[int]], k: list[int]
-    ) -> list[list[int]]:
-        """``k[i]`` greedy draft tokens after ``last_tokens[i]`` at ``positions[i]`` (whose
-        KV is not computed yet) for each request; ``tables`` are their block tables."""
+        self,
+        chunks: list[list[int]],
+        starts: list[int],
+        tables: list[list[int]],
+        k: list[int],
+    ) -> tuple[list[list[int]], list[int]]:
+        """``k[i]`` greedy draft tokens for each request, after running ``chunks[i]`` (its
+        tokens from position ``starts[i]`` through its last known token, whose KV the draft
+        lacks); ``tables`` are their block tables. Also returns each request's positions with
+        draft KV written in its own blocks (the chunk and every draft but the last)."""
         per_request = cdiv(max(k) + 1, self.block_size) + 1
         if per_request * len(k) > self.num_scratch:
             raise RuntimeError("not enough scratch blocks for the proposals")
+        lasts = [start + len(chunk) - 1 for start, chunk in zip(starts, chunks)]
         full_tables = []
-        for i, (table, position) in enumerate(zip(tables, positions)):
-            needed = cdiv(position + max(k) + 1, self.block_size)
+        for i, (table, last) in enumerate(zip(tables, lasts)):
+            needed = cdiv(last + max(k) + 1, self.block_size)
             scratch = self.first_scratch + i * per_request
             extra = list(range(scratch, scratch + max(0, needed - len(table))))
             full_tables.append(table[:needed] + extra)
+        written = [
+            min(last + n, len(table) * self.block_size) for last, n, table in zip(lasts, k, tables)
+        ]
         drafts: list[list[int]] = [[] for _ in k]
-        tokens = list(last_tokens)
         active = list(range(len(k)))
-        for step in range(max(k)):
+        inputs, positions = list(chunks), list(starts)
+        for _ in range(max(k)):
             active = [i for i in active if len(drafts[i]) < k[i]]
             if not active:
                 break
             batch = ForwardBatch.build(
-                [[tokens[i]] for i in active],
-                [positions[i] + step for i in active],
+                [inputs[i] for i in active],
+                [positions[i] for i in active],
                 [full_tables[i] for i in active],
                 self.block_size,
                 self.device,
             )
             hidden = self.model(batch, self.kv_caches)
+            if hidden.shape[0] > len(active):  # the first pass: each chunk's last token
+                hidden = hidden[batch.query_start_loc + batch.query_lens - 1]
             best = self.model.compute_logits(hidden).argmax(dim=-1).tolist()
             for i, token in zip(active, best):
                 drafts[i].append(token)
-                tokens[i] = token
-        return drafts
+                positions[i] += len(inputs[i])
+                inputs[i] = [token]
+        return drafts, written

@@ -48,3 +48,31 @@ class SpecDecodeStats:
             a / p if p else 0.0
             for a, p in zip(self.accepted_per_position, self.proposed_per_position)
         ]
+
+    def copy(self) -> SpecDecodeStats:
+        """A snapshot of the counters."""
+        return self.since(SpecDecodeStats(self.max_k))
+
+    def since(self, earlier: SpecDecodeStats) -> SpecDecodeStats:
+        """The counts after the snapshot ``earlier``."""
+        diff = SpecDecodeStats(self.max_k)
+        diff.num_verifications = self.num_verifications - earlier.num_verifications
+        diff.num_draft_tokens = self.num_draft_tokens - earlier.num_draft_tokens
+        diff.num_accepted_tokens = self.num_accepted_tokens - earlier.num_accepted_tokens
+        for i in range(self.max_k):
+            diff.proposed_per_position[i] = (
+                self.proposed_per_position[i] - earlier.proposed_per_position[i]
+            )
+            diff.accepted_per_position[i] = (
+                self.accepted_per_position[i] - earlier.accepted_per_position[i]
+            )
+        return diff
+
+    def summary(self) -> str:
+        """One line for benchmark reports."""
+        return (
+            f"drafts: {self.num_draft_tokens} proposed in {self.num_verifications} "
+            f"verifications, acceptance {self.acceptance_rate:.2f}, mean accepted length "
+            f"{self.mean_accepted_length:.2f}, per position "
+            + ", ".join(f"{r:.2f}" for r in self.position_rates())
+        )

@@ -40,6 +40,12 @@ def add_bench_parser(sub: Any, add_engine_args: AddArgs, make_llm: MakeLLM) -> N
     latency.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tg)")
     latency.add_argument("-r", "--repetitions", type=int, default=3)
     latency.add_argument("--batch-size", type=int, default=1, help="sequences at once")
+    latency.add_argument(
+        "--prompt-file",
+        default=None,
+        metavar="PATH.jsonl",
+        help='tg on these chat prompts, one test each: {"name": ..., "prompt": ...} per line',
+    )
     _add_common(latency)
     latency.set_defaults(func=functools.partial(cmd_latency, make_llm=make_llm))
     throughput = modes.add_parser("throughput", help="offline batch throughput")
@@ -97,10 +103,11 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def cmd_latency(args: argparse.Namespace, make_llm: MakeLLM) -> int:
     """Prompt processing and generation rates of the offline engine."""
-    from kvforge.entrypoints.bench.offline import LatencyConfig, run_latency
+    from kvforge.entrypoints.bench.offline import LatencyConfig, load_prompt_file, run_latency
 
+    prompts = load_prompt_file(args.prompt_file) if args.prompt_file else ()
     config = LatencyConfig(
-        args.n_prompt, args.n_gen, args.repetitions, args.batch_size, seed=args.seed
+        args.n_prompt, args.n_gen, args.repetitions, args.batch_size, args.seed, prompts
     )
     config.check()  # before loading the model
     _set_threads(args)
@@ -126,7 +133,10 @@ def format_latency(result: LatencyResult) -> str:
         for test in result.tests
     ]
     table = markdown_table(["model", "size", "threads", "seqs", "test", "t/s"], rows, right=4)
-    return f"CPU: {result.cpu}, torch threads: {result.num_threads}\n\n{table}"
+    text = f"CPU: {result.cpu}, torch threads: {result.num_threads}\n\n{table}"
+    if result.spec_decode is not None:
+        text += f"\n\nspeculative decoding: {result.spec_decode.summary()}"
+    return text
 
 
 def cmd_throughput(args: argparse.Namespace, make_llm: MakeLLM) -> int:

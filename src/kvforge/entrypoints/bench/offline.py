@@ -3,11 +3,12 @@ both over the offline ``LLM`` API. Measurement only: printing lives in ``bench/c
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from kvforge.entrypoints.llm import LLM
 from kvforge.errors import KVForgeError
 from kvforge.outputs import RequestOutput
 from kvforge.sampling_params import SamplingParams
+from kvforge.spec_decode.stats import SpecDecodeStats
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,9 @@ class LatencyConfig:
     repetitions: int = 3
     batch_size: int = 1
     seed: int = 0
+    # Named chat prompts (``load_prompt_file``): a tg test per prompt, greedy replies of up to
+    # n_gen tokens that may end early, instead of tokens after a one-token random prompt.
+    prompts: tuple[tuple[str, list[dict[str, Any]]], ...] = ()
 
     def check(self) -> None:
         """Raise ``KVForgeError`` for settings that measure nothing."""
@@ -35,6 +40,36 @@ class LatencyConfig:
             raise KVForgeError("-p and -n must be >= 0, -r and --batch-size >= 1")
         if self.n_gen == 1:  # tg times the tokens after the first
             raise KVForgeError("-n/--n-gen must be 0 or at least 2")
+        if self.prompts and self.n_gen == 0:
+            raise KVForgeError("--prompt-file needs -n/--n-gen >= 2")
+
+
+def load_prompt_file(path: str) -> tuple[tuple[str, list[dict[str, Any]]], ...]:
+    """Chat prompts from a JSON Lines file: each line ``{"name": ..., "prompt": "text"}`` (one
+    user message) or ``{"name": ..., "messages": [...]}``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as exc:
+        raise KVForgeError(f"cannot read the prompt file: {exc}") from exc
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KVForgeError(f"{path} line {number}: not JSON ({exc.msg})") from exc
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise KVForgeError(f"{path} line {number}: expected an object with a string 'name'")
+        if isinstance(entry.get("prompt"), str):
+            messages = [{"role": "user", "content": entry["prompt"]}]
+        elif isinstance(entry.get("messages"), list) and entry["messages"]:
+            messages = entry["messages"]
+        else:
+            raise KVForgeError(f"{path} line {number}: needs a 'prompt' string or 'messages'")
+        prompts.append((entry["name"], messages))
+    if not prompts:
+        raise KVForgeError(f"{path} holds no prompts")
+    return tuple(prompts)
 
 
 @dataclass
@@ -80,6 +115,8 @@ class LatencyResult:
     tests: list[LatencyTest]
     # Prompt tokens served from the prefix cache: 0 unless the prompts failed to be fresh.
     num_cached_tokens: int
+    # Speculative decoding's counters over the run (None without it).
+    spec_decode: SpecDecodeStats | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The result as JSON-ready data."""
@@ -90,6 +127,7 @@ class LatencyResult:
             "batch_size": self.batch_size,
             "num_cached_tokens": self.num_cached_tokens,
             "tests": [test.to_json() for test in self.tests],
+            "spec_decode": None if self.spec_decode is None else asdict(self.spec_decode),
         }
 
 
@@ -157,11 +195,13 @@ class RandomPrompts:
 
 def run_latency(llm: LLM, config: LatencyConfig) -> LatencyResult:
     """pp: ``n_prompt`` fresh prompt tokens per sequence prefilled with ``max_tokens=1``;
-    tg: ``n_gen`` greedy tokens after a one-token prompt, timed from the first generated token
-    to the last (the engine's per-request metrics), so prefill time is left out."""
+    tg: ``n_gen`` greedy tokens after a one-token prompt (or replies to each of
+    ``config.prompts``), timed from the first generated token to the last (the engine's
+    per-request metrics), so prefill time is left out."""
     config.check()
     prompts = RandomPrompts(llm, config.seed)
     llm.generate(prompts.draw(config.batch_size, 16), _greedy(4), use_tqdm=False)  # warm-up
+    spec_before = llm.engine.scheduler.spec_stats.copy()
     tests = []
     num_cached = 0
     if config.n_prompt > 0:
@@ -175,7 +215,15 @@ def run_latency(llm: LLM, config: LatencyConfig) -> LatencyResult:
             num_cached += sum(o.num_cached_tokens for o in outputs)
             samples.append(config.batch_size * config.n_prompt / elapsed)
         tests.append(LatencyTest(f"pp{config.n_prompt}", config.n_prompt, 0, samples))
-    if config.n_gen > 0:
+    if config.n_gen > 0 and config.prompts:
+        for name, messages in config.prompts:
+            params = SamplingParams(temperature=0.0, max_tokens=config.n_gen)
+            samples = []
+            for _ in range(config.repetitions):
+                outputs = llm.chat([messages] * config.batch_size, params, use_tqdm=False)
+                samples.append(decode_rate(outputs))
+            tests.append(LatencyTest(f"tg{config.n_gen} {name}", 0, config.n_gen, samples))
+    elif config.n_gen > 0:
         samples = []
         for _ in range(config.repetitions):
             outputs = llm.generate(
@@ -183,6 +231,7 @@ def run_latency(llm: LLM, config: LatencyConfig) -> LatencyResult:
             )
             samples.append(decode_rate(outputs))
         tests.append(LatencyTest(f"tg{config.n_gen}", 0, config.n_gen, samples))
+    spec = llm.engine.scheduler.spec_stats.since(spec_before)
     return LatencyResult(
         model=llm.engine.config.model_config.model_path,
         cpu=cpu_model(),
@@ -190,6 +239,7 @@ def run_latency(llm: LLM, config: LatencyConfig) -> LatencyResult:
         batch_size=config.batch_size,
         tests=tests,
         num_cached_tokens=num_cached,
+        spec_decode=spec if spec.num_verifications else None,
     )
 
 
