@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kvforge.errors import ContextLengthError, InvalidRequestError, KVForgeError, ModelNotFoundError
+from kvforge.lora.request import LoRARequest
 from kvforge.outputs import CompletionOutput, Logprob, RequestOutput
 from kvforge.sampling_params import SamplingParams
 
@@ -24,6 +25,7 @@ __all__ = [
     "InvalidRequestError",
     "KVForgeError",
     "Logprob",
+    "LoRARequest",
     "ModelNotFoundError",
     "RequestOutput",
     "SamplingParams",

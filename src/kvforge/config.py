@@ -221,6 +221,31 @@ class SpeculativeConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Serving LoRA adapters: ``max_loras`` slots in the model (adapters in one batch),
+    ranks up to ``max_lora_rank``, up to ``max_cpu_loras`` loaded adapters kept in memory."""
+
+    enabled: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # None: max_loras
+
+    def check(self) -> None:
+        """Raise on limits that cannot hold an adapter."""
+        if not 1 <= self.max_loras <= 256:
+            raise InvalidRequestError("max_loras must be in [1, 256]", "max_loras")
+        if not 1 <= self.max_lora_rank <= 1024:
+            raise InvalidRequestError("max_lora_rank must be in [1, 1024]", "max_lora_rank")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise InvalidRequestError("max_cpu_loras must be >= max_loras", "max_cpu_loras")
+
+    @property
+    def cpu_capacity(self) -> int:
+        """Loaded adapters kept in memory."""
+        return self.max_cpu_loras or self.max_loras
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """All configuration of one engine."""
 
@@ -228,4 +253,5 @@ class EngineConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative_config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    lora_config: LoRAConfig = field(default_factory=LoRAConfig)
     show_progress: bool = True

@@ -14,6 +14,7 @@ from kvforge.config import EngineConfig
 from kvforge.core.kv_cache_manager import KVCacheManager
 from kvforge.core.scheduler import Scheduler
 from kvforge.errors import ContextLengthError, InvalidRequestError
+from kvforge.lora.request import LoRARequest
 from kvforge.output_processor import OutputProcessor, RequestState
 from kvforge.outputs import CompletionOutput, RequestFailure, RequestMetrics, RequestOutput
 from kvforge.request import Request, RequestStatus
@@ -34,6 +35,7 @@ class LLMEngine:
         config.scheduler_config.check()
         config.cache_config.check()
         config.speculative_config.check()
+        config.lora_config.check()
         self.config = config
         self.runner = runner or ModelRunner(config)
         self.tokenizer: Tokenizer = self.runner.loaded.tokenizer
@@ -53,6 +55,7 @@ class LLMEngine:
             self.max_model_len,
             self.vocab_size,
             config.speculative_config,
+            config.lora_config.max_loras if config.lora_config.enabled else 0,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.structured: StructuredOutputManager | None = None
@@ -100,11 +103,13 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         prompt_token_ids: list[int] | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Validate and queue a request; returns its id. Bad input raises InvalidRequestError.
 
         ``prompt_token_ids`` are the ids of a text ``prompt`` tokenized by the caller (the
-        server tokenizes in worker threads, never on the engine thread).
+        server tokenizes in worker threads, never on the engine thread). ``lora_request``
+        runs it under an adapter (loaded on first use).
         """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -125,6 +130,12 @@ class LLMEngine:
         else:
             prompt_ids = self.tokenize_prompt(prompt)
         max_tokens = self._check_length(prompt_ids, params)
+        lora_id = 0
+        if lora_request is not None:
+            if not isinstance(lora_request, LoRARequest):
+                raise InvalidRequestError("lora_request must be a LoRARequest", "lora_request")
+            self.runner.add_lora(lora_request)
+            lora_id = lora_request.lora_int_id
         constraint = params.structured_outputs
         if constraint is not None:  # fail closed before admission
             self.structured_outputs().check_satisfiable(constraint, self.vocab_size)
@@ -154,6 +165,7 @@ class LLMEngine:
                 priority=priority,
                 cache_salt=cache_salt,
                 max_tokens=max_tokens,
+                lora_id=lora_id,
                 fork_parent=parent,
                 grammar=self.structured_outputs().matcher(constraint) if constraint else None,
             )

@@ -18,6 +18,7 @@ from kvforge.config import (
     SPECULATIVE_METHODS,
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     SchedulerConfig,
     SpeculativeConfig,
@@ -151,6 +152,17 @@ class EngineArgs:
             "no drafts in steps with more running requests than this (0: always speculate)"
         ),
     )
+    enable_lora: bool = field(
+        default=False, metadata=_opt("serve LoRA adapters (requests name one by lora_request)")
+    )
+    max_loras: int = field(default=4, metadata=_opt("LoRA adapters in one batch (model slots)"))
+    max_lora_rank: int = field(default=16, metadata=_opt("largest LoRA rank accepted"))
+    max_cpu_loras: int | None = field(
+        default=None,
+        metadata=_opt(
+            "loaded LoRA adapters kept in memory, swapped into slots (default: max_loras)"
+        ),
+    )
     seed: int = field(
         default=0, metadata=_opt("seed of the engine's random state (unseeded sampling)")
     )
@@ -239,6 +251,12 @@ class EngineArgs:
                 ngram_prompt_lookup_min=self.ngram_prompt_lookup_min,
                 ngram_prompt_lookup_max=self.ngram_prompt_lookup_max,
                 disable_by_batch_size=self.speculative_disable_by_batch_size,
+            ),
+            lora_config=LoRAConfig(
+                enabled=self.enable_lora,
+                max_loras=self.max_loras,
+                max_lora_rank=self.max_lora_rank,
+                max_cpu_loras=self.max_cpu_loras,
             ),
             show_progress=self.show_progress,
         )

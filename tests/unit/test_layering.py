@@ -8,15 +8,17 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src" / "kvforge"
 
 LAYERS = {
-    0: {"config", "engine_args", "sampling_params", "request", "outputs", "errors", "utils"},
+    0: {"config", "engine_args", "sampling_params", "request", "outputs", "errors", "utils"}
+    | {"lora.__init__", "lora.request"},
     1: {"tokenizer", "core", "structured", "quant"}
     | {"spec_decode.__init__", "spec_decode.ngram", "spec_decode.stats"},
-    2: {"ops", "layers", "models", "loader", "sample", "runner", "spec_decode.draft"},
+    2: {"ops", "layers", "models", "loader", "sample", "runner", "spec_decode.draft"}
+    | {"lora.adapter", "lora.manager"},
     3: {"engine", "output_processor", "beam_search", "async_engine", "tools"},
     4: {"entrypoints", "__init__"},
 }
 # Packages whose modules sit in different layers (named "package.module" above).
-SPLIT = {"spec_decode"}
+SPLIT = {"spec_decode", "lora"}
 NO_TORCH = LAYERS[0] | {"core", "spec_decode.__init__", "spec_decode.ngram", "spec_decode.stats"}
 
 

@@ -37,8 +37,11 @@ class Scheduler:
         max_model_len: int,
         vocab_size: int = 0,
         speculative: SpeculativeConfig | None = None,
+        max_loras: int = 0,
     ) -> None:
         self.config = config
+        # Distinct LoRA adapters allowed among running requests (the model's slots; 0: no LoRA).
+        self.max_loras = max_loras
         self.kv = kv_cache_manager
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size  # for grammar bitmasks
@@ -281,7 +284,7 @@ class Scheduler:
             request = min(self.waiting, key=self._priority_key)
             # A fork starts when its parent's prompt is computed; a held beam that was
             # preempted waits for its group's expansion (its sampled token is already known).
-            if request.fork_parent is not None or request.is_held:
+            if request.fork_parent is not None or request.is_held or self._no_lora_slot(request):
                 self.waiting.remove(request)
                 skipped.append(request)
                 continue
@@ -314,6 +317,13 @@ class Scheduler:
                 budget -= num_new
         self.waiting[:0] = skipped
         return budget
+
+    def _no_lora_slot(self, request: Request) -> bool:
+        """True when admitting ``request`` would put more adapters in the batch than slots."""
+        if not request.lora_id:
+            return False
+        adapters = {r.lora_id for r in self.running} - {0}
+        return request.lora_id not in adapters and len(adapters) >= self.max_loras
 
     def _fork_ready_children(self) -> None:
         for child in [r for r in self.waiting if r.fork_parent is not None]:

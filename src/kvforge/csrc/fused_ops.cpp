@@ -10,6 +10,9 @@
 //   silu_and_mul(gate_up [T, 2F])                       -> silu(gate_up[:, :F]) * gate_up[:, F:]
 //   kv_cache_store(k, v [T, KVH, D], k_cache, v_cache [NB, BS, KVH, D], slots [T])
 //                                                          cache[slot] = (k, v) in the cache dtype
+//   lora_apply_(y [T, N], x [T, K], a [S, W, K], bt [S, W, N], token_slots [T])
+//                                                          y[t] += bt[s]^T (a[s] x[t]), s = slot of
+//                                                          token t (-1: none); see layers/lora.py
 // Everything is computed in float32 and rounded once to the output dtype (float32, bfloat16 or
 // float16), so each op matches its torch reference (layers/norm.py, layers/rotary.py, the MLP,
 // PagedKVCache._store) to the last rounding. Inputs may be strided views (rows of a fused qkv);
@@ -274,7 +277,80 @@ void kv_cache_store(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
   });
 }
 
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  const __m256 acc = _mm256_add_ps(acc0, acc1);
+  const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+  sum = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 va = _mm256_set1_ps(alpha);
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
 }  // namespace
+
+// LoRA updates of a batch that mixes adapters, in place: for each token t whose slot s =
+// token_slots[t] is >= 0, h = a[s] x[t] (W dot products) and y[t] += h bt[s] (W row updates,
+// skipping the zero rows of ranks an adapter does not fill). Tokens run in parallel; each reads
+// only its own adapter's rows, so a batch of many adapters costs what each token needs (a stacked
+// matmul over every slot would do the work of all of them for every token).
+void lora_apply_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
+                 const at::Tensor& token_slots) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+                  a.scalar_type() == at::kFloat && bt.scalar_type() == at::kFloat,
+              "lora_apply_ works on float32");
+  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && a.dim() == 3 && bt.dim() == 3, "bad ranks");
+  TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && a.is_contiguous() && bt.is_contiguous(),
+              "lora_apply_ needs contiguous tensors");
+  const int64_t tokens = x.size(0), in = x.size(1), out = y.size(1);
+  const int64_t num_slots = a.size(0), width = a.size(1);
+  TORCH_CHECK(y.size(0) == tokens && a.size(2) == in && bt.size(0) == num_slots &&
+                  bt.size(1) == width && bt.size(2) == out,
+              "lora_apply_ shapes disagree");
+  TORCH_CHECK(token_slots.scalar_type() == at::kLong && token_slots.numel() == tokens &&
+                  token_slots.is_contiguous(),
+              "token_slots must be int64 [T]");
+  const float* xp = x.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* bp = bt.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t* sp = token_slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(sp[t] < num_slots, "token slot ", sp[t], " out of range");
+  }
+  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(width);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = sp[t];
+      if (s < 0) continue;
+      const float* as = ap + s * width * in;
+      for (int64_t w = 0; w < width; ++w) h[w] = dot(as + w * in, xp + t * in, in);
+      const float* bs = bp + s * width * out;
+      for (int64_t w = 0; w < width; ++w) {
+        if (h[w] != 0.0f) axpy(h[w], bs + w * out, yp + t * out, out);
+      }
+    }
+  });
+}
 
 // One plain pre-norm decoder layer in a single call: the same ops, in the same order, as
 // DecoderLayer.forward in models/common.py takes for a layer without biases, QK-norm or sandwich
@@ -289,7 +365,8 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
     const at::Tensor& signed_sin, at::Tensor& key_cache, at::Tensor& value_cache,
     const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& seq_lens,
     const at::Tensor& query_lens, const at::Tensor& query_start_loc, double scale,
-    int64_t sliding_window) {
+    int64_t sliding_window, const std::vector<at::Tensor>& lora,
+    const std::optional<at::Tensor>& token_slots) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "x must be contiguous float32 [T, E]");
   TORCH_CHECK(linears.size() == 12, "linears must hold (qs, scales, mins) of 4 layers");
@@ -297,8 +374,13 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
     TORCH_CHECK(linears[3 * i].has_value() && linears[3 * i + 1].has_value(),
                 "linear ", i, " lacks its codes or scales");
   }
+  TORCH_CHECK(lora.empty() || (lora.size() == 8 && token_slots.has_value()),
+              "lora must hold (a, bt) of the 4 linears, with token_slots");
   auto linear = [&](const at::Tensor& in, int i) {
-    return quant_linear(in, *linears[3 * i], *linears[3 * i + 1], linears[3 * i + 2], act_bits);
+    at::Tensor y =
+        quant_linear(in, *linears[3 * i], *linears[3 * i + 1], linears[3 * i + 2], act_bits);
+    if (!lora.empty()) lora_apply_(y, in.contiguous(), lora[2 * i], lora[2 * i + 1], *token_slots);
+    return y;
   };
   at::Tensor res = residual.has_value() ? *residual : x;
   at::Tensor h = residual.has_value() ? add_rms_norm(x, res, input_norm, eps)
@@ -326,28 +408,36 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
 // Every layer of a plain model in one call, so no Python runs between layers: decoder_layer for
 // layer i with weights[14 i .. 14 i + 13] = (input norm, post-attention norm, the 12 linear
 // tensors) and caches[2 i], caches[2 i + 1] = its key and value caches; the other arguments are
-// shared (one rotary table, one sliding window). Returns (mlp output, residual) of the last layer.
+// shared (one rotary table, one sliding window). With LoRA, lora[8 i .. 8 i + 7] are layer i's
+// (a, bt) of its 4 linears. Returns (mlp output, residual) of the last layer.
 std::tuple<at::Tensor, at::Tensor> decoder_stack(
     const at::Tensor& x, const std::vector<std::optional<at::Tensor>>& weights,
     std::vector<at::Tensor> caches, double eps, int64_t act_bits, int64_t num_heads,
     int64_t num_kv_heads, const at::Tensor& cos, const at::Tensor& signed_sin,
     const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& seq_lens,
     const at::Tensor& query_lens, const at::Tensor& query_start_loc, double scale,
-    int64_t sliding_window) {
+    int64_t sliding_window, const std::vector<at::Tensor>& lora,
+    const std::optional<at::Tensor>& token_slots) {
   const int64_t layers = static_cast<int64_t>(caches.size()) / 2;
   TORCH_CHECK(layers > 0 && caches.size() % 2 == 0 &&
                   static_cast<int64_t>(weights.size()) == 14 * layers,
               "decoder_stack needs 14 weights and 2 caches per layer");
+  TORCH_CHECK(lora.empty() || static_cast<int64_t>(lora.size()) == 8 * layers,
+              "decoder_stack needs 8 LoRA tensors per layer");
   std::optional<at::Tensor> residual;
   at::Tensor h = x;
   for (int64_t i = 0; i < layers; ++i) {
     const auto first = weights.begin() + 14 * i;
     TORCH_CHECK(first[0].has_value() && first[1].has_value(), "layer ", i, " lacks its norms");
     const std::vector<std::optional<at::Tensor>> linears(first + 2, first + 14);
+    const std::vector<at::Tensor> layer_lora =
+        lora.empty() ? std::vector<at::Tensor>()
+                     : std::vector<at::Tensor>(lora.begin() + 8 * i, lora.begin() + 8 * i + 8);
     auto [out, res] = decoder_layer(h, residual, *first[0], *first[1], eps, linears, act_bits,
                                     num_heads, num_kv_heads, cos, signed_sin, caches[2 * i],
                                     caches[2 * i + 1], slots, block_tables, seq_lens,
-                                    query_lens, query_start_loc, scale, sliding_window);
+                                    query_lens, query_start_loc, scale, sliding_window,
+                                    layer_lora, token_slots);
     h = out;
     residual = res;
   }
@@ -367,6 +457,9 @@ void bind_fused_ops(pybind11::module_& m) {
   m.def("kv_cache_store", &kv_cache_store, py::call_guard<py::gil_scoped_release>(), "k / v [T, KVH, D] into 16/32-bit caches at slots",
         py::arg("key"), py::arg("value"), py::arg("key_cache"), py::arg("value_cache"),
         py::arg("slots"));
+  m.def("lora_apply_", &lora_apply_, py::call_guard<py::gil_scoped_release>(),
+        "y[t] += bt[s]^T (a[s] x[t]) for each token t of adapter slot s = token_slots[t] >= 0",
+        py::arg("y"), py::arg("x"), py::arg("a"), py::arg("bt"), py::arg("token_slots"));
   m.def("decoder_layer", &decoder_layer, py::call_guard<py::gil_scoped_release>(),
         "a plain pre-norm decoder layer in one call: (x, residual) -> (mlp out, residual)");
   m.def("decoder_stack", &decoder_stack, py::call_guard<py::gil_scoped_release>(),

@@ -11,6 +11,7 @@ from kvforge.config import EngineConfig
 from kvforge.engine import LLMEngine
 from kvforge.engine_args import EngineArgs
 from kvforge.errors import InvalidRequestError
+from kvforge.lora.request import LoRARequest
 from kvforge.outputs import RequestOutput
 from kvforge.sampling_params import SamplingParams
 from kvforge.tokenizer import Tokenizer
@@ -41,8 +42,10 @@ class LLM:
         *,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Complete each prompt; outputs come back in the order of ``prompts``."""
+        """Complete each prompt; outputs come back in the order of ``prompts``.
+        ``lora_request``: one adapter for all prompts, or one (or None) per prompt."""
         prompt_list = self._as_prompt_list(prompts)
         if isinstance(sampling_params, Sequence):
             if len(sampling_params) != len(prompt_list):
@@ -50,6 +53,12 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        if isinstance(lora_request, Sequence):
+            if len(lora_request) != len(prompt_list):
+                raise InvalidRequestError("need one lora_request per prompt", "lora_request")
+            loras = list(lora_request)
+        else:
+            loras = [lora_request] * len(prompt_list)
         ids: list[str] = []
         try:
             for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
@@ -60,6 +69,7 @@ class LLM:
                         prompt,  # type: ignore[arg-type]
                         params,
                         priority=priority[i] if priority else 0,
+                        lora_request=loras[i],
                     )
                 )
         except BaseException:
@@ -77,6 +87,7 @@ class LLM:
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Reply to one conversation or a list of them, rendered with the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -90,7 +101,7 @@ class LLM:
             )
             for conv in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     @staticmethod
     def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

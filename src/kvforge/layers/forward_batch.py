@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvforge.layers.lora import LoRABatch
+
 
 @dataclass
 class ForwardBatch:
@@ -25,6 +27,8 @@ class ForwardBatch:
     block_size: int
     max_seq_len: int
     max_query_len: int
+    # Adapter slots of the tokens (None: the base model only).
+    lora: LoRABatch | None = None
     # Attention backends cache per-batch tensors (masks, gather indices) here, keyed by name.
     attn_cache: dict[object, object] = field(default_factory=dict)
 

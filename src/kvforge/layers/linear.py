@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvforge.layers.lora import LoRABatch, LoRASlots
 from kvforge.layers.quantization import (
     BaseQuantMethod,
     BlockInt8Method,
@@ -68,14 +69,29 @@ class Linear(nn.Module):
         self.quant: BaseQuantMethod | None = None
         # Packed weights: run with 8-bit activations (set by the loader before loading).
         self.quantize_activations = False
+        # Adapter slots, when LoRA is enabled (``enable_lora``).
+        self.lora: LoRASlots | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the layer."""
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        """Apply the layer, plus the adapters' updates of ``lora``'s tokens."""
         if self.quant is None:
             assert self.weight is not None
-            return dense_linear(x, self.weight, self.bias)
-        y = self.quant(x)
-        return y if self.bias is None else y + self.bias
+            y = dense_linear(x, self.weight, self.bias)
+        else:
+            y = self.quant(x)
+            y = y if self.bias is None else y + self.bias
+        if lora is not None and self.lora is not None:
+            y = self.lora.apply(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), lora)
+        return y
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        """Output sizes of the projections stacked in this layer (one for a plain linear)."""
+        return [self.out_features]
+
+    def enable_lora(self, num_slots: int, max_rank: int, device: torch.device) -> None:
+        """Give the layer ``num_slots`` empty adapter slots of rank up to ``max_rank``."""
+        self.lora = LoRASlots(num_slots, max_rank, self.in_features, self.shard_sizes, device)
 
     def _use_packed(self, method: BaseQuantMethod) -> None:
         self.quant = method
@@ -122,6 +138,11 @@ class MergedLinear(Linear):
             self._use_packed(
                 create_fused_quant_method(parts, param.device, self.quantize_activations)
             )
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        """Output sizes of the stacked projections, in order."""
+        return [size for _, size in self.shard_offsets.values()]
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         """Split a fused output back into its shards."""

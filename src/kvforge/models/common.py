@@ -18,6 +18,7 @@ from kvforge.layers.attention import BaseAttentionBackend
 from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.layers.kv_cache import PagedKVCache
 from kvforge.layers.linear import Linear, MergedLinear, VocabEmbedding
+from kvforge.layers.lora import LoRABatch
 from kvforge.layers.norm import RMSNorm
 from kvforge.layers.quantization import QuantGemmMethod
 from kvforge.layers.rotary import RotaryEmbedding, apply_rotary
@@ -70,7 +71,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [T, E] -> [T, E]."""
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj(x, batch.lora)
         q_size = self.num_heads * self.head_dim
         v = qkv[:, q_size + self.num_kv_heads * self.head_dim :]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
@@ -92,7 +93,7 @@ class Attention(nn.Module):
         out = self.backend.forward(
             q, k, v, kv_cache, batch, scale=self.scale, sliding_window=self.sliding_window
         )
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim), batch.lora)
 
 
 class GatedMLP(nn.Module):
@@ -105,14 +106,14 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(size, cfg.hidden_size)
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         """x: [T, E] -> [T, E]."""
-        gate_up = self.gate_up_proj(x)  # [T, 2F]
+        gate_up = self.gate_up_proj(x, lora)  # [T, 2F]
         ops = cpu_ops(gate_up) if self.act is F.silu and gate_up.dim() == 2 else None
         if ops is not None:
-            return self.down_proj(ops.silu_and_mul(gate_up))
+            return self.down_proj(ops.silu_and_mul(gate_up), lora)
         gate, up = self.gate_up_proj.split(gate_up)  # [T, F] each
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):
@@ -160,6 +161,17 @@ class DecoderLayer(nn.Module):
         self._fused_checked = True
         return self._fused
 
+    def lora_tensors(self) -> list[torch.Tensor]:
+        """(A, B^T) stacks of qkv, o, gate_up and down for the fused C++ layer ([] without
+        LoRA slots)."""
+        attn, mlp = self.self_attn, self.mlp
+        slots = [
+            linear.lora for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        ]
+        if any(s is None for s in slots):
+            return []
+        return [t for s in slots if s is not None for t in (s.a, s.bt)]
+
     def forward(
         self,
         x: torch.Tensor,
@@ -175,7 +187,7 @@ class DecoderLayer(nn.Module):
                 x = x + residual
             attn = self.self_attn(self.input_layernorm(x), rope, kv_cache, batch)
             x = x + self.post_attention_layernorm(attn)
-            mlp = self.mlp(self.pre_feedforward_layernorm(x))
+            mlp = self.mlp(self.pre_feedforward_layernorm(x), batch.lora)
             return x + self.post_feedforward_layernorm(mlp), None
         fused = self.fused_linears()
         ops = cpu_ops(x) if fused is not None and not kv_cache.is_quantized else None
@@ -201,6 +213,8 @@ class DecoderLayer(nn.Module):
                 batch.query_start_loc,
                 attn.scale,
                 attn.sliding_window or 0,
+                self.lora_tensors() if batch.lora is not None else [],
+                batch.lora.token_slots if batch.lora is not None else None,
             )
         if residual is None:
             h, residual = self.input_layernorm(x), x
@@ -208,7 +222,7 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm.add_and_norm(x, residual)
         h = self.self_attn(h, rope, kv_cache, batch)
         h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, batch.lora), residual
 
 
 class DecoderLM(nn.Module):
@@ -228,6 +242,8 @@ class DecoderLM(nn.Module):
         )
         self._stack: FusedStack | None = None
         self._stack_checked = False
+        # The lora.manager.LoRAManager of this model's adapter slots, once enabled.
+        self.lora_manager: object | None = None
 
     def fused_stack(self) -> FusedStack | None:
         """Every layer's (input norm, post-attention norm, 12 packed linear tensors) and the
@@ -274,6 +290,11 @@ class DecoderLM(nn.Module):
         rope_local = self.rope_local.cos_sin(batch.positions) if self.rope_local else rope_global
         stack = self.fused_stack()
         ops = cpu_ops(x) if stack is not None and x.dtype == torch.float32 else None
+        lora: list[torch.Tensor] = []
+        if batch.lora is not None:
+            lora = [t for layer in self.layers for t in layer.lora_tensors()]  # type: ignore[operator]
+            if len(lora) != 8 * len(self.layers):
+                stack = None
         if stack is not None and ops is not None and not any(c.is_quantized for c in kv_caches):
             weights, (eps, act_bits, heads, kv_heads, scale, window) = stack
             out, res = ops.decoder_stack(
@@ -292,6 +313,8 @@ class DecoderLM(nn.Module):
                 batch.query_start_loc,
                 scale,
                 window,
+                lora,
+                batch.lora.token_slots if batch.lora is not None else None,
             )
             return self.norm.add_and_norm(out, res)[0]
         residual: torch.Tensor | None = None
@@ -308,6 +331,37 @@ class DecoderLM(nn.Module):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def enable_lora(self, num_slots: int, max_rank: int) -> None:
+        """Give every projection a LoRA may target ``num_slots`` empty adapter slots."""
+        device = self.norm.weight.device
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            for linear in (
+                layer.self_attn.qkv_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_up_proj,
+                layer.mlp.down_proj,
+            ):
+                linear.enable_lora(num_slots, max_rank, device)
+
+    def lora_target(self, module: str) -> tuple[Linear, int]:
+        """The linear layer and shard index that a PEFT module path such as
+        ``layers.3.self_attn.q_proj`` updates; KeyError if the model has none."""
+        name, shard = module, None
+        for part, fused, shard_id in _STACKED:
+            if module.endswith(part):
+                name, shard = module.replace(part, fused), shard_id
+                break
+        try:
+            linear = self.get_submodule(name)
+        except AttributeError as exc:
+            raise KeyError(module) from exc
+        if not isinstance(linear, Linear) or linear.lora is None:
+            raise KeyError(module)
+        if isinstance(linear, MergedLinear):
+            return linear, list(linear.shard_offsets).index(shard)
+        return linear, 0
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | Unpacked]]) -> None:
         """Load checkpoint tensors (Hugging Face names) through each layer's weight_loader."""

@@ -11,9 +11,12 @@ import torch
 
 from kvforge.config import CacheConfig, EngineConfig, ModelConfig
 from kvforge.core.step_io import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from kvforge.errors import InvalidRequestError
 from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.layers.kv_cache import PagedKVCache, RecentBlocks, block_bytes, kv_storage_dtype
 from kvforge.loader import LoadedModel, load_model
+from kvforge.lora.manager import LoRAManager
+from kvforge.lora.request import LoRARequest
 from kvforge.outputs import RequestFailure
 from kvforge.runner.input_batch import CachedRequestState, InputBatch
 from kvforge.sample import Sampler, SamplingMetadata, gather_logprobs
@@ -89,6 +92,9 @@ class ModelRunner:
                 self.block_size,
                 per_request * config.scheduler_config.max_num_seqs,
             )
+        self.lora: LoRAManager | None = None
+        if config.lora_config.enabled:
+            self.lora = LoRAManager.for_model(self.model, config.lora_config)
         self.sampler = Sampler()
         self.rejection_sampler = RejectionSampler()
         self.input_batch = InputBatch(self.block_size, config.scheduler_config.max_num_seqs)
@@ -212,6 +218,10 @@ class ModelRunner:
                 self.block_size,
             )
         batch = self.input_batch.forward_batch(states, self.device)
+        if self.lora is not None:
+            batch.lora = self.lora.batch(
+                [s.lora_id for s in states], [s.num_scheduled for s in states]
+            )
         hidden = self.model(batch, self.kv_caches)
         if self.drafter is not None:
             self._mirror(states, batch, output.draft_token_ids)
@@ -246,6 +256,19 @@ class ModelRunner:
         if self.drafter is not None and output.draft_lengths:
             self._propose_drafts(output.draft_lengths, result)
         return result
+
+    def add_lora(self, request: LoRARequest) -> None:
+        """Load (and check) an adapter that requests may name; InvalidRequestError if bad."""
+        if self.lora is None:
+            raise InvalidRequestError(
+                "LoRA adapters are not enabled (start the engine with --enable-lora)",
+                "lora_request",
+            )
+        self.lora.add(request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter; False if it was not loaded."""
+        return self.lora is not None and self.lora.remove(lora_id)
 
     def _mirror(
         self,

@@ -1,0 +1,123 @@
+"""PEFT LoRA adapters: read ``adapter_config.json`` + ``adapter_model.safetensors``, refuse
+what the engine cannot apply exactly, and name each update by the base model's module.
+
+A PEFT LoRA on a linear ``W`` [out, in] adds ``scaling * B @ A`` with ``A`` [r, in], ``B``
+[out, r] and ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA). Tensors are
+named ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``; the key kept here
+is the module path after ``model.``: ``layers.{i}.self_attn.q_proj``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from kvforge.errors import InvalidRequestError
+
+# Projections a LoRA may target: each maps onto a (fused) linear of the model.
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+def _error(path: str, message: str) -> InvalidRequestError:
+    return InvalidRequestError(f"LoRA adapter {path}: {message}", "lora")
+
+
+@dataclass
+class LoRAAdapter:
+    """One adapter's low-rank pairs by module path, in float32, with its scaling folded into
+    ``B``; ``rank`` is the largest rank of any module."""
+
+    path: str
+    rank: int
+    # "layers.3.self_attn.q_proj" -> (A [r, in], scaling * B [out, r])
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def num_bytes(self) -> int:
+        """Memory of the tensors."""
+        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+
+
+def load_peft_adapter(path: str, max_rank: int, scale: float = 1.0) -> LoRAAdapter:
+    """Read a PEFT LoRA directory; ``scale`` multiplies every update (llama.cpp's
+    ``--lora-scaled``). Raises ``InvalidRequestError`` with a one-line reason."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(path, "adapter_config.json")
+    weights_path = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isdir(path):
+        raise _error(path, "no such directory")
+    if not os.path.isfile(config_path):
+        raise _error(path, "adapter_config.json is missing")
+    if not os.path.isfile(weights_path):
+        bin_only = os.path.isfile(os.path.join(path, "adapter_model.bin"))
+        detail = "only safetensors weights are read" if bin_only else "it is missing"
+        raise _error(path, f"adapter_model.safetensors: {detail}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _error(path, f"adapter_config.json is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise _error(path, "adapter_config.json must hold an object")
+    alpha = _check_config(path, config)
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _error(path, f"adapter_model.safetensors is unreadable ({exc})") from exc
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = _KEY.match(name)
+        if match is None:
+            raise _error(path, f"unexpected tensor {name!r} (only lora_A / lora_B weights)")
+        module, which = match.groups()
+        if module.rsplit(".", 1)[-1] not in TARGETS or not module.startswith("layers."):
+            raise _error(path, f"LoRA on {module!r} is not supported (targets: {TARGETS})")
+        pairs.setdefault(module, {})[which] = tensor
+    if not pairs:
+        raise _error(path, "the adapter holds no LoRA weights")
+    adapter = LoRAAdapter(path, 0)
+    rsl = bool(config.get("use_rslora", False))
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise _error(path, f"{module} lacks lora_{'B' if 'A' in pair else 'A'}")
+        a, b = pair["A"].float(), pair["B"].float()
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise _error(path, f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
+        rank = a.shape[0]
+        if rank > max_rank:
+            raise _error(path, f"rank {rank} is above --max-lora-rank {max_rank}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise _error(path, f"{module} holds non-finite values")
+        scaling = scale * alpha / (math.sqrt(rank) if rsl else rank)
+        adapter.modules[module] = (a.contiguous(), (b * scaling).contiguous())
+        adapter.rank = max(adapter.rank, rank)
+    return adapter
+
+
+def _check_config(path: str, config: dict) -> float:
+    """Refuse PEFT options the engine would apply wrongly; return lora_alpha."""
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise _error(path, f"peft_type {peft_type!r} is not LoRA")
+    for key in ("use_dora", "fan_in_fan_out"):
+        if config.get(key):
+            raise _error(path, f"{key} is not supported")
+    if config.get("modules_to_save"):
+        raise _error(path, "modules_to_save (fully trained modules) is not supported")
+    if config.get("bias", "none") != "none":
+        raise _error(path, f"bias={config['bias']!r} is not supported (only 'none')")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise _error(path, f"{key} (per-module ranks or alphas) is not supported")
+    alpha = config.get("lora_alpha", config.get("r", 8))
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise _error(path, "lora_alpha must be a number")
+    return float(alpha)
