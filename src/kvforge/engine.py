@@ -79,6 +79,20 @@ class LLMEngine:
             self.structured = StructuredOutputManager(backend)
         return self.structured
 
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load and check an adapter (requests may then name it); InvalidRequestError if bad."""
+        self.runner.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Unload an adapter; refused while requests use it. False if it was not loaded."""
+        users = sum(1 for r in self.scheduler.requests.values() if r.lora_id == lora_id)
+        if users:
+            raise InvalidRequestError(
+                f"the adapter is in use by {users} request(s); unload it when they finish",
+                "lora_name",
+            )
+        return self.runner.remove_lora(lora_id)
+
     def tokenize_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a text prompt, or validated ids of a token prompt."""
         if isinstance(prompt, str):

@@ -23,6 +23,12 @@ class ContextLengthError(InvalidRequestError):
     """Prompt plus requested tokens do not fit in the model's context (HTTP 400)."""
 
 
+class AuthenticationError(KVForgeError):
+    """Missing or wrong credentials (HTTP 401)."""
+
+    http_status = 401
+
+
 class ModelNotFoundError(KVForgeError):
     """The named model or model file does not exist (HTTP 404)."""
 

@@ -344,3 +344,18 @@ def test_fused_layers_with_adapters_equal_the_per_op_path(smollm_path, llama_ada
     for rows in (slice(0, 20), slice(25, 36)):  # the adapters change their requests only
         assert (per_op[rows] - base[rows]).abs().max().item() > 1e-2
     assert (per_op[20:25] - base[20:25]).abs().max().item() <= 1e-3
+
+
+def test_an_adapter_in_use_cannot_be_unloaded(llama_adapters):
+    directory, adapters = llama_adapters
+    engine = make_engine(directory)
+    engine.add_request(PROMPTS[0], GREEDY, lora_request=adapters[2])
+    with pytest.raises(InvalidRequestError, match="in use by 1 request"):
+        engine.remove_lora(adapters[2].lora_int_id)
+    run_to_completion(engine)
+    assert engine.remove_lora(adapters[2].lora_int_id)
+    assert not engine.remove_lora(adapters[2].lora_int_id)
+    # Loaded again after unloading, it gives the same tokens.
+    assert generate(engine, [(PROMPTS[0], adapters[2])]) == generate(
+        make_engine(directory), [(PROMPTS[0], adapters[2])]
+    )

@@ -13,6 +13,7 @@ from kvforge import config as kv_config
 from kvforge.engine_args import EngineArgs
 from kvforge.entrypoints.bench import add_bench_parser
 from kvforge.errors import KVForgeError
+from kvforge.lora.request import parse_lora_module
 from kvforge.sampling_params import SamplingParams
 
 
@@ -142,16 +143,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.model_positional:
         args.model = args.model_positional
+    loras = [parse_lora_module(spec, i + 1) for i, spec in enumerate(args.lora_modules or [])]
+    loras += [
+        parse_lora_module(spec, len(loras) + i + 1, scaled=True)
+        for i, spec in enumerate(args.lora_scaled or [])
+    ]
+    if len({lora.lora_name for lora in loras}) < len(loras):
+        raise KVForgeError("two LoRA modules share a name")
+    args.enable_lora = args.enable_lora or bool(loras) or args.allow_runtime_lora
 
     def make_engine() -> Any:
         # Runs on the engine's own thread (see AsyncLLM): loading and stepping share one
         # OpenMP pool.
         engine = _make_llm(args).engine
+        for lora in loras:  # a bad adapter stops the start with its one-line reason
+            engine.add_lora(lora)
         # Build the grammar backend's vocabulary tables now, not on the first structured request.
         engine.structured_outputs()
         return engine
 
-    async_llm = AsyncLLM(make_engine, args.max_queued_requests)
     names = args.served_model_name or [
         Path(args.model).stem if args.model else kv_config.DEFAULT_MODEL_NAME
     ]
@@ -165,7 +175,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_header_read=args.timeout_header_read,
         timeout_keep_alive=args.timeout_keep_alive,
         limit_concurrency=args.limit_concurrency,
+        lora_modules=tuple(loras),
+        allow_runtime_lora=args.allow_runtime_lora,
+        lora_root=args.lora_root,
+        admin_key=args.admin_key,
     )
+    config.check()  # before loading the model
+    async_llm = AsyncLLM(make_engine, args.max_queued_requests)
     return serve(async_llm, config, args.host, args.port)
 
 
@@ -333,6 +349,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=512,
         help="open connections and tasks beyond which new requests get 503",
+    )
+    lora = srv.add_argument_group("LoRA adapters (imply --enable-lora)")
+    lora.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="PEFT adapter directories served as model NAME",
+    )
+    lora.add_argument(
+        "--lora-scaled",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH:SCALE",
+        help="the same, the adapter's update multiplied by SCALE",
+    )
+    lora.add_argument(
+        "--allow-runtime-lora",
+        action="store_true",
+        help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --lora-root and "
+        "--admin-key)",
+    )
+    lora.add_argument("--lora-root", default=None, help="runtime adapters must lie under this")
+    lora.add_argument(
+        "--admin-key", default=None, help="X-Admin-Key that runtime adapter requests must send"
     )
     srv.set_defaults(func=cmd_serve)
     _add_tool_parsers(sub)

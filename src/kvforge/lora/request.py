@@ -28,3 +28,23 @@ class LoRARequest:
             )
         if not (isinstance(self.scale, (int, float)) and abs(self.scale) < 1e6):
             raise InvalidRequestError("the LoRA scale must be a finite number", "lora_request")
+
+
+def parse_lora_module(spec: str, lora_int_id: int, scaled: bool = False) -> LoRARequest:
+    """``name=path`` (``--lora-modules``) or ``name=path:scale`` (``--lora-scaled``)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        form = "name=path:scale" if scaled else "name=path"
+        raise InvalidRequestError(f"LoRA module {spec!r}: expected {form}", "lora_modules")
+    scale = 1.0
+    if scaled:
+        path, sep, value = path.rpartition(":")
+        try:
+            scale = float(value) if sep and path else float("nan")
+        except ValueError:
+            scale = float("nan")
+        if scale != scale:  # NaN: missing or malformed
+            raise InvalidRequestError(
+                f"LoRA module {spec!r}: expected name=path:scale", "lora_modules"
+            )
+    return LoRARequest(name, lora_int_id, path, scale)

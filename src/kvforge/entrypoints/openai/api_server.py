@@ -30,10 +30,18 @@ from kvforge.entrypoints.openai.protocol import (
     DetokenizeRequest,
     EmbeddingRequest,
     GenerateRequest,
+    LoadLoRARequest,
     TokenizeRequest,
+    UnloadLoRARequest,
 )
 from kvforge.entrypoints.openai.serving import ChatServing
-from kvforge.errors import InvalidRequestError, KVForgeError
+from kvforge.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    KVForgeError,
+    ModelNotFoundError,
+)
+from kvforge.lora.request import LoRARequest
 from kvforge.utils import one_line
 
 logger = logging.getLogger("kvforge.server")
@@ -67,6 +75,21 @@ class ServerConfig:
     timeout_header_read: float = 10.0
     timeout_keep_alive: int = 5
     limit_concurrency: int = 512
+    # LoRA adapters served by name (``model: <name>``), loaded at start.
+    lora_modules: tuple[LoRARequest, ...] = ()
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter: off unless allowed; paths must
+    # lie under lora_root, and the X-Admin-Key header must carry admin_key.
+    allow_runtime_lora: bool = False
+    lora_root: str | None = None
+    admin_key: str | None = None
+
+    def check(self) -> None:
+        """Refuse runtime adapter loading without a root and an admin key."""
+        if self.allow_runtime_lora and not (self.lora_root and self.admin_key):
+            raise InvalidRequestError(
+                "--allow-runtime-lora needs --lora-root (where adapters may be loaded from) "
+                "and --admin-key (what the load / unload requests must present)"
+            )
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -145,7 +168,8 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``llm``."""
     app = FastAPI(title="kvforge", version=kvforge.__version__)
     metrics = ServerMetrics(llm)
-    serving = ChatServing(llm, list(config.served_model_names), metrics)
+    config.check()
+    serving = ChatServing(llm, list(config.served_model_names), metrics, config.lora_modules)
     app.state.llm, app.state.draining, app.state.config = llm, False, config
     # NOTE: the last middleware added is the outermost. CORS wraps the guard, so a browser's
     # preflight is answered before the API key is checked and a 401 carries CORS headers.
@@ -212,19 +236,43 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = int(time.time())
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "kvforge",
-                    "max_model_len": llm.engine.max_model_len,
-                }
-                for name in config.served_model_names
-            ],
-        }
+        base = [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "kvforge",
+                "root": name,
+                "parent": None,
+                "max_model_len": llm.engine.max_model_len,
+            }
+            for name in config.served_model_names
+        ]
+        adapters = [
+            {
+                "id": lora.lora_name,
+                "object": "model",
+                "created": created,
+                "owned_by": "kvforge",
+                "root": lora.lora_path,
+                "parent": config.served_model_names[0],
+                "max_model_len": llm.engine.max_model_len,
+            }
+            for lora in serving.loras.values()
+        ]
+        return {"object": "list", "data": base + adapters}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request, body: LoadLoRARequest) -> Response:
+        _check_admin(request, config)
+        await serving.load_lora(body.lora_name, body.lora_path, body.scale, config.lora_root)
+        return Response(f"loaded LoRA adapter {body.lora_name}", media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request, body: UnloadLoRARequest) -> Response:
+        _check_admin(request, config)
+        await serving.unload_lora(body.lora_name)
+        return Response(f"unloaded LoRA adapter {body.lora_name}", media_type="text/plain")
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest) -> Response:
@@ -251,6 +299,18 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         return await respond(request, serving.generate(body))
 
     return app
+
+
+def _check_admin(request: Request, config: ServerConfig) -> None:
+    """Runtime adapter loading: allowed by the server and authorized by the admin key."""
+    if not config.allow_runtime_lora:
+        raise ModelNotFoundError(
+            "loading adapters at run time is off (start the server with --allow-runtime-lora)"
+        )
+    assert config.admin_key is not None  # ServerConfig.check
+    presented = request.headers.get("x-admin-key", "")
+    if not hmac.compare_digest(presented.encode(), config.admin_key.encode()):
+        raise AuthenticationError("invalid or missing X-Admin-Key")
 
 
 def _render_json(content: Any) -> bytes:

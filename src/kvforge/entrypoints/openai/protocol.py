@@ -341,6 +341,20 @@ class DetokenizeRequest(RequestBody):
     tokens: list[int]
 
 
+class LoadLoRARequest(RequestBody):
+    """POST /v1/load_lora_adapter (vLLM's shape, plus an optional scale)."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+    scale: float = Field(default=1.0, allow_inf_nan=False, ge=-100, le=100)
+
+
+class UnloadLoRARequest(RequestBody):
+    """POST /v1/unload_lora_adapter."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+
+
 class GenerateRequest(RequestBody):
     """POST /generate in SGLang's native shape."""
 
@@ -349,6 +363,7 @@ class GenerateRequest(RequestBody):
     sampling_params: dict[str, Any] = Field(default_factory=dict)
     stream: bool = False
     rid: str | None = None
+    lora_path: str | None = Field(default=None, max_length=256)  # a served adapter's name
 
     def to_sampling_params(self) -> SamplingParams:
         """SGLang names (max_new_tokens, stop, ...) to SamplingParams."""

@@ -7,6 +7,7 @@ import base64
 import functools
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -32,6 +33,7 @@ from kvforge.entrypoints.openai.tools import (
     render_messages,
 )
 from kvforge.errors import InvalidRequestError, ModelNotFoundError
+from kvforge.lora.request import LoRARequest
 from kvforge.outputs import CompletionOutput, RequestOutput
 from kvforge.sampling_params import SamplingParams
 
@@ -87,28 +89,73 @@ class OpenAIServing:
     """Turns API bodies into engine requests and engine outputs into API responses."""
 
     def __init__(
-        self, llm: AsyncLLM, served_model_names: list[str], metrics: ServerMetrics
+        self,
+        llm: AsyncLLM,
+        served_model_names: list[str],
+        metrics: ServerMetrics,
+        lora_modules: Sequence[LoRARequest] = (),
     ) -> None:
         self.llm = llm
         self.model_names = served_model_names
         self.metrics = metrics
         self.tokenizer = llm.engine.tokenizer
+        # Adapters by served name (loaded into the engine at start; more at run time).
+        self.loras: dict[str, LoRARequest] = {lora.lora_name: lora for lora in lora_modules}
+        self._next_lora_id = max((lora.lora_int_id for lora in lora_modules), default=0) + 1
 
     # ---------------------------------------------------------------- common
     def check_model(self, name: str | None) -> str:
-        """The served name for ``name`` (None = the default); unknown names raise 404."""
-        if name is None or name in self.model_names:
+        """The served name for ``name`` (None = the default): the base model's names or an
+        adapter's; unknown names raise 404."""
+        if name is None or name in self.model_names or name in self.loras:
             return name or self.model_names[0]
         raise ModelNotFoundError(
-            f"the model {name!r} does not exist; this server serves {self.model_names}"
+            f"the model {name!r} does not exist; this server serves "
+            f"{self.model_names + list(self.loras)}"
         )
 
+    async def load_lora(self, name: str, path: str, scale: float, root: str | None) -> None:
+        """Load an adapter at run time from a directory under ``root``; it serves as ``name``."""
+        if name in self.model_names or name in self.loras:
+            raise InvalidRequestError(f"the name {name!r} is already served", "lora_name")
+        real = os.path.realpath(path)
+        if root is None or os.path.commonpath([real, os.path.realpath(root)]) != os.path.realpath(
+            root
+        ):
+            raise InvalidRequestError(
+                "lora_path must lie under the server's --lora-root", "lora_path"
+            )
+        lora = LoRARequest(name, self._next_lora_id, real, scale)
+        self._next_lora_id += 1
+        await self.llm.acall(lambda engine: engine.add_lora(lora))
+        self.loras[name] = lora
+
+    async def unload_lora(self, name: str) -> None:
+        """Forget a served adapter (refused while requests use it)."""
+        lora = self.loras.get(name)
+        if lora is None:
+            raise ModelNotFoundError(f"no LoRA adapter is served as {name!r}")
+        await self.llm.acall(lambda engine: engine.remove_lora(lora.lora_int_id))
+        del self.loras[name]
+
     async def run(
-        self, prompt: Prompt, params: SamplingParams, request_id: str, body: SamplingFields | None
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str,
+        body: SamplingFields | None,
+        lora: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Engine outputs of one request, with metrics and one log line at the end."""
+        """Engine outputs of one request (under ``body.model``'s adapter, or ``lora``), with
+        metrics and one log line at the end."""
         tracker = RequestTracker(self.metrics)
-        kwargs = {"priority": body.priority, "cache_salt": body.cache_salt} if body else {}
+        kwargs: dict[str, Any] = (
+            {"priority": body.priority, "cache_salt": body.cache_salt} if body else {}
+        )
+        model = getattr(body, "model", None)
+        lora = lora or (self.loras.get(model) if isinstance(model, str) else None)
+        if lora is not None:
+            kwargs["lora_request"] = lora
         last: RequestOutput | None = None
         async for output in self.llm.generate(prompt, params, request_id, **kwargs):
             tracker.observe(output)
@@ -622,7 +669,11 @@ class ChatServing(OpenAIServing):
             raise InvalidRequestError("give exactly one of text or input_ids", "text")
         prompt: Prompt = body.text if body.text is not None else list(body.input_ids or [])
         params = body.to_sampling_params()
-        stream = self.run(prompt, params, body.rid or f"gen-{uuid.uuid4().hex}", None)
+        lora = None
+        if body.lora_path is not None:  # SGLang names a served adapter here
+            self.check_model(body.lora_path)
+            lora = self.loras.get(body.lora_path)
+        stream = self.run(prompt, params, body.rid or f"gen-{uuid.uuid4().hex}", None, lora)
         if body.stream:
             return self._stream_generate(stream)
         [output] = await self.collect([stream])
