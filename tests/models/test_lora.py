@@ -359,3 +359,66 @@ def test_an_adapter_in_use_cannot_be_unloaded(llama_adapters):
     assert generate(engine, [(PROMPTS[0], adapters[2])]) == generate(
         make_engine(directory), [(PROMPTS[0], adapters[2])]
     )
+
+
+def test_merged_directory_gives_the_adapters_tokens(llama_adapters, tmp_path):
+    from kvforge.entrypoints.cli import main
+
+    directory, adapters = llama_adapters
+    merged = tmp_path / "merged"
+    assert main(["lora", "merge", str(directory), adapters[1].lora_path, str(merged)]) == 0
+    with_adapter = generate(make_engine(directory), [(p, adapters[1]) for p in PROMPTS])
+    config = engine_config(str(merged), block_size=4, num_blocks=128, show_progress=False)
+    assert generate(LLMEngine(config), [(p, None) for p in PROMPTS]) == with_adapter
+
+
+def test_merge_refuses_an_adapter_of_another_base(llama_adapters, tmp_path, capsys):
+    from kvforge.entrypoints.cli import main
+
+    directory, _ = llama_adapters
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    other = bad(tmp_path, "other", config, lora_pair("layers.0.self_attn.q_proj", 4, 32, 64))
+    assert main(["lora", "merge", str(directory), other, str(tmp_path / "out")]) == 2
+    assert "update is (64, 32)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_merged_gguf_gives_the_adapters_tokens(smollm_path, tmp_path):
+    """The embedded Q4_1 file plus an adapter on every projection, merged to F32 GGUF (Q/K
+    rows interleaved as llama.cpp stores them), decodes like the base with the adapter."""
+    from kvforge import LLM
+
+    lora = LLM(smollm_path, dtype="float32", enable_lora=True, max_lora_rank=4, show_progress=False)
+    model = lora.engine.runner.model
+    torch.manual_seed(0)
+    tensors = {}
+    for i in range(len(model.layers)):
+        for group, names in (("self_attn", ALL_TARGETS[:4]), ("mlp", ALL_TARGETS[4:])):
+            for name in names:
+                module = f"layers.{i}.{group}.{name}"
+                linear, shard = model.lora_target(module)
+                pair = lora_pair(module, 4, linear.in_features, linear.shard_sizes[shard])
+                tensors.update({k: v * 0.15 for k, v in pair.items()})
+    adapter = bad(
+        tmp_path, "adapter", {"r": 4, "lora_alpha": 4, "target_modules": ALL_TARGETS}, tensors
+    )
+    merged = str(tmp_path / "merged.gguf")
+    from kvforge.tools.lora_merge import merge
+
+    merge(smollm_path, adapter, merged, "F32", show_progress=False)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = ["The capital of France is", "def add(a, b):"]
+    lora = LLM(smollm_path, dtype="float32", enable_lora=True, max_lora_rank=4, show_progress=False)
+    expected = [
+        o.outputs[0].token_ids
+        for o in lora.generate(
+            prompts, params, use_tqdm=False, lora_request=LoRARequest("a", 1, adapter)
+        )
+    ]
+    base = LLM(smollm_path, dtype="float32", show_progress=False)
+    plain = [o.outputs[0].token_ids for o in base.generate(prompts, params, use_tqdm=False)]
+    assert expected != plain  # the adapter matters
+    merged_llm = LLM(merged, dtype="float32", show_progress=False)
+    got = [o.outputs[0].token_ids for o in merged_llm.generate(prompts, params, use_tqdm=False)]
+    assert got == expected

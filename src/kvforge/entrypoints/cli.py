@@ -261,7 +261,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lora_merge(args: argparse.Namespace) -> int:
+    """Fold a LoRA adapter into its base model."""
+    from kvforge.tools.lora_merge import merge
+
+    merge(args.base, args.adapter, args.output, args.outtype, args.scale)
+    print(f"{args.output}: {args.base} + {args.adapter} (scale {args.scale})")
+    return 0
+
+
 def _add_tool_parsers(sub: Any) -> None:
+    lora = sub.add_parser("lora", help="LoRA adapter tools").add_subparsers(
+        dest="lora_command", required=True
+    )
+    merge = lora.add_parser("merge", help="fold a PEFT LoRA adapter into its base model")
+    merge.add_argument("base", help="GGUF file or Hugging Face directory")
+    merge.add_argument("adapter", help="PEFT adapter directory")
+    merge.add_argument("output", help="a .gguf file, or a directory (Hugging Face base)")
+    merge.add_argument("--outtype", default="F16", help="GGUF type: F32 F16 Q8_0 Q4_K_M ...")
+    merge.add_argument("--scale", type=float, default=1.0, help="multiply the adapter's update")
+    merge.set_defaults(func=cmd_lora_merge)
     quant = sub.add_parser("quantize", help="requantize a GGUF file (F16, Q8_0, Q4_K_M, ...)")
     quant.add_argument("input")
     quant.add_argument("output")

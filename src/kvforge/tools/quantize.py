@@ -8,6 +8,7 @@ importance matrix); norms and other vectors stay float32.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,10 @@ def quantize_file(
     imatrix: str | Path | None = None,
     options: MixOptions | None = None,
     show_progress: bool = True,
+    adjust: Callable[[str, np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, int]:
-    """Write ``dst`` as ``file_type``; returns how many tensors got each type."""
+    """Write ``dst`` as ``file_type``; returns how many tensors got each type. ``adjust(name,
+    values)`` may change each dequantized tensor first (``kvforge lora merge``)."""
     file_type = parse_file_type(file_type)
     options = options or MixOptions()
     if not Path(src).is_file():
@@ -94,6 +97,8 @@ def quantize_file(
                 f"{src}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
                 "which cannot be dequantized"
             ) from None
+        if adjust is not None:
+            values = adjust(tensor.name, values)
         if len(shape) < 2:
             qtype = tensor_type(tensor.name, shape[-1], "F32", num_layers, True)
         else:
