@@ -101,13 +101,9 @@ def llama_adapters(tmp_path_factory):
 
 
 def make_engine(directory, **kwargs):
+    kwargs.setdefault("num_blocks", 128)
     config = engine_config(
-        str(directory),
-        block_size=4,
-        num_blocks=128,
-        show_progress=False,
-        enable_lora=True,
-        **kwargs,
+        str(directory), block_size=4, show_progress=False, enable_lora=True, **kwargs
     )
     return LLMEngine(config)
 
@@ -124,15 +120,28 @@ def generate(engine, jobs):
     return [outputs[i].outputs[0].token_ids for i in ids]
 
 
-def test_a_batch_mixing_adapters_equals_each_alone(llama_adapters):
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {},
+        {"num_blocks": 16},
+        {"speculative_method": "ngram", "speculative_disable_by_batch_size": 0},
+        {"max_num_batched_tokens": 6},
+    ],
+    ids=["batch", "preemption", "ngram-drafts", "chunked"],
+)
+def test_a_batch_mixing_adapters_equals_each_alone(llama_adapters, flags):
     directory, adapters = llama_adapters
-    engine = make_engine(directory)
     jobs = [(PROMPTS[i % 4], lora) for i, lora in enumerate([None, *adapters[:4]])]
     jobs += [(PROMPTS[1], adapters[0]), (PROMPTS[1], None)]  # same prompt, other adapter
-    alone = [generate(engine, [job])[0] for job in jobs]
+    reference = make_engine(directory)
+    alone = [generate(reference, [job])[0] for job in jobs]
+    engine = make_engine(directory, **flags)
     together = generate(engine, jobs)
     assert together == alone
     assert len({tuple(t) for t in alone[:5]}) >= 4  # adapters do change the output
+    if "num_blocks" in flags:
+        assert engine.num_preemptions > 0
 
 
 def test_slots_swap_when_more_adapters_than_slots(llama_adapters):
@@ -422,3 +431,26 @@ def test_merged_gguf_gives_the_adapters_tokens(smollm_path, tmp_path):
     merged_llm = LLM(merged, dtype="float32", show_progress=False)
     got = [o.outputs[0].token_ids for o in merged_llm.generate(prompts, params, use_tqdm=False)]
     assert got == expected
+
+
+def test_an_adapter_whose_files_vanish_fails_only_its_requests(llama_adapters, tmp_path):
+    import shutil
+
+    directory, adapters = llama_adapters
+    copy = tmp_path / "copy"
+    shutil.copytree(adapters[0].lora_path, copy)
+    doomed = LoRARequest("doomed", 40, str(copy))
+    # One slot and one adapter in memory: the next step must reload "doomed" from disk.
+    engine = make_engine(directory, max_loras=1, max_cpu_loras=1)
+    ids = [
+        engine.add_request(PROMPTS[0], GREEDY, lora_request=doomed),
+        engine.add_request(PROMPTS[1], GREEDY),
+        engine.add_request(PROMPTS[2], GREEDY, lora_request=adapters[1]),  # evicts doomed
+    ]
+    shutil.rmtree(copy)
+    outputs = run_to_completion(engine, engine.scheduler.check_integrity)
+    assert outputs[ids[0]].error is not None and "no such directory" in outputs[ids[0]].error
+    assert outputs[ids[1]].error is None and outputs[ids[2]].error is None
+    assert len(outputs[ids[2]].outputs[0].token_ids) == GREEDY.max_tokens
+    assert engine.kv_cache_manager.pool.num_in_use == 0
+    assert len(engine.runner.lora.free_slots) + len(engine.runner.lora.slots) == 1

@@ -83,13 +83,24 @@ class LoRAManager:
             self.free_slots.append(slot)
         return True
 
-    def batch(self, lora_ids: list[int], num_tokens: list[int]) -> LoRABatch | None:
+    def batch(
+        self, lora_ids: list[int], num_tokens: list[int], failed: dict[int, Exception] | None = None
+    ) -> LoRABatch | None:
         """The step's ``LoRABatch``: request i names ``lora_ids[i]`` (0: the base model) and
-        runs ``num_tokens[i]`` tokens, in batch order."""
+        runs ``num_tokens[i]`` tokens, in batch order. An adapter that cannot be placed (its
+        files changed since it was checked) goes into ``failed`` and its tokens run as the base
+        model's: the caller fails those requests."""
         wanted = set(lora_ids) - {0}
         if not wanted:
             return None
-        slots = self._activate(wanted)
+        slots: dict[int, int] = {}
+        for lora_id in sorted(wanted):
+            try:
+                slots.update(self._activate({lora_id}, keep=wanted))
+            except Exception as exc:  # noqa: BLE001 - fails the requests of this adapter only
+                if failed is None:
+                    raise
+                failed[lora_id] = exc
         per_request = np.array([slots.get(i, -1) for i in lora_ids], dtype=np.int64)
         token_slots = np.repeat(per_request, np.asarray(num_tokens, dtype=np.int64))
         device = self.model.norm.weight.device
@@ -130,23 +141,25 @@ class LoRAManager:
             evicted = next(iter(self.loaded))
             self.loaded.pop(evicted)
 
-    def _activate(self, wanted: set[int]) -> dict[int, int]:
-        """Slots for the adapters ``wanted`` (at most max_loras, as the scheduler admits)."""
-        if len(wanted) > self.config.max_loras:
+    def _activate(self, wanted: set[int], keep: set[int]) -> dict[int, int]:
+        """Slots for the adapters ``wanted``, evicting none of ``keep`` (the batch's adapters:
+        at most max_loras, as the scheduler admits)."""
+        if len(keep) > self.config.max_loras:
             raise RuntimeError(
-                f"{len(wanted)} adapters in one batch; max_loras is {self.config.max_loras}"
+                f"{len(keep)} adapters in one batch; max_loras is {self.config.max_loras}"
             )
         for lora_id in sorted(wanted):
             if lora_id in self.slots:
                 self.slots.move_to_end(lora_id)
                 continue
+            adapter = self._adapter(lora_id)  # before taking a slot: loading may fail
             if not self.free_slots:
-                victim = next(i for i in self.slots if i not in wanted)
+                victim = next(i for i in self.slots if i not in keep)
                 slot = self.slots.pop(victim)
                 self._clear(slot)
                 self.free_slots.append(slot)
             slot = self.free_slots.pop()
-            self._fill(slot, self._adapter(lora_id))
+            self._fill(slot, adapter)
             self.slots[lora_id] = slot
         return {i: self.slots[i] for i in wanted}
 

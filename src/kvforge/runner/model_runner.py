@@ -184,6 +184,16 @@ class ModelRunner:
         """Run the scheduled tokens, sample where a request reached its last known token."""
         states = self._update_states(output)
         self._copy_blocks(output.blocks_to_copy)
+        result = ModelRunnerOutput()
+        lora_batch = None
+        if self.lora is not None:
+            lost: dict[int, Exception] = {}
+            lora_batch = self.lora.batch(
+                [s.lora_id for s in states], [s.num_scheduled for s in states], lost
+            )
+            for state in states:  # computed as the base model's, but never sampled
+                if state.lora_id in lost:
+                    result.failed[state.request_id] = _describe(lost[state.lora_id])
         logit_rows: list[int] = []
         sample_reqs: list[tuple[CachedRequestState, int]] = []  # (request, row in logits)
         # (request, first row, n, first pos)
@@ -193,6 +203,9 @@ class ModelRunner:
         offset = 0
         for state in states:
             start, num_new = state.num_computed_tokens, state.num_scheduled
+            if state.request_id in result.failed:
+                offset += num_new
+                continue
             drafts = output.draft_token_ids.get(state.request_id)
             if drafts:
                 self.input_batch.set_drafts(state, drafts)
@@ -218,17 +231,13 @@ class ModelRunner:
                 self.block_size,
             )
         batch = self.input_batch.forward_batch(states, self.device)
-        if self.lora is not None:
-            batch.lora = self.lora.batch(
-                [s.lora_id for s in states], [s.num_scheduled for s in states]
-            )
+        batch.lora = lora_batch
         hidden = self.model(batch, self.kv_caches)
         if self.drafter is not None:
             self._mirror(states, batch, output.draft_token_ids)
         if len(logit_rows) < hidden.shape[0]:
             hidden = hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)]
         logits = self.model.compute_logits(hidden)
-        result = ModelRunnerOutput()
         bitmasks = self._bitmask_rows(output)
         if sample_reqs:
             self._isolated(
