@@ -13,7 +13,7 @@ LAYERS = {
     1: {"tokenizer", "core", "structured", "quant"}
     | {"spec_decode.__init__", "spec_decode.ngram", "spec_decode.stats"},
     2: {"ops", "layers", "models", "loader", "sample", "runner", "spec_decode.draft"}
-    | {"lora.adapter", "lora.manager"},
+    | {"lora.adapter", "lora.manager", "lora.train"},
     3: {"engine", "output_processor", "beam_search", "async_engine", "tools"},
     4: {"entrypoints", "__init__"},
 }

@@ -4,6 +4,7 @@ perplexity, convert)."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -270,7 +271,63 @@ def cmd_lora_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Train a LoRA adapter."""
+    from kvforge.tools.finetune import FinetuneConfig, finetune
+
+    targets = tuple(t for spec in args.target_modules for t in spec.split(","))
+    config = FinetuneConfig(
+        model=args.model,
+        data=args.data,
+        output=args.output,
+        target_modules=targets,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        learning_rate=args.learning_rate,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm,
+        eval_fraction=args.eval_fraction,
+        max_length=args.max_length,
+        save_every=args.save_every,
+        seed=args.seed,
+        dtype=args.dtype,
+        resume=args.resume,
+    )
+    metrics = finetune(config)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def _add_tool_parsers(sub: Any) -> None:
+    tune = sub.add_parser("finetune", help="train a LoRA adapter on chat JSONL (CPU)")
+    tune.add_argument("model", help="GGUF file or Hugging Face directory (the frozen base)")
+    tune.add_argument("data", help='JSON Lines of {"messages": [...]}')
+    tune.add_argument("output", help="the PEFT adapter directory to write")
+    tune.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=["q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"],
+    )
+    tune.add_argument("--rank", type=int, default=8)
+    tune.add_argument("--alpha", type=float, default=16.0)
+    tune.add_argument("--dropout", type=float, default=0.05)
+    tune.add_argument("--learning-rate", type=float, default=2e-4)
+    tune.add_argument("--epochs", type=float, default=1.0)
+    tune.add_argument("--batch-size", type=int, default=4)
+    tune.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    tune.add_argument("--warmup-ratio", type=float, default=0.1)
+    tune.add_argument("--max-grad-norm", type=float, default=1.0)
+    tune.add_argument("--eval-fraction", type=float, default=0.1)
+    tune.add_argument("--max-length", type=int, default=512, help="tokens per conversation")
+    tune.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    tune.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    tune.set_defaults(func=cmd_finetune)
     lora = sub.add_parser("lora", help="LoRA adapter tools").add_subparsers(
         dest="lora_command", required=True
     )

@@ -1,0 +1,224 @@
+"""Training LoRA adapters: trainable low-rank pairs and a differentiable forward of the model.
+
+The serving forward runs fused C++ ops over a paged KV cache under ``inference_mode``; training
+needs gradients, so ``TrainableLoRA.forward`` runs the same maths with torch ops only, over
+right-padded whole sequences ``[B, L]`` with causal attention and no cache (pads sit after each
+sequence's tokens, so causal attention never lets a real token see one). The base model stays
+frozen and float (``--dtype float32`` or ``bfloat16`` at load); only the adapter's ``A`` and
+``B`` are parameters. PEFT's initialization and naming: ``A`` Kaiming-uniform, ``B`` zero, the
+update ``scaling * B A x`` with ``scaling = alpha / r``, dropout on the adapter's input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvforge.errors import InvalidRequestError, UnsupportedModelError
+from kvforge.layers.linear import Linear
+from kvforge.layers.rotary import apply_rotary
+from kvforge.lora.adapter import TARGETS
+from kvforge.models.common import DecoderLayer, DecoderLM
+
+# target module -> (linear attribute path in a layer, shard index in a fused linear)
+_PLACES = {
+    "q_proj": ("self_attn.qkv_proj", 0),
+    "k_proj": ("self_attn.qkv_proj", 1),
+    "v_proj": ("self_attn.qkv_proj", 2),
+    "o_proj": ("self_attn.o_proj", 0),
+    "gate_proj": ("mlp.gate_up_proj", 0),
+    "up_proj": ("mlp.gate_up_proj", 1),
+    "down_proj": ("mlp.down_proj", 0),
+}
+_GROUP = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+
+
+def _check_model(model: nn.Module) -> DecoderLM:
+    if not isinstance(model, DecoderLM):
+        raise UnsupportedModelError(f"{type(model).__name__} cannot be fine-tuned")
+    cfg = model.config
+    if cfg.sandwich_norm or model.rope_local is not None:
+        raise UnsupportedModelError("fine-tuning covers pre-norm Llama-family models (not Gemma)")
+    for layer in model.layers:
+        assert isinstance(layer, DecoderLayer)
+        for linear in (
+            layer.self_attn.qkv_proj,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_up_proj,
+            layer.mlp.down_proj,
+        ):
+            if linear.weight is None:
+                raise InvalidRequestError(
+                    "fine-tuning needs float base weights: load the model with --dtype float32 "
+                    "(or bfloat16)",
+                    "dtype",
+                )
+    if model.lm_head is None and model.embed_tokens.weight is None:
+        raise InvalidRequestError("fine-tuning needs a float LM head (--dtype float32)", "dtype")
+    return model
+
+
+class TrainableLoRA(nn.Module):
+    """LoRA pairs on ``targets`` of every layer of ``model`` (frozen), and the forward."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: tuple[str, ...],
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model = _check_model(model)
+        unknown = sorted(set(targets) - set(TARGETS))
+        if unknown or not targets:
+            raise InvalidRequestError(f"LoRA targets must be among {TARGETS}", "target_modules")
+        if not (1 <= rank <= 1024 and math.isfinite(alpha) and 0 <= dropout < 1):
+            raise InvalidRequestError("need 1 <= rank <= 1024, finite alpha, 0 <= dropout < 1")
+        self.targets, self.rank, self.alpha = tuple(targets), rank, float(alpha)
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(seed)
+        self.a = nn.ParameterDict()
+        self.b = nn.ParameterDict()
+        for i, layer in enumerate(self.model.layers):
+            for target in self.targets:
+                linear, shard = self._place(layer, target)
+                a = torch.empty(rank, linear.in_features)
+                bound = 1 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=sqrt(5))
+                a.uniform_(-bound, bound, generator=generator)
+                self.a[self._key(i, target)] = nn.Parameter(a)
+                self.b[self._key(i, target)] = nn.Parameter(
+                    torch.zeros(linear.shard_sizes[shard], rank)
+                )
+
+    @staticmethod
+    def _key(layer: int, target: str) -> str:
+        return f"{layer}_{target}"
+
+    @staticmethod
+    def _place(layer: nn.Module, target: str) -> tuple[Linear, int]:
+        path, shard = _PLACES[target]
+        linear = layer.get_submodule(path)
+        assert isinstance(linear, Linear)
+        return linear, shard
+
+    # ----------------------------------------------------------------- forward
+    def _linear(self, layer_idx: int, linear: Linear, names: tuple[str, ...], x: torch.Tensor):
+        assert linear.weight is not None
+        y = F.linear(x, linear.weight.to(x.dtype), linear.bias)
+        if not any(n in self.targets for n in names):
+            return y
+        parts = list(y.split(linear.shard_sizes, dim=-1))
+        dropped = self.dropout(x)
+        for shard, name in enumerate(names):
+            key = self._key(layer_idx, name)
+            if name in self.targets:
+                a, b = self.a[key], self.b[key]
+                parts[shard] = parts[shard] + (dropped @ a.t() @ b.t()) * self.scaling
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L, V] (float32) of right-padded token ids [B, L]."""
+        model, cfg = self.model, self.model.config
+        batch, length = input_ids.shape
+        emb = model.embed_tokens
+        x = (
+            emb.weight[input_ids]
+            if emb.weight is not None
+            else emb(input_ids.flatten()).view(batch, length, -1)
+        )
+        x = x.float() * cfg.embed_scale
+        positions = torch.arange(length, device=input_ids.device)
+        cos, sin = model.rope_global.cos_sin(positions)  # [L, 1, D]
+        for i, layer in enumerate(model.layers):
+            assert isinstance(layer, DecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            h = F.rms_norm(x, x.shape[-1:], layer.input_layernorm.weight, layer.input_layernorm.eps)
+            qkv = self._linear(i, attn.qkv_proj, ("q_proj", "k_proj", "v_proj"), h)
+            q, k, v = qkv.split(attn.qkv_proj.shard_sizes, dim=-1)
+            q = q.view(batch, length, attn.num_heads, attn.head_dim)
+            k = k.view(batch, length, attn.num_kv_heads, attn.head_dim)
+            v = v.view(batch, length, attn.num_kv_heads, attn.head_dim)
+            if attn.q_norm is not None and attn.k_norm is not None:
+                q = F.rms_norm(q, q.shape[-1:], attn.q_norm.weight, attn.q_norm.eps)
+                k = F.rms_norm(k, k.shape[-1:], attn.k_norm.weight, attn.k_norm.eps)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            mask = None
+            if attn.sliding_window:
+                idx = torch.arange(length, device=x.device)
+                delta = idx[:, None] - idx[None, :]
+                mask = (delta >= 0) & (delta < attn.sliding_window)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=attn.scale,
+                enable_gqa=attn.num_heads != attn.num_kv_heads,
+            )
+            out = out.transpose(1, 2).reshape(batch, length, -1)
+            x = x + self._linear(i, attn.o_proj, ("o_proj",), out)
+            h = F.rms_norm(
+                x,
+                x.shape[-1:],
+                layer.post_attention_layernorm.weight,
+                layer.post_attention_layernorm.eps,
+            )
+            gate, up = self._linear(i, mlp.gate_up_proj, ("gate_proj", "up_proj"), h).chunk(2, -1)
+            x = x + self._linear(i, mlp.down_proj, ("down_proj",), mlp.act(gate) * up)
+        x = F.rms_norm(x, x.shape[-1:], model.norm.weight, model.norm.eps)
+        head = model.lm_head.weight if model.lm_head is not None else emb.weight
+        assert head is not None
+        logits = F.linear(x, head.to(x.dtype)).float()
+        if cfg.final_logit_softcap:
+            logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return logits
+
+    # -------------------------------------------------------------- PEFT files
+    def save_peft(self, directory: str | Path, base_model: str) -> None:
+        """``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT writes them."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i in range(len(self.model.layers)):
+            for target in self.targets:
+                prefix = f"base_model.model.model.layers.{i}.{_GROUP[target]}.{target}"
+                key = self._key(i, target)
+                tensors[f"{prefix}.lora_A.weight"] = self.a[key].detach().float().contiguous()
+                tensors[f"{prefix}.lora_B.weight"] = self.b[key].detach().float().contiguous()
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout.p,
+            "target_modules": sorted(self.targets),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "inference_mode": True,
+        }
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
