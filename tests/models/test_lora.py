@@ -454,3 +454,32 @@ def test_an_adapter_whose_files_vanish_fails_only_its_requests(llama_adapters, t
     assert len(outputs[ids[2]].outputs[0].token_ids) == GREEDY.max_tokens
     assert engine.kv_cache_manager.pool.num_in_use == 0
     assert len(engine.runner.lora.free_slots) + len(engine.runner.lora.slots) == 1
+
+
+def test_a_llamacpp_gguf_adapter_equals_its_peft_source(llama_adapters):
+    from pathlib import Path
+
+    directory, _ = llama_adapters
+    data = Path(__file__).resolve().parents[1] / "data" / "lora"
+    loaded = load_model(ModelConfig(model=str(directory)), create_attention_backend(), False)
+    manager = LoRAManager.for_model(
+        loaded.model, LoRAConfig(enabled=True, max_loras=2, max_lora_rank=8)
+    )
+    manager.add(LoRARequest("peft", 1, str(data / "peft")))
+    manager.add(LoRARequest("gguf", 2, str(data / "llamacpp-f32.gguf")))
+    ids = [0, 5, 9, 17, 33, 40, 41]
+    logits = {
+        i: forward_logits(loaded, ids, lambda n, i=i: manager.batch([i], [n])) for i in (0, 1, 2)
+    }
+    assert (logits[1] - logits[2]).abs().max().item() <= 1e-4
+    assert (logits[1] - logits[0]).abs().max().item() > 1e-2
+
+
+def test_bad_gguf_adapters_are_refused(llama_adapters, smollm_path, tmp_path):
+    directory, _ = llama_adapters
+    engine = make_engine(directory)
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\\x00" * 64)
+    for path, message in [(smollm_path, "not a LoRA adapter"), (str(corrupt), "corrupt")]:
+        with pytest.raises(InvalidRequestError, match=message):
+            engine.add_request(PROMPTS[0], GREEDY, lora_request=LoRARequest("g", 7, path))

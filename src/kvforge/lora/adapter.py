@@ -121,3 +121,69 @@ def _check_config(path: str, config: dict) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise _error(path, "lora_alpha must be a number")
     return float(alpha)
+
+
+def load_gguf_adapter(
+    path: str, max_rank: int, scale: float, num_heads: int, num_kv_heads: int
+) -> LoRAAdapter:
+    """A llama.cpp LoRA adapter file (``general.type = adapter``, ``adapter.type = lora``,
+    ``blk.N.attn_q.weight.lora_a`` / ``.lora_b`` pairs, ``adapter.lora.alpha``). Llama-family
+    files store Q/K rows interleaved as llama.cpp's base weights are; they are put back in the
+    Hugging Face order the model uses."""
+    from kvforge.errors import KVForgeError
+    from kvforge.loader.gguf_check import open_gguf
+    from kvforge.loader.gguf_loader import dequantize_tensor, hf_tensor_name, unpermute_qk
+    from kvforge.models.registry import family_for_gguf
+
+    try:
+        reader = open_gguf(path)
+    except KVForgeError as exc:
+        raise _error(path, str(exc)) from exc
+
+    def text(key: str) -> str:
+        field = reader.fields.get(key)
+        return str(field.contents()) if field is not None else ""
+
+    if text("general.type") != "adapter" or text("adapter.type") != "lora":
+        raise _error(path, "not a LoRA adapter GGUF (general.type adapter, adapter.type lora)")
+    arch = text("general.architecture")
+    try:
+        permutes = family_for_gguf(arch).gguf_permutes_qk
+    except KVForgeError as exc:
+        raise _error(path, str(exc)) from exc
+    alpha_field = reader.fields.get("adapter.lora.alpha")
+    alpha = float(alpha_field.contents()) if alpha_field is not None else 0.0
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for tensor in reader.tensors:
+        base, _, which = tensor.name.rpartition(".")
+        if which not in ("lora_a", "lora_b") or not base.startswith("blk."):
+            raise _error(path, f"unsupported tensor {tensor.name!r} (only blk.* lora_a / lora_b)")
+        try:
+            hf = hf_tensor_name(base, arch.startswith("gemma"))
+        except KVForgeError as exc:
+            raise _error(path, str(exc)) from exc
+        module = hf.removeprefix("model.").removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] not in TARGETS:
+            raise _error(path, f"LoRA on {module!r} is not supported (targets: {TARGETS})")
+        pairs.setdefault(module, {})["A" if which == "lora_a" else "B"] = dequantize_tensor(tensor)
+    if not pairs:
+        raise _error(path, "the adapter holds no LoRA weights")
+    adapter = LoRAAdapter(path, 0)
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise _error(path, f"{module} lacks lora_{'b' if 'A' in pair else 'a'}")
+        a, b = pair["A"].float(), pair["B"].float()
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise _error(path, f"{module}: lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)}")
+        rank = a.shape[0]
+        if rank > max_rank:
+            raise _error(path, f"rank {rank} is above --max-lora-rank {max_rank}")
+        if permutes and module.endswith("q_proj"):
+            b = unpermute_qk(b, num_heads)
+        elif permutes and module.endswith("k_proj"):
+            b = unpermute_qk(b, num_kv_heads)
+        # llama.cpp: scale * alpha / rank, or scale alone when the file has no alpha
+        scaling = scale * (alpha / rank if alpha else 1.0)
+        adapter.modules[module] = (a.contiguous(), (b * scaling).contiguous())
+        adapter.rank = max(adapter.rank, rank)
+    return adapter

@@ -11,6 +11,7 @@ step's batch always fits the slots.
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from kvforge.config import LoRAConfig
 from kvforge.errors import InvalidRequestError
 from kvforge.layers.lora import LoRABatch
-from kvforge.lora.adapter import LoRAAdapter, load_peft_adapter
+from kvforge.lora.adapter import LoRAAdapter, load_gguf_adapter, load_peft_adapter
 from kvforge.lora.request import LoRARequest
 from kvforge.models.common import DecoderLM
 
@@ -108,7 +109,17 @@ class LoRAManager:
 
     # ------------------------------------------------------------------ internals
     def _load(self, request: LoRARequest) -> LoRAAdapter:
-        adapter = load_peft_adapter(request.lora_path, self.config.max_lora_rank, request.scale)
+        if request.lora_path.endswith(".gguf") and os.path.isfile(request.lora_path):
+            cfg = self.model.config
+            adapter = load_gguf_adapter(
+                request.lora_path,
+                self.config.max_lora_rank,
+                request.scale,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+            )
+        else:
+            adapter = load_peft_adapter(request.lora_path, self.config.max_lora_rank, request.scale)
         for module, (a, b) in adapter.modules.items():
             try:
                 linear, shard = self.model.lora_target(module)

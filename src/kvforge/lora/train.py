@@ -135,8 +135,10 @@ class TrainableLoRA(nn.Module):
                 parts[shard] = parts[shard] + (dropped @ a.t() @ b.t()) * self.scaling
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, L, V] (float32) of right-padded token ids [B, L]."""
+    def forward(self, input_ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, L, V] (float32) of right-padded token ids [B, L]; with a boolean
+        ``rows`` [B, L], only those positions' logits [N, V] (the LM head over a 49k vocabulary
+        costs a fifth of a small model's forward: training needs it where labels are)."""
         model, cfg = self.model, self.model.config
         batch, length = input_ids.shape
         emb = model.embed_tokens
@@ -185,6 +187,8 @@ class TrainableLoRA(nn.Module):
             )
             gate, up = self._linear(i, mlp.gate_up_proj, ("gate_proj", "up_proj"), h).chunk(2, -1)
             x = x + self._linear(i, mlp.down_proj, ("down_proj",), mlp.act(gate) * up)
+        if rows is not None:
+            x = x[rows]
         x = F.rms_norm(x, x.shape[-1:], model.norm.weight, model.norm.eps)
         head = model.lm_head.weight if model.lm_head is not None else emb.weight
         assert head is not None

@@ -168,10 +168,10 @@ def evaluate(
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             ids, targets = collate(examples[start : start + batch_size], pad_id)
-            logits = lora(ids)
             mask = targets != IGNORE
-            total_loss += F.cross_entropy(logits[mask], targets[mask], reduction="sum").item()
-            correct += int((logits[mask].argmax(-1) == targets[mask]).sum())
+            logits = lora(ids, mask)
+            total_loss += F.cross_entropy(logits, targets[mask], reduction="sum").item()
+            correct += int((logits.argmax(-1) == targets[mask]).sum())
             count += int(mask.sum())
     lora.train()
     return {"loss": total_loss / max(1, count), "accuracy": correct / max(1, count)}
@@ -244,13 +244,14 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             sum(1 for x in train_set[i].labels[1:] if x != IGNORE) for b in micro for i in b
         )
         for indices in micro:
-            ids, targets = collate([train_set[i] for i in indices], pad_id)
-            logits = lora(ids)
+            batch = [train_set[i] for i in indices]
+            ids, targets = collate(batch, pad_id)
             mask = targets != IGNORE
-            loss = F.cross_entropy(logits[mask], targets[mask], reduction="sum") / max(1, weight)
+            logits = lora(ids, mask)
+            loss = F.cross_entropy(logits, targets[mask], reduction="sum") / max(1, weight)
             loss.backward()
             loss_sum += loss.item()
-            tokens += int((ids != pad_id).sum())
+            tokens += sum(len(e.input_ids) for e in batch)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
         optimizer.step()
         scheduler.step()
