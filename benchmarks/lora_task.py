@@ -1,7 +1,7 @@
 """Teach the embedded model a task it cannot do with ``kvforge finetune``, then measure it served
 over HTTP as ``model: codes`` against the base model.
 
-    python benchmarks/lora_task.py [--codes 16] [--epochs 3] [--rank 8] [--workdir DIR]
+    python benchmarks/lora_task.py [--codes 16] [--epochs 6] [--rank 16] [--workdir DIR]
 
 The task: made-up codes (``QX-417``) stand for words (``lantern``). Training conversations ask
 for a code in one of several phrasings; the evaluation asks for every code in a phrasing that
@@ -148,9 +148,9 @@ def serve(adapter: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--codes", type=int, default=16)
-    parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--epochs", type=float, default=6)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--port", type=int, default=8791)
     parser.add_argument("--workdir", default=None, help="keep data and adapter here")
