@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,25 @@ class LoRAAdapter:
     def num_bytes(self) -> int:
         """Memory of the tensors."""
         return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+
+
+def _checked_pairs(
+    path: str, pairs: dict[str, dict[str, torch.Tensor]], max_rank: int
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Each module's (A, B) in float32, after the checks every adapter format shares."""
+    if not pairs:
+        raise _error(path, "the adapter holds no LoRA weights")
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise _error(path, f"{module} lacks lora_{'B' if 'A' in pair else 'A'}")
+        a, b = pair["A"].float(), pair["B"].float()
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise _error(path, f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
+        if a.shape[0] > max_rank:
+            raise _error(path, f"rank {a.shape[0]} is above --max-lora-rank {max_rank}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise _error(path, f"{module} holds non-finite values")
+        yield module, a, b
 
 
 def load_peft_adapter(path: str, max_rank: int, scale: float = 1.0) -> LoRAAdapter:
@@ -81,21 +101,10 @@ def load_peft_adapter(path: str, max_rank: int, scale: float = 1.0) -> LoRAAdapt
         if module.rsplit(".", 1)[-1] not in TARGETS or not module.startswith("layers."):
             raise _error(path, f"LoRA on {module!r} is not supported (targets: {TARGETS})")
         pairs.setdefault(module, {})[which] = tensor
-    if not pairs:
-        raise _error(path, "the adapter holds no LoRA weights")
     adapter = LoRAAdapter(path, 0)
     rsl = bool(config.get("use_rslora", False))
-    for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise _error(path, f"{module} lacks lora_{'B' if 'A' in pair else 'A'}")
-        a, b = pair["A"].float(), pair["B"].float()
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
-            raise _error(path, f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
+    for module, a, b in _checked_pairs(path, pairs, max_rank):
         rank = a.shape[0]
-        if rank > max_rank:
-            raise _error(path, f"rank {rank} is above --max-lora-rank {max_rank}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise _error(path, f"{module} holds non-finite values")
         scaling = scale * alpha / (math.sqrt(rank) if rsl else rank)
         adapter.modules[module] = (a.contiguous(), (b * scaling).contiguous())
         adapter.rank = max(adapter.rank, rank)
@@ -166,18 +175,9 @@ def load_gguf_adapter(
         if module.rsplit(".", 1)[-1] not in TARGETS:
             raise _error(path, f"LoRA on {module!r} is not supported (targets: {TARGETS})")
         pairs.setdefault(module, {})["A" if which == "lora_a" else "B"] = dequantize_tensor(tensor)
-    if not pairs:
-        raise _error(path, "the adapter holds no LoRA weights")
     adapter = LoRAAdapter(path, 0)
-    for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise _error(path, f"{module} lacks lora_{'b' if 'A' in pair else 'a'}")
-        a, b = pair["A"].float(), pair["B"].float()
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
-            raise _error(path, f"{module}: lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)}")
+    for module, a, b in _checked_pairs(path, pairs, max_rank):
         rank = a.shape[0]
-        if rank > max_rank:
-            raise _error(path, f"rank {rank} is above --max-lora-rank {max_rank}")
         if permutes and module.endswith("q_proj"):
             b = unpermute_qk(b, num_heads)
         elif permutes and module.endswith("k_proj"):

@@ -54,12 +54,7 @@ def _check_model(model: nn.Module) -> DecoderLM:
         raise UnsupportedModelError("fine-tuning covers pre-norm Llama-family models (not Gemma)")
     for layer in model.layers:
         assert isinstance(layer, DecoderLayer)
-        for linear in (
-            layer.self_attn.qkv_proj,
-            layer.self_attn.o_proj,
-            layer.mlp.gate_up_proj,
-            layer.mlp.down_proj,
-        ):
+        for linear in layer.linears():
             if linear.weight is None:
                 raise InvalidRequestError(
                     "fine-tuning needs float base weights: load the model with --dtype float32 "

@@ -161,13 +161,15 @@ class DecoderLayer(nn.Module):
         self._fused_checked = True
         return self._fused
 
+    def linears(self) -> tuple[Linear, Linear, Linear, Linear]:
+        """qkv, o, gate_up and down: the projections a LoRA may update."""
+        attn, mlp = self.self_attn, self.mlp
+        return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+
     def lora_tensors(self) -> list[torch.Tensor]:
         """(A, B^T) stacks of qkv, o, gate_up and down for the fused C++ layer ([] without
         LoRA slots)."""
-        attn, mlp = self.self_attn, self.mlp
-        slots = [
-            linear.lora for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        ]
+        slots = [linear.lora for linear in self.linears()]
         if any(s is None for s in slots):
             return []
         return [t for s in slots if s is not None for t in (s.a, s.bt)]
@@ -337,12 +339,7 @@ class DecoderLM(nn.Module):
         device = self.norm.weight.device
         for layer in self.layers:
             assert isinstance(layer, DecoderLayer)
-            for linear in (
-                layer.self_attn.qkv_proj,
-                layer.self_attn.o_proj,
-                layer.mlp.gate_up_proj,
-                layer.mlp.down_proj,
-            ):
+            for linear in layer.linears():
                 linear.enable_lora(num_slots, max_rank, device)
 
     def lora_target(self, module: str) -> tuple[Linear, int]:
