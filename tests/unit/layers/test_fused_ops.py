@@ -119,7 +119,7 @@ def test_decoder_stack_checks_its_lists(ops) -> None:
     ints = {"dtype": torch.int32}
     shared = (1e-5, 16, 1, 1, torch.ones(1, 8), torch.ones(1, 8), torch.zeros(1, dtype=torch.long))
     batch = (torch.zeros(1, 1, **ints), torch.ones(1, **ints), torch.ones(1, **ints))
-    tail = (*batch, torch.zeros(2, **ints), 1.0, 0)
+    tail = (*batch, torch.zeros(2, **ints), 1.0, 0, [], None)  # no LoRA
     caches = [torch.zeros(1), torch.zeros(1)]
     x = torch.randn(1, 8)
     with pytest.raises(RuntimeError, match="14 weights and 2 caches per layer"):
@@ -128,3 +128,5 @@ def test_decoder_stack_checks_its_lists(ops) -> None:
         ops.decoder_stack(x, [None] * 13, caches, *shared, *tail)
     with pytest.raises(RuntimeError, match="lacks its norms"):
         ops.decoder_stack(x, [None] * 14, caches, *shared, *tail)
+    with pytest.raises(RuntimeError, match="8 LoRA tensors per layer"):
+        ops.decoder_stack(x, [None] * 14, caches, *shared, *tail[:-2], [x], None)
