@@ -102,6 +102,7 @@ class OpenAIServing:
         # Adapters by served name (loaded into the engine at start; more at run time).
         self.loras: dict[str, LoRARequest] = {lora.lora_name: lora for lora in lora_modules}
         self._next_lora_id = max((lora.lora_int_id for lora in lora_modules), default=0) + 1
+        self._loading: set[str] = set()
 
     # ---------------------------------------------------------------- common
     def check_model(self, name: str | None) -> str:
@@ -116,7 +117,7 @@ class OpenAIServing:
 
     async def load_lora(self, name: str, path: str, scale: float, root: str | None) -> None:
         """Load an adapter at run time from a directory under ``root``; it serves as ``name``."""
-        if name in self.model_names or name in self.loras:
+        if name in self.model_names or name in self.loras or name in self._loading:
             raise InvalidRequestError(f"the name {name!r} is already served", "lora_name")
         real = os.path.realpath(path)
         if root is None or os.path.commonpath([real, os.path.realpath(root)]) != os.path.realpath(
@@ -127,7 +128,11 @@ class OpenAIServing:
             )
         lora = LoRARequest(name, self._next_lora_id, real, scale)
         self._next_lora_id += 1
-        await self.llm.acall(lambda engine: engine.add_lora(lora))
+        self._loading.add(name)  # a second load of the name while this one runs is refused
+        try:
+            await self.llm.acall(lambda engine: engine.add_lora(lora))
+        finally:
+            self._loading.discard(name)
         self.loras[name] = lora
 
     async def unload_lora(self, name: str) -> None:
