@@ -22,8 +22,7 @@ from safetensors.torch import save_file
 
 from kvforge import LLM, LoRARequest, SamplingParams
 from kvforge.entrypoints.bench.report import cpu_model
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from kvforge.lora.adapter import TARGETS, module_path
 
 
 def write_random_adapter(llm: LLM, directory: Path, rank: int, seed: int) -> None:
@@ -33,10 +32,7 @@ def write_random_adapter(llm: LLM, directory: Path, rank: int, seed: int) -> Non
     tensors = {}
     for i in range(len(model.layers)):
         for target in TARGETS:
-            group = (
-                "self_attn" if target.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            )
-            module = f"layers.{i}.{group}.{target}"
+            module = module_path(i, target)
             linear, shard = model.lora_target(module)
             prefix = f"base_model.model.model.{module}"
             a = torch.randn(rank, linear.in_features, generator=generator) * 0.01

@@ -22,6 +22,14 @@ from kvforge.errors import InvalidRequestError
 
 # Projections a LoRA may target: each maps onto a (fused) linear of the model.
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def module_path(layer: int, target: str) -> str:
+    """PEFT's module path of ``target`` in layer ``layer``: ``layers.3.self_attn.q_proj``."""
+    return f"layers.{layer}.{'mlp' if target in _MLP_TARGETS else 'self_attn'}.{target}"
+
+
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
 
 

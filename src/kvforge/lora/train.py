@@ -22,28 +22,8 @@ from torch import nn
 from kvforge.errors import InvalidRequestError, UnsupportedModelError
 from kvforge.layers.linear import Linear
 from kvforge.layers.rotary import apply_rotary
-from kvforge.lora.adapter import TARGETS
+from kvforge.lora.adapter import TARGETS, module_path
 from kvforge.models.common import DecoderLayer, DecoderLM
-
-# target module -> (linear attribute path in a layer, shard index in a fused linear)
-_PLACES = {
-    "q_proj": ("self_attn.qkv_proj", 0),
-    "k_proj": ("self_attn.qkv_proj", 1),
-    "v_proj": ("self_attn.qkv_proj", 2),
-    "o_proj": ("self_attn.o_proj", 0),
-    "gate_proj": ("mlp.gate_up_proj", 0),
-    "up_proj": ("mlp.gate_up_proj", 1),
-    "down_proj": ("mlp.down_proj", 0),
-}
-_GROUP = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
 
 
 def _check_model(model: nn.Module) -> DecoderLM:
@@ -93,9 +73,9 @@ class TrainableLoRA(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         self.a = nn.ParameterDict()
         self.b = nn.ParameterDict()
-        for i, layer in enumerate(self.model.layers):
+        for i in range(len(self.model.layers)):
             for target in self.targets:
-                linear, shard = self._place(layer, target)
+                linear, shard = self.model.lora_target(module_path(i, target))
                 a = torch.empty(rank, linear.in_features)
                 bound = 1 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=sqrt(5))
                 a.uniform_(-bound, bound, generator=generator)
@@ -107,13 +87,6 @@ class TrainableLoRA(nn.Module):
     @staticmethod
     def _key(layer: int, target: str) -> str:
         return f"{layer}_{target}"
-
-    @staticmethod
-    def _place(layer: nn.Module, target: str) -> tuple[Linear, int]:
-        path, shard = _PLACES[target]
-        linear = layer.get_submodule(path)
-        assert isinstance(linear, Linear)
-        return linear, shard
 
     # ----------------------------------------------------------------- forward
     def _linear(self, layer_idx: int, linear: Linear, names: tuple[str, ...], x: torch.Tensor):
@@ -202,7 +175,7 @@ class TrainableLoRA(nn.Module):
         tensors = {}
         for i in range(len(self.model.layers)):
             for target in self.targets:
-                prefix = f"base_model.model.model.layers.{i}.{_GROUP[target]}.{target}"
+                prefix = f"base_model.model.model.{module_path(i, target)}"
                 key = self._key(i, target)
                 tensors[f"{prefix}.lora_A.weight"] = self.a[key].detach().float().contiguous()
                 tensors[f"{prefix}.lora_B.weight"] = self.b[key].detach().float().contiguous()

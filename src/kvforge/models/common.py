@@ -354,7 +354,7 @@ class DecoderLM(nn.Module):
             linear = self.get_submodule(name)
         except AttributeError as exc:
             raise KeyError(module) from exc
-        if not isinstance(linear, Linear) or linear.lora is None:
+        if not isinstance(linear, Linear):
             raise KeyError(module)
         if isinstance(linear, MergedLinear):
             return linear, list(linear.shard_offsets).index(shard)

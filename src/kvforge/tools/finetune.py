@@ -252,7 +252,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             loss.backward()
             loss_sum += loss.item()
             tokens += sum(len(e.input_ids) for e in batch)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         step += 1
@@ -261,7 +261,6 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if config.save_every and step % config.save_every == 0 and step < total_steps:
             _save_checkpoint(lora, optimizer, scheduler, step, output, config)
-        del grad_norm
     bar.close()
     elapsed = time.perf_counter() - started
     lora.save_peft(output, config.model)
@@ -285,7 +284,14 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     return metrics
 
 
-def _save_checkpoint(lora, optimizer, scheduler, step, output, config) -> None:  # type: ignore[no-untyped-def]
+def _save_checkpoint(
+    lora: TrainableLoRA,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    output: Path,
+    config: FinetuneConfig,
+) -> None:
     directory = output / f"checkpoint-{step}"
     lora.save_peft(directory, config.model)
     state = {
