@@ -70,10 +70,28 @@ class TransformerConfig:
     # Per layer: True where the layer attends within ``sliding_window`` only.
     sliding_layers: tuple[bool, ...] = ()
     final_logit_softcap: float | None = None
+    qk_norm_full: bool = False  # QK-norm over all heads at once (OLMoE), not per head
+    clip_qkv: float | None = None  # clamp q, k and v to +-clip_qkv (OLMo)
+    # Mixture of experts (0 experts: every layer has the dense gated MLP)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's F (0: intermediate_size)
+    norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1
+    router_scoring: str = "softmax"  # or "sigmoid"
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # a sigmoid gate scales the shared expert (Qwen2-MoE)
+    # Per layer: True where the layer's MLP is the mixture (empty: all, when num_experts > 0)
+    moe_layers: tuple[bool, ...] = ()
 
     def is_sliding(self, layer_idx: int) -> bool:
         """Whether layer ``layer_idx`` uses sliding-window attention."""
         return bool(self.sliding_layers) and self.sliding_layers[layer_idx]
+
+    def is_moe(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` routes tokens to experts."""
+        if self.num_experts <= 0:
+            return False
+        return not self.moe_layers or self.moe_layers[layer_idx]
 
 
 @dataclass(frozen=True)

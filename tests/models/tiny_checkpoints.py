@@ -36,6 +36,46 @@ def write_tokenizer(directory: Path) -> None:
     )
 
 
+BPE_VOCAB = 320
+BPE_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "user: hello there, assistant: hi! how can I help you today?",
+    "experts route tokens; the router picks the top two of four experts",
+    "0123456789 + - * / = ( ) [ ] { } < > : ; , . ! ?",
+]
+
+
+def write_bpe_tokenizer(directory: Path) -> int:
+    """A byte-level BPE tokenizer (GGUF-convertible, unlike the word-level one) trained on a
+    few lines; returns its vocabulary size (at most ``BPE_VOCAB``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(BPE_CORPUS * 4, trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "add_bos_token": True,
+                "chat_template": CHAT_TEMPLATE,
+            }
+        )
+    )
+    return int(tokenizer.get_vocab_size())
+
+
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
 def _common(**extra: object) -> dict[str, object]:
     fields: dict[str, object] = dict(
         vocab_size=VOCAB,
@@ -81,11 +121,37 @@ def build_model(arch: str):  # type: ignore[no-untyped-def]
             **_common(num_hidden_layers=6, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
         )
         return tf.Gemma3ForCausalLM(config)
+    moe = dict(vocab_size=BPE_VOCAB, num_experts_per_tok=2)
+    if arch == "mixtral":
+        config = tf.MixtralConfig(**_common(num_local_experts=4, intermediate_size=48, **moe))
+        return tf.MixtralForCausalLM(config)
+    if arch == "qwen2_moe":  # layer 1 dense: mlp_only_layers
+        config = tf.Qwen2MoeConfig(
+            **_common(
+                num_hidden_layers=3,
+                num_experts=4,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=48,
+                mlp_only_layers=[1],
+                norm_topk_prob=False,
+                **moe,
+            )
+        )
+        return tf.Qwen2MoeForCausalLM(config)
+    if arch == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(
+            **_common(num_experts=8, moe_intermediate_size=32, head_dim=16, **moe)
+        )
+        return tf.Qwen3MoeForCausalLM(config)
+    if arch == "olmoe":
+        config = tf.OlmoeConfig(**_common(num_experts=4, intermediate_size=32, clip_qkv=3.0, **moe))
+        return tf.OlmoeForCausalLM(config)
     raise ValueError(arch)
 
 
 def write_checkpoint(arch: str, directory: Path, seed: int = 0):  # type: ignore[no-untyped-def]
-    """Write a sharded safetensors checkpoint plus tokenizer; return the float32 model."""
+    """Write a sharded safetensors checkpoint plus tokenizer (byte-level BPE for the MoE
+    architectures, so they convert to GGUF); return the float32 model."""
     torch.manual_seed(seed)
     model = build_model(arch).float().eval()
     with torch.no_grad():
@@ -94,5 +160,8 @@ def write_checkpoint(arch: str, directory: Path, seed: int = 0):  # type: ignore
                 param.add_(torch.randn_like(param) * 0.3)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True, max_shard_size="100KB")
-    write_tokenizer(directory)
+    if arch in MOE_ARCHS:
+        write_bpe_tokenizer(directory)
+    else:
+        write_tokenizer(directory)
     return model

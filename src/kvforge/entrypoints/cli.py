@@ -296,6 +296,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=args.dtype,
         resume=args.resume,
+        router_aux_loss_coef=args.router_aux_loss_coef,
+        router_z_loss_coef=args.router_z_loss_coef,
     )
     metrics = finetune(config)
     print(json.dumps(metrics, indent=2))
@@ -327,6 +329,18 @@ def _add_tool_parsers(sub: Any) -> None:
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     tune.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    tune.add_argument(
+        "--router-aux-loss-coef",
+        type=float,
+        default=0.0,
+        help="mixture of experts: weight of the load-balancing loss (e.g. 0.01)",
+    )
+    tune.add_argument(
+        "--router-z-loss-coef",
+        type=float,
+        default=0.0,
+        help="mixture of experts: weight of the router z-loss (e.g. 0.001)",
+    )
     tune.set_defaults(func=cmd_finetune)
     lora = sub.add_parser("lora", help="LoRA adapter tools").add_subparsers(
         dest="lora_command", required=True

@@ -44,7 +44,9 @@ def dense_linear(
 ) -> torch.Tensor:
     """``x W^T (+ b)`` for a float weight, with the few-row CPU case on its own kernel."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if 0 < rows <= _SKINNY_MAX_ROWS and x.dtype == weight.dtype == torch.float32 and x.is_cpu:
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    skinny = 0 < rows <= _SKINNY_MAX_ROWS and not needs_grad  # the C++ op has no backward
+    if skinny and x.dtype == weight.dtype == torch.float32 and x.is_cpu:
         flat = x.reshape(rows, x.shape[-1])
         ops = cpu_ops(x)
         if ops is not None:

@@ -52,6 +52,15 @@ LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixture of experts: router, stacked experts (split per expert on load), shared expert
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 # Pre-norm models call the MLP's norm ffn_norm; sandwich-norm (Gemma) files add two more.
 PRE_NORM_NAMES = {"ffn_norm": "post_attention_layernorm"}
@@ -140,6 +149,22 @@ def _permute_rows(value: torch.Tensor | Unpacked, num_heads: int) -> torch.Tenso
     return unpermute_qk(value, num_heads)
 
 
+def _split_experts(
+    name: str, value: torch.Tensor | Unpacked, num_experts: int
+) -> Iterator[tuple[str, torch.Tensor | Unpacked]]:
+    """A stacked ``mlp.experts.<proj>.weight`` [X, rows, cols] as one tensor per expert under
+    the per-expert checkpoint names (``mlp.experts.<e>.<proj>.weight``)."""
+    for e in range(num_experts):
+        expert_name = name.replace(".experts.", f".experts.{e}.")
+        if isinstance(value, Unpacked):
+            rows = value.codes.shape[0] // num_experts
+            part = slice(e * rows, (e + 1) * rows)
+            mins = None if value.mins is None else value.mins[part]
+            yield expert_name, Unpacked(value.codes[part], value.scales[part], mins, value.group)
+        else:
+            yield expert_name, value[e]
+
+
 def iter_gguf_weights(
     reader: GGUFReader,
     family: ModelFamily,
@@ -152,9 +177,10 @@ def iter_gguf_weights(
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name, sandwich)
         value: torch.Tensor | Unpacked
+        shape = _tensor_shape(tensor)
         try:
-            if packed and is_quantized(tensor) and len(tensor.shape) == 2:
-                value = unpack_rows(_raw(tensor), tensor.tensor_type, _tensor_shape(tensor))
+            if packed and is_quantized(tensor) and len(shape) in (2, 3):
+                value = unpack_rows(_raw(tensor), tensor.tensor_type, shape)
             else:
                 value = dequantize_tensor(tensor)
         except (ValueError, IndexError) as exc:  # check_gguf_file should have caught it
@@ -163,4 +189,7 @@ def iter_gguf_weights(
             value = _permute_rows(value, num_heads)
         elif family.gguf_permutes_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
             value = _permute_rows(value, num_kv_heads)
-        yield name, value
+        if len(shape) == 3 and ".experts." in name:
+            yield from _split_experts(name, value, shape[0])
+        else:
+            yield name, value

@@ -21,9 +21,12 @@ from torch import nn
 
 from kvforge.errors import InvalidRequestError, UnsupportedModelError
 from kvforge.layers.linear import Linear
+from kvforge.layers.moe import SparseMoE, load_balancing_loss, router_z_loss
 from kvforge.layers.rotary import apply_rotary
 from kvforge.lora.adapter import TARGETS, module_path
 from kvforge.models.common import DecoderLayer, DecoderLM
+
+_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 
 def _check_model(model: nn.Module) -> DecoderLM:
@@ -34,6 +37,8 @@ def _check_model(model: nn.Module) -> DecoderLM:
         raise UnsupportedModelError("fine-tuning covers pre-norm Llama-family models (not Gemma)")
     for layer in model.layers:
         assert isinstance(layer, DecoderLayer)
+        if isinstance(layer.mlp, SparseMoE) and layer.mlp.experts.is_packed:
+            raise InvalidRequestError("fine-tuning needs float experts (--dtype float32)", "dtype")
         for linear in layer.linears():
             if linear.weight is None:
                 raise InvalidRequestError(
@@ -73,20 +78,41 @@ class TrainableLoRA(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         self.a = nn.ParameterDict()
         self.b = nn.ParameterDict()
-        for i in range(len(self.model.layers)):
-            for target in self.targets:
-                linear, shard = self.model.lora_target(module_path(i, target))
-                a = torch.empty(rank, linear.in_features)
-                bound = 1 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=sqrt(5))
-                a.uniform_(-bound, bound, generator=generator)
-                self.a[self._key(i, target)] = nn.Parameter(a)
-                self.b[self._key(i, target)] = nn.Parameter(
-                    torch.zeros(linear.shard_sizes[shard], rank)
-                )
+        # (layer, target) pairs; a mixture-of-experts layer has no gate/up/down projection
+        self.pairs = [
+            (i, target)
+            for i, layer in enumerate(self.model.layers)
+            for target in self.targets
+            if not (isinstance(layer.mlp, SparseMoE) and target in _MLP_TARGETS)
+        ]
+        for moe in self._moe_layers():
+            moe.keep_router_logits = True
+        for i, target in self.pairs:
+            linear, shard = self.model.lora_target(module_path(i, target))
+            a = torch.empty(rank, linear.in_features)
+            bound = 1 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=sqrt(5))
+            a.uniform_(-bound, bound, generator=generator)
+            self.a[self._key(i, target)] = nn.Parameter(a)
+            self.b[self._key(i, target)] = nn.Parameter(
+                torch.zeros(linear.shard_sizes[shard], rank)
+            )
 
     @staticmethod
     def _key(layer: int, target: str) -> str:
         return f"{layer}_{target}"
+
+    def _moe_layers(self) -> list[SparseMoE]:
+        return [m for m in self.model.modules() if isinstance(m, SparseMoE)]
+
+    def router_losses(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(load-balancing loss, router z-loss) of the last forward, averaged over the mixture
+        layers; None for a dense model."""
+        logits = [m.router_logits for m in self._moe_layers() if m.router_logits is not None]
+        if not logits:
+            return None
+        tops = [m.top_k for m in self._moe_layers() if m.router_logits is not None]
+        balance = torch.stack([load_balancing_loss(x, k) for x, k in zip(logits, tops)]).mean()
+        return balance, torch.stack([router_z_loss(x) for x in logits]).mean()
 
     # ----------------------------------------------------------------- forward
     def _linear(self, layer_idx: int, linear: Linear, names: tuple[str, ...], x: torch.Tensor):
@@ -124,10 +150,16 @@ class TrainableLoRA(nn.Module):
             h = F.rms_norm(x, x.shape[-1:], layer.input_layernorm.weight, layer.input_layernorm.eps)
             qkv = self._linear(i, attn.qkv_proj, ("q_proj", "k_proj", "v_proj"), h)
             q, k, v = qkv.split(attn.qkv_proj.shard_sizes, dim=-1)
-            q = q.view(batch, length, attn.num_heads, attn.head_dim)
-            k = k.view(batch, length, attn.num_kv_heads, attn.head_dim)
-            v = v.view(batch, length, attn.num_kv_heads, attn.head_dim)
-            if attn.q_norm is not None and attn.k_norm is not None:
+            if attn.qk_norm_full and attn.q_norm is not None and attn.k_norm is not None:
+                q = F.rms_norm(q, q.shape[-1:], attn.q_norm.weight, attn.q_norm.eps)
+                k = F.rms_norm(k, k.shape[-1:], attn.k_norm.weight, attn.k_norm.eps)
+            if attn.clip_qkv is not None:
+                clip = attn.clip_qkv
+                q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+            q = q.reshape(batch, length, attn.num_heads, attn.head_dim)
+            k = k.reshape(batch, length, attn.num_kv_heads, attn.head_dim)
+            v = v.reshape(batch, length, attn.num_kv_heads, attn.head_dim)
+            if attn.q_norm is not None and attn.k_norm is not None and not attn.qk_norm_full:
                 q = F.rms_norm(q, q.shape[-1:], attn.q_norm.weight, attn.q_norm.eps)
                 k = F.rms_norm(k, k.shape[-1:], attn.k_norm.weight, attn.k_norm.eps)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -153,6 +185,9 @@ class TrainableLoRA(nn.Module):
                 layer.post_attention_layernorm.weight,
                 layer.post_attention_layernorm.eps,
             )
+            if isinstance(mlp, SparseMoE):  # the routed experts, torch ops (differentiable)
+                x = x + mlp(h.reshape(batch * length, -1)).view_as(x)
+                continue
             gate, up = self._linear(i, mlp.gate_up_proj, ("gate_proj", "up_proj"), h).chunk(2, -1)
             x = x + self._linear(i, mlp.down_proj, ("down_proj",), mlp.act(gate) * up)
         if rows is not None:
@@ -173,12 +208,11 @@ class TrainableLoRA(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {}
-        for i in range(len(self.model.layers)):
-            for target in self.targets:
-                prefix = f"base_model.model.model.{module_path(i, target)}"
-                key = self._key(i, target)
-                tensors[f"{prefix}.lora_A.weight"] = self.a[key].detach().float().contiguous()
-                tensors[f"{prefix}.lora_B.weight"] = self.b[key].detach().float().contiguous()
+        for i, target in self.pairs:
+            prefix = f"base_model.model.model.{module_path(i, target)}"
+            key = self._key(i, target)
+            tensors[f"{prefix}.lora_A.weight"] = self.a[key].detach().float().contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = self.b[key].detach().float().contiguous()
         save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         config = {
             "peft_type": "LORA",

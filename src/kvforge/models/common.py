@@ -18,7 +18,8 @@ from kvforge.layers.attention import BaseAttentionBackend
 from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.layers.kv_cache import PagedKVCache
 from kvforge.layers.linear import Linear, MergedLinear, VocabEmbedding
-from kvforge.layers.lora import LoRABatch
+from kvforge.layers.mlp import GatedMLP
+from kvforge.layers.moe import SparseMoE, StackedExperts, canonical_moe_name, expert_param
 from kvforge.layers.norm import RMSNorm
 from kvforge.layers.quantization import QuantGemmMethod
 from kvforge.layers.rotary import RotaryEmbedding, apply_rotary
@@ -28,12 +29,6 @@ from kvforge.quant.formats import Unpacked
 Rope = tuple[torch.Tensor, torch.Tensor]
 # decoder_stack's per-layer weights and shared (eps, act_bits, heads, kv heads, scale, window)
 FusedStack = tuple[list[torch.Tensor | None], tuple[float, int, int, int, float, int]]
-
-_ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-}
 
 # checkpoint name part -> (fused parameter name part, shard)
 _STACKED = (
@@ -60,8 +55,12 @@ class Attention(nn.Module):
             cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, cfg.qkv_bias
         )
         self.o_proj = Linear(q_size, cfg.hidden_size)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        # QK-norm per head, or over all heads at once (``qk_norm_full``, OLMoE)
+        q_dim, k_dim = (q_size, kv_size) if cfg.qk_norm_full else (cfg.head_dim, cfg.head_dim)
+        self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.qk_norm_full = cfg.qk_norm_full
+        self.clip_qkv = cfg.clip_qkv
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
         self.sliding_window = cfg.sliding_window if cfg.is_sliding(layer_idx) else None
         self.backend = backend
@@ -72,13 +71,22 @@ class Attention(nn.Module):
         """x: [T, E] -> [T, E]."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x, batch.lora)
+        if self.clip_qkv is not None and self.q_norm is None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q_size = self.num_heads * self.head_dim
         v = qkv[:, q_size + self.num_kv_heads * self.head_dim :]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         if self.q_norm is not None and self.k_norm is not None:
             q, k, _ = self.qkv_proj.split(qkv)
-            q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))  # [T, H, D]
-            k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+            if self.qk_norm_full:
+                q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
+            if self.clip_qkv is not None:  # OLMoE clamps after the norm
+                clip = self.clip_qkv
+                q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+            q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+            k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+            if not self.qk_norm_full:
+                q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         else:
             # q and k side by side: one rotary call for both, [T, H + KVH, D]
@@ -96,26 +104,6 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim), batch.lora)
 
 
-class GatedMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))`` with gate and up fused."""
-
-    def __init__(self, cfg: TransformerConfig) -> None:
-        super().__init__()
-        size = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: size, 1: size})
-        self.down_proj = Linear(size, cfg.hidden_size)
-        self.act = _ACTIVATIONS[cfg.hidden_act]
-
-    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
-        """x: [T, E] -> [T, E]."""
-        gate_up = self.gate_up_proj(x, lora)  # [T, 2F]
-        ops = cpu_ops(gate_up) if self.act is F.silu and gate_up.dim() == 2 else None
-        if ops is not None:
-            return self.down_proj(ops.silu_and_mul(gate_up), lora)
-        gate, up = self.gate_up_proj.split(gate_up)  # [T, F] each
-        return self.down_proj(self.act(gate) * up, lora)
-
-
 class DecoderLayer(nn.Module):
     """Pre-norm block; with ``sandwich_norm`` also norms after attention and MLP (Gemma)."""
 
@@ -123,7 +111,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         eps = cfg.rms_norm_eps
         self.self_attn = Attention(cfg, layer_idx, backend)
-        self.mlp = GatedMLP(cfg)
+        self.mlp: GatedMLP | SparseMoE = SparseMoE(cfg) if cfg.is_moe(layer_idx) else GatedMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.sandwich = cfg.sandwich_norm
@@ -143,10 +131,14 @@ class DecoderLayer(nn.Module):
         from kvforge.layers.attention.cpu_paged import CpuPagedAttentionBackend
 
         attn, mlp = self.self_attn, self.mlp
+        if not isinstance(mlp, GatedMLP):  # MoE layers take the per-op path
+            self._fused_checked = True
+            return None
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         methods = [layer.quant for layer in linears]
         plain = (
             not self.sandwich
+            and attn.clip_qkv is None
             and mlp.act is F.silu
             and attn.q_norm is None
             and isinstance(attn.backend, CpuPagedAttentionBackend)
@@ -161,9 +153,12 @@ class DecoderLayer(nn.Module):
         self._fused_checked = True
         return self._fused
 
-    def linears(self) -> tuple[Linear, Linear, Linear, Linear]:
-        """qkv, o, gate_up and down: the projections a LoRA may update."""
+    def linears(self) -> tuple[Linear, ...]:
+        """qkv, o, gate_up and down: the projections a LoRA may update (qkv and o in a MoE
+        layer)."""
         attn, mlp = self.self_attn, self.mlp
+        if isinstance(mlp, SparseMoE):
+            return attn.qkv_proj, attn.o_proj
         return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
 
     def lora_tensors(self) -> list[torch.Tensor]:
@@ -334,6 +329,15 @@ class DecoderLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def expert_stats(self) -> list[tuple[int, list[int], float]]:
+        """(layer, tokens routed to each expert, mean router entropy) of every mixture layer,
+        counted since load."""
+        return [
+            (i, *layer.mlp.stats.snapshot())
+            for i, layer in enumerate(self.layers)
+            if isinstance(layer, DecoderLayer) and isinstance(layer.mlp, SparseMoE)
+        ]
+
     def enable_lora(self, num_slots: int, max_rank: int) -> None:
         """Give every projection a LoRA may target ``num_slots`` empty adapter slots."""
         device = self.norm.weight.device
@@ -366,14 +370,18 @@ class DecoderLM(nn.Module):
         modules = dict(self.named_modules())
         loaded: set[str] = set()
         for name, tensor in weights:
-            name = name.removeprefix("model.")
+            name = canonical_moe_name(name.removeprefix("model."))
             if name == "lm_head.weight" and self.lm_head is None:
                 continue
             shard: object = None
-            for part, fused, shard_id in _STACKED:
-                if part in name:
-                    name, shard = name.replace(part, fused), shard_id
-                    break
+            expert = expert_param(name)
+            if expert is not None:
+                name, shard = expert
+            else:
+                for part, fused, shard_id in _STACKED:
+                    if part in name:
+                        name, shard = name.replace(part, fused), shard_id
+                        break
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no parameter in the model")
             module = modules[name.rsplit(".", 1)[0]]
@@ -387,6 +395,10 @@ class DecoderLM(nn.Module):
         missing = set(params) - loaded
         if missing:
             raise ValueError(f"checkpoint lacks tensors for: {sorted(missing)[:8]}")
+        for module_name, module in self.named_modules():
+            gaps = module.missing() if isinstance(module, StackedExperts) else []
+            if gaps:
+                raise ValueError(f"checkpoint lacks {module_name}: {', '.join(gaps[:4])}")
 
 
 def gemma_embed_scale(hidden_size: int) -> float:

@@ -1,4 +1,5 @@
-"""Qwen2: the Llama decoder with biases on q/k/v."""
+"""Qwen2 and Qwen2-MoE: the Llama decoder with biases on q/k/v (the MoE with a gated shared
+expert)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def config_from_gguf(meta: dict[str, Any]) -> TransformerConfig:
 
 FAMILY = ModelFamily(
     name="qwen2",
-    hf_architectures=("Qwen2ForCausalLM",),
-    gguf_architectures=("qwen2",),
+    hf_architectures=("Qwen2ForCausalLM", "Qwen2MoeForCausalLM"),
+    gguf_architectures=("qwen2", "qwen2moe"),
     config_from_hf=config_from_hf,
     config_from_gguf=config_from_gguf,
 )

@@ -29,7 +29,7 @@ class ModelFamily:
 
 
 # family module names; each defines FAMILY
-_FAMILY_MODULES = ("llama", "qwen2", "gemma3")
+_FAMILY_MODULES = ("llama", "qwen2", "qwen3", "olmoe", "gemma3")
 
 
 def _families() -> list[ModelFamily]:

@@ -1,8 +1,10 @@
-"""``kvforge convert``: a Hugging Face Llama / Qwen2 directory to a GGUF file.
+"""``kvforge convert``: a Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory, or a mixture
+of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), to a GGUF file.
 
 Writes llama.cpp's metadata keys, the byte-level BPE tokenizer (tokens, types, merges, special
 ids, pre-tokenizer name), the chat template and the tensors under GGUF names, with Q/K rows
-interleaved the way llama.cpp's rotary expects for the llama architecture.
+interleaved the way llama.cpp's rotary expects for the llama architecture. Experts are stacked
+into llama.cpp's 3-D ``ffn_{gate,up,down}_exps`` tensors; routers stay float32.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 from gguf import GGUFWriter, LlamaFileType
 from tqdm import tqdm
 
+from kvforge.config import TransformerConfig
 from kvforge.errors import InvalidRequestError, UnsupportedModelError
+from kvforge.layers.moe import canonical_moe_name, expert_param
 from kvforge.loader.gguf_loader import GLOBAL_NAMES, LAYER_NAMES, PRE_NORM_NAMES
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config
 from kvforge.models.registry import family_for_hf
@@ -30,7 +34,18 @@ _OUTTYPES = {
     "f16": (QT.F16, LlamaFileType.MOSTLY_F16),
     "q8_0": (QT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
 }
-_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+# Hugging Face architecture -> GGUF architecture (Mixtral is llama.cpp's llama with experts)
+_ARCHS = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "MixtralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen2MoeForCausalLM": "qwen2moe",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3moe",
+    "OlmoeForCausalLM": "olmoe",
+}
+_EXPERT_PARTS = {0: "ffn_gate_exps", 1: "ffn_up_exps", None: "ffn_down_exps"}
 # token types of llama.cpp
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 # GGUF pre-tokenizer names of the split regexes our GGUF tokenizer knows
@@ -126,7 +141,20 @@ def _add_tokenizer(writer: GGUFWriter, directory: Path, hf: dict[str, Any]) -> N
         writer.add_chat_template(tok_config["chat_template"])
 
 
-def _add_hparams(writer: GGUFWriter, hf: dict[str, Any], name: str) -> tuple[int, int]:
+def _add_moe_hparams(writer: GGUFWriter, cfg: TransformerConfig) -> None:
+    writer.add_expert_count(cfg.num_experts)
+    writer.add_expert_used_count(cfg.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    writer.add_expert_weights_norm(cfg.norm_topk_prob)
+    if cfg.shared_expert_intermediate_size:
+        writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if cfg.clip_qkv is not None:
+        writer.add_clamp_kqv(float(cfg.clip_qkv))
+
+
+def _add_hparams(
+    writer: GGUFWriter, hf: dict[str, Any], cfg: TransformerConfig, name: str
+) -> tuple[int, int]:
     num_heads = hf["num_attention_heads"]
     num_kv_heads = hf.get("num_key_value_heads") or num_heads
     head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
@@ -137,7 +165,7 @@ def _add_hparams(writer: GGUFWriter, hf: dict[str, Any], name: str) -> tuple[int
     writer.add_feed_forward_length(hf["intermediate_size"])
     writer.add_head_count(num_heads)
     writer.add_head_count_kv(num_kv_heads)
-    writer.add_rope_freq_base(float(hf.get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(float(hf.get("rms_norm_eps", 1e-5)))
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(hf["vocab_size"])
@@ -154,33 +182,52 @@ def convert(
     hf = read_hf_config(directory)  # raises ModelNotFoundError without a config.json
     architecture = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
     family = family_for_hf(architecture)
-    if family.name not in _ARCHS:
-        raise UnsupportedModelError(f"convert supports Llama and Qwen2 models, not {architecture}")
-    arch = _ARCHS[family.name]
+    if architecture not in _ARCHS:
+        supported = ", ".join(sorted(_ARCHS))
+        raise UnsupportedModelError(f"convert supports {supported}, not {architecture}")
+    arch = _ARCHS[architecture]
+    cfg = family.config_from_hf(hf)
     matrix_type, file_type = _OUTTYPES[outtype]
     writer = GGUFWriter(str(dst), arch=arch)
-    num_heads, num_kv_heads = _add_hparams(writer, hf, directory.name)
+    num_heads, num_kv_heads = _add_hparams(writer, hf, cfg, directory.name)
+    if cfg.num_experts:
+        _add_moe_hparams(writer, cfg)
     writer.add_file_type(int(file_type))
     _add_tokenizer(writer, directory, hf)
     count = 0
     tied = hf.get("tie_word_embeddings", False)
+    experts: dict[str, dict[int, torch.Tensor]] = {}  # stacked tensor name -> expert -> rows
     weights = iter_hf_weights(directory, family)
     for hf_name, tensor in tqdm(
         weights, desc="Converting", unit="tensor", disable=not show_progress
     ):
         if tied and hf_name == "lm_head.weight":
             continue
-        name = gguf_tensor_name(hf_name)
+        hf_name = canonical_moe_name(hf_name)
+        expert = expert_param(hf_name.removeprefix("model."))
+        if expert is not None:  # held until the layer's last expert arrives, then stacked
+            layer = hf_name.removeprefix("model.").split(".")[1]
+            name = f"blk.{layer}.{_EXPERT_PARTS[expert[1][1]]}.weight"
+            experts.setdefault(name, {})[expert[1][0]] = tensor
+            if len(experts[name]) < cfg.num_experts:
+                continue
+            parts = experts.pop(name)
+            tensor = torch.stack([parts[e] for e in range(cfg.num_experts)])
+        else:
+            name = gguf_tensor_name(hf_name)
         if arch == "llama" and ".attn_q." in name:
             tensor = permute_qk(tensor, num_heads)
         elif arch == "llama" and ".attn_k." in name:
             tensor = permute_qk(tensor, num_kv_heads)
         values = tensor.float().numpy()
-        qtype = matrix_type if values.ndim == 2 else QT.F32
+        router = ".ffn_gate_inp" in name  # routing is sensitive: kept float32, as llama.cpp
+        qtype = matrix_type if values.ndim >= 2 and not router else QT.F32
         if qtype == QT.Q8_0 and values.shape[-1] % 32:
             qtype = QT.F16
         add_tensor(writer, name, values, qtype)
         count += 1
+    if experts:
+        raise UnsupportedModelError(f"checkpoint lacks experts of {sorted(experts)[:4]}")
     finish(writer)
     logger.info("wrote %s (%s, %d tensors)", dst, outtype, count)
     return count

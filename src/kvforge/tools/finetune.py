@@ -65,6 +65,10 @@ class FinetuneConfig:
     dtype: str = "float32"
     resume: bool = False
     show_progress: bool = True
+    # Mixture-of-experts models: weights of the load-balancing loss and the router z-loss
+    # added to the language-model loss (Switch Transformer uses 0.01, ST-MoE 0.001 for z)
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
 
     def check(self) -> None:
         """Refuse settings that cannot train."""
@@ -72,6 +76,9 @@ class FinetuneConfig:
             raise InvalidRequestError("batch size, accumulation >= 1 and max length >= 2")
         if not (self.learning_rate > 0 and self.epochs > 0 and 0 <= self.warmup_ratio < 1):
             raise InvalidRequestError("need learning rate > 0, epochs > 0, warm-up in [0, 1)")
+        coefs = (self.router_aux_loss_coef, self.router_z_loss_coef)
+        if not all(math.isfinite(c) and c >= 0 for c in coefs):
+            raise InvalidRequestError("router loss coefficients must be finite and >= 0")
         if not 0 <= self.eval_fraction < 1 or self.max_grad_norm <= 0:
             raise InvalidRequestError("need eval fraction in [0, 1) and max grad norm > 0")
         if not self.target_modules or set(self.target_modules) - set(TARGETS):
@@ -249,6 +256,11 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
             mask = targets != IGNORE
             logits = lora(ids, mask)
             loss = F.cross_entropy(logits, targets[mask], reduction="sum") / max(1, weight)
+            router = lora.router_losses()
+            if router is not None and (config.router_aux_loss_coef or config.router_z_loss_coef):
+                balance, z = router
+                coef_b, coef_z = config.router_aux_loss_coef, config.router_z_loss_coef
+                loss = loss + (coef_b * balance + coef_z * z) / len(micro)
             loss.backward()
             loss_sum += loss.item()
             tokens += sum(len(e.input_ids) for e in batch)

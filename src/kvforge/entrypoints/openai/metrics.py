@@ -36,11 +36,18 @@ def read_engine_stats(engine: Any) -> tuple[int, ...]:
     )
 
 
+def read_expert_stats(engine: Any) -> list[tuple[int, list[int], float]]:
+    """(layer, tokens per expert, mean router entropy) of a mixture-of-experts model (run on
+    the engine thread; empty for a dense model)."""
+    return engine.runner.model.expert_stats()  # type: ignore[no-any-return]
+
+
 class _EngineCollector(Collector):
     """Exports the engine stats read just before the scrape."""
 
     def __init__(self) -> None:
         self.stats: tuple[int, ...] = (0, 0, 0, 1, 0, 0, 0, 0, 0, 0)
+        self.experts: list[tuple[int, list[int], float]] = []
 
     def collect(self) -> Iterator[Any]:
         running, waiting, used, total, queries, hits, preemptions = self.stats[:7]
@@ -93,6 +100,27 @@ class _EngineCollector(Collector):
         for position, (p, a) in enumerate(zip(proposed_at, accepted_at)):
             rate.add_metric([str(position)], a / p if p else 0.0)
         yield rate
+        if self.experts:
+            yield from self._expert_metrics()
+
+    def _expert_metrics(self) -> Iterator[Any]:
+        tokens = CounterMetricFamily(
+            "kvforge:moe_expert_tokens",
+            "Tokens routed to each expert of each mixture-of-experts layer",
+            labels=["layer", "expert"],
+        )
+        entropy = GaugeMetricFamily(
+            "kvforge:moe_router_entropy",
+            "Mean entropy of the router's distribution over experts (nats; log(experts) is "
+            "uniform)",
+            labels=["layer"],
+        )
+        for layer, counts, mean_entropy in self.experts:
+            for expert, count in enumerate(counts):
+                tokens.add_metric([str(layer), str(expert)], count)
+            entropy.add_metric([str(layer)], mean_entropy)
+        yield tokens
+        yield entropy
 
 
 class ServerMetrics:
@@ -143,7 +171,10 @@ class ServerMetrics:
 
     async def render(self) -> bytes:
         """The text exposition of every metric, engine stats read fresh."""
-        self.engine_stats.stats = await self.llm.acall(read_engine_stats)
+        stats = self.engine_stats
+        stats.stats, stats.experts = await self.llm.acall(
+            lambda engine: (read_engine_stats(engine), read_expert_stats(engine))
+        )
         return generate_latest(self.registry)
 
 
