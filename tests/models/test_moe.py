@@ -192,3 +192,43 @@ def test_server_metrics_report_experts(checkpoint, tmp_path):
     ]
     assert len(counts) == 4 and sum(counts) >= 2 * 5  # >= (prompt + 5 tokens) x top-2
     assert 'kvforge:moe_router_entropy{layer="1"}' in text
+
+
+@pytest.mark.slow  # ~30-60 s each: the upcycled files hold 4-8 copies of every MLP
+@pytest.mark.parametrize(("experts", "active"), [(4, 4), (8, 2)])
+def test_upcycled_embedded_model_generates_the_dense_tokens(tmp_path, experts, active):
+    """Real weights through the MoE path: the embedded model's MLPs as identical experts with a
+    random router (renormalised top-k weights sum to 1) generate exactly the dense tokens."""
+    from kvforge.config import default_model_path
+    from kvforge.entrypoints.cli import main
+    from kvforge.entrypoints.llm import LLM
+
+    out = tmp_path / f"up-{experts}x{active}.gguf"
+    args = ["moe", "upcycle", default_model_path(), str(out), "--experts", str(experts)]
+    assert main([*args, "--active", str(active)]) == 0
+    prompts = [
+        [{"role": "user", "content": "Write a haiku about the sea."}],
+        [{"role": "user", "content": "What is 17 times 3? Explain."}],
+    ]
+    params = SamplingParams(temperature=0, max_tokens=40)
+    dense = LLM(default_model_path(), show_progress=False).chat(prompts, params)
+    moe_llm = LLM(str(out), show_progress=False)
+    assert moe_llm.engine.runner.loaded.config.num_experts == experts
+    routed = moe_llm.chat(prompts, params)
+    for a, b in zip(dense, routed, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    counts = moe_llm.engine.runner.model.expert_stats()[0][1]
+    assert sum(counts) > 0 and (active == experts or min(counts) < max(counts))
+
+
+def test_upcycle_refuses_bad_input(tmp_path):
+    from kvforge.config import default_model_path
+    from kvforge.errors import InvalidRequestError
+    from kvforge.tools.upcycle import upcycle
+
+    with pytest.raises(InvalidRequestError):
+        upcycle(default_model_path(), tmp_path / "x.gguf", 4, 5, show_progress=False)
+    once = tmp_path / "once.gguf"
+    upcycle(default_model_path(), once, 2, show_progress=False)
+    with pytest.raises(InvalidRequestError, match="already"):
+        upcycle(once, tmp_path / "twice.gguf", 2, show_progress=False)

@@ -262,6 +262,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moe_upcycle(args: argparse.Namespace) -> int:
+    """Turn a dense GGUF into a mixture of identical experts."""
+    from kvforge.tools.upcycle import upcycle
+
+    layers = upcycle(args.input, args.output, args.experts, args.active, args.seed)
+    active = args.active or args.experts
+    print(f"{args.output}: {layers} layers of {args.experts} experts ({active} active)")
+    return 0
+
+
 def cmd_lora_merge(args: argparse.Namespace) -> int:
     """Fold a LoRA adapter into its base model."""
     from kvforge.tools.lora_merge import merge
@@ -352,6 +362,16 @@ def _add_tool_parsers(sub: Any) -> None:
     merge.add_argument("--outtype", default="F16", help="GGUF type: F32 F16 Q8_0 Q4_K_M ...")
     merge.add_argument("--scale", type=float, default=1.0, help="multiply the adapter's update")
     merge.set_defaults(func=cmd_lora_merge)
+    moe = sub.add_parser("moe", help="mixture-of-experts tools").add_subparsers(
+        dest="moe_command", required=True
+    )
+    up = moe.add_parser("upcycle", help="a dense llama GGUF as identical experts plus a router")
+    up.add_argument("input")
+    up.add_argument("output")
+    up.add_argument("--experts", type=int, default=4)
+    up.add_argument("--active", type=int, default=None, help="experts per token (default all)")
+    up.add_argument("--seed", type=int, default=0, help="of the random router")
+    up.set_defaults(func=cmd_moe_upcycle)
     quant = sub.add_parser("quantize", help="requantize a GGUF file (F16, Q8_0, Q4_K_M, ...)")
     quant.add_argument("input")
     quant.add_argument("output")
