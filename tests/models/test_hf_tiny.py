@@ -19,7 +19,7 @@ from tests.models.tiny_checkpoints import VOCAB, write_checkpoint
 
 pytest.importorskip("transformers")
 
-ARCHS = ["llama", "llama3", "mistral", "qwen2", "gemma3"]
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3"]
 LOGIT_TOLERANCE = 1e-4
 
 

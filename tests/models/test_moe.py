@@ -232,3 +232,29 @@ def test_upcycle_refuses_bad_input(tmp_path):
     upcycle(default_model_path(), once, 2, show_progress=False)
     with pytest.raises(InvalidRequestError, match="already"):
         upcycle(once, tmp_path / "twice.gguf", 2, show_progress=False)
+
+
+def test_bad_expert_configs_fail_at_load(tmp_path):
+    """Experts per token beyond the experts, a 3-D tensor with fewer experts than the
+    metadata says: one-line ModelFileErrors at load, never a crash in a forward."""
+    import json
+    import shutil
+
+    from kvforge.errors import ModelFileError
+
+    good = tmp_path / "good"
+    write_checkpoint("mixtral", good)
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["num_experts_per_tok"] = 9
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match="experts per token"):
+        _load(bad)
+    convert(bad, tmp_path / "bad.gguf", "f32", show_progress=False)
+    with pytest.raises(ModelFileError, match="experts per token"):
+        _load(tmp_path / "bad.gguf")
+    config["num_experts_per_tok"], config["num_local_experts"] = 2, 6  # the files hold 4
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError):
+        _load(bad)

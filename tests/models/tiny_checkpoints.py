@@ -116,6 +116,8 @@ def build_model(arch: str):  # type: ignore[no-untyped-def]
         return tf.MistralForCausalLM(tf.MistralConfig(**_common(sliding_window=8)))
     if arch == "qwen2":
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**_common(tie_word_embeddings=True)))
+    if arch == "qwen3":  # per-head QK-norm, explicit head_dim
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**_common(head_dim=16)))
     if arch == "gemma3":
         config = tf.Gemma3TextConfig(
             **_common(num_hidden_layers=6, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)

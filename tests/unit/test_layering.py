@@ -12,7 +12,7 @@ LAYERS = {
     | {"lora.__init__", "lora.request"},
     1: {"tokenizer", "core", "structured", "quant"}
     | {"spec_decode.__init__", "spec_decode.ngram", "spec_decode.stats"},
-    2: {"ops", "layers", "models", "loader", "sample", "runner", "spec_decode.draft"}
+    2: {"ops", "parallel", "layers", "models", "loader", "sample", "runner", "spec_decode.draft"}
     | {"lora.adapter", "lora.manager", "lora.train"},
     3: {"engine", "output_processor", "beam_search", "async_engine", "tools"},
     4: {"entrypoints", "__init__"},

@@ -10,6 +10,7 @@ from kvforge.config import TransformerConfig
 from kvforge.layers.linear import Linear, MergedLinear
 from kvforge.layers.lora import LoRABatch
 from kvforge.ops import cpu_ops
+from kvforge.parallel.group import TensorParallel
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -31,11 +32,14 @@ def act_and_mul(gate_up: torch.Tensor, act: object) -> torch.Tensor:
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))`` with gate and up fused; ``size`` overrides F."""
 
-    def __init__(self, cfg: TransformerConfig, size: int | None = None) -> None:
+    def __init__(
+        self, cfg: TransformerConfig, size: int | None = None, tp: TensorParallel | None = None
+    ) -> None:
         super().__init__()
         size = size or cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: size, 1: size})
-        self.down_proj = Linear(size, cfg.hidden_size)
+        # tensor parallel: gate/up split by output (F / size each), down by input + all-reduce
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: size, 1: size}, tp=tp)
+        self.down_proj = Linear(size, cfg.hidden_size, tp=tp, split="row")
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:

@@ -100,6 +100,22 @@ def _gguf_model(
         raise ModelFileError(path, f"invalid metadata: {exc}") from exc
 
 
+def _check_experts(cfg: TransformerConfig, path: Path) -> None:
+    """A mixture-of-experts config that routes each token to 1..X experts of a known scoring."""
+    if not cfg.num_experts:
+        return
+    if not 1 <= cfg.num_experts_per_tok <= cfg.num_experts:
+        raise ModelFileError(
+            path,
+            f"routes {cfg.num_experts_per_tok} experts per token of {cfg.num_experts} "
+            "(need 1 <= experts per token <= experts)",
+        )
+    if cfg.router_scoring not in ("softmax", "sigmoid"):
+        raise ModelFileError(path, f"unknown router scoring {cfg.router_scoring!r}")
+    if len(cfg.moe_layers) not in (0, cfg.num_layers):
+        raise ModelFileError(path, "per-layer expert flags do not match the layer count")
+
+
 def resolve_dtype(model_config: ModelConfig) -> torch.dtype:
     """Activation dtype: ``auto`` is float32 (packed weights still run bf16 kernels)."""
     return _DTYPES.get(model_config.dtype, torch.float32)
@@ -147,6 +163,7 @@ def load_model(
         num_tensors = sum(1 for _ in safetensors_files(path))
     else:
         raise ModelNotFoundError(f"{path} is neither a .gguf file nor a model directory")
+    _check_experts(cfg, path)
     if model_config.quantization is not None:
         weights = _quantize_on_load(weights, model_config)
     if model_config.chat_template is not None:

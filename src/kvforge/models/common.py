@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvforge.config import TransformerConfig
+from kvforge.errors import UnsupportedModelError
 from kvforge.layers.attention import BaseAttentionBackend
 from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.layers.kv_cache import PagedKVCache
@@ -24,6 +25,7 @@ from kvforge.layers.norm import RMSNorm
 from kvforge.layers.quantization import QuantGemmMethod
 from kvforge.layers.rotary import RotaryEmbedding, apply_rotary
 from kvforge.ops import cpu_ops
+from kvforge.parallel.group import TensorParallel, shard_range
 from kvforge.quant.formats import Unpacked
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -43,18 +45,27 @@ _STACKED = (
 class Attention(nn.Module):
     """Self-attention with fused QKV, optional QK-norm, rotary and a paged KV backend."""
 
-    def __init__(self, cfg: TransformerConfig, layer_idx: int, backend: BaseAttentionBackend):
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        layer_idx: int,
+        backend: BaseAttentionBackend,
+        tp: TensorParallel | None = None,
+    ):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
+        size = tp.size if tp is not None else 1
+        if size > 1 and cfg.qk_norm_full:
+            raise UnsupportedModelError("QK-norm over all heads cannot be split by rank")
+        # under tensor parallelism each rank holds H / size query and KVH / size KV heads
+        rank = tp.rank if tp is not None else 0
+        self.num_heads = shard_range(cfg.num_heads, rank, size, "attention heads")[1]
+        self.num_kv_heads = shard_range(cfg.num_kv_heads, rank, size, "KV heads")[1]
+        self.head_dim = cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = MergedLinear(
-            cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, cfg.qkv_bias
+            cfg.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, cfg.qkv_bias, tp
         )
-        self.o_proj = Linear(q_size, cfg.hidden_size)
+        self.o_proj = Linear(q_size, cfg.hidden_size, tp=tp, split="row")
         # QK-norm per head, or over all heads at once (``qk_norm_full``, OLMoE)
         q_dim, k_dim = (q_size, kv_size) if cfg.qk_norm_full else (cfg.head_dim, cfg.head_dim)
         self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -107,11 +118,22 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block; with ``sandwich_norm`` also norms after attention and MLP (Gemma)."""
 
-    def __init__(self, cfg: TransformerConfig, layer_idx: int, backend: BaseAttentionBackend):
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        layer_idx: int,
+        backend: BaseAttentionBackend,
+        tp: TensorParallel | None = None,
+    ):
         super().__init__()
         eps = cfg.rms_norm_eps
-        self.self_attn = Attention(cfg, layer_idx, backend)
-        self.mlp: GatedMLP | SparseMoE = SparseMoE(cfg) if cfg.is_moe(layer_idx) else GatedMLP(cfg)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.self_attn = Attention(cfg, layer_idx, backend, tp)
+        if cfg.is_moe(layer_idx) and self.tp is not None:
+            raise UnsupportedModelError("mixture-of-experts layers do not split by tensor rank")
+        self.mlp: GatedMLP | SparseMoE = (
+            SparseMoE(cfg) if cfg.is_moe(layer_idx) else GatedMLP(cfg, tp=tp)
+        )
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.sandwich = cfg.sandwich_norm
@@ -131,7 +153,7 @@ class DecoderLayer(nn.Module):
         from kvforge.layers.attention.cpu_paged import CpuPagedAttentionBackend
 
         attn, mlp = self.self_attn, self.mlp
-        if not isinstance(mlp, GatedMLP):  # MoE layers take the per-op path
+        if not isinstance(mlp, GatedMLP) or self.tp is not None:  # MoE or split by rank
             self._fused_checked = True
             return None
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
@@ -225,13 +247,25 @@ class DecoderLayer(nn.Module):
 class DecoderLM(nn.Module):
     """Embedding, decoder layers, final norm and LM head over a paged KV cache."""
 
-    def __init__(self, cfg: TransformerConfig, backend: BaseAttentionBackend) -> None:
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        backend: BaseAttentionBackend,
+        tp: TensorParallel | None = None,
+    ) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(cfg.num_layers))
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, backend, tp) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, tp=tp, split="column")
+        )
         scaling = cfg.rope_scaling
         self.rope_global = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, scaling)
         self.rope_local = (
@@ -322,8 +356,11 @@ class DecoderLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] (float32) for hidden states [N, E]."""
-        head = self.embed_tokens.logits if self.lm_head is None else self.lm_head
-        logits = head(hidden).float()
+        if self.lm_head is None:
+            logits = self.embed_tokens.logits(hidden).float()  # all-gathered when split
+        else:
+            logits = self.lm_head(hidden).float()
+            logits = logits if self.tp is None else self.tp.all_gather(logits)
         cap = self.config.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -340,6 +377,8 @@ class DecoderLM(nn.Module):
 
     def enable_lora(self, num_slots: int, max_rank: int) -> None:
         """Give every projection a LoRA may target ``num_slots`` empty adapter slots."""
+        if self.tp is not None:
+            raise UnsupportedModelError("LoRA adapters with tensor parallelism are not built")
         device = self.norm.weight.device
         for layer in self.layers:
             assert isinstance(layer, DecoderLayer)
