@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from kvforge.errors import InvalidRequestError
 
@@ -61,3 +62,10 @@ def one_line(text: str, limit: int = 500) -> str:
 def sanitize_message(message: str) -> str:
     """A library's error message without log timestamps or source paths, on one line."""
     return one_line(_SOURCE_PATH.sub("", _LOG_TIME.sub("", message))) or "unknown error"
+
+
+def check_output_path(path: str | Path) -> None:
+    """An output file's folder must exist (a clear error before any work is done)."""
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise InvalidRequestError(f"output folder {parent} does not exist", "output")

@@ -251,10 +251,61 @@ def test_bad_expert_configs_fail_at_load(tmp_path):
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFileError, match="experts per token"):
         _load(bad)
-    convert(bad, tmp_path / "bad.gguf", "f32", show_progress=False)
-    with pytest.raises(ModelFileError, match="experts per token"):
-        _load(tmp_path / "bad.gguf")
+    with pytest.raises(ModelFileError, match="experts per token"):  # convert checks too
+        convert(bad, tmp_path / "bad.gguf", "f32", show_progress=False)
     config["num_experts_per_tok"], config["num_local_experts"] = 2, 6  # the files hold 4
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFileError):
         _load(bad)
+
+
+def test_hostile_configs_and_formats(tmp_path):
+    """Findings of an attack on the MoE paths, each kept as a check."""
+    import json
+    import shutil
+
+    from kvforge.entrypoints.cli import main
+    from kvforge.errors import InvalidRequestError, ModelFileError
+
+    good = tmp_path / "mixtral"
+    write_checkpoint("mixtral", good)
+    # non-integer counts: a one-line error at load, never a TypeError in a forward
+    for key, value in (("num_experts_per_tok", 1.5), ("num_local_experts", "4")):
+        bad = tmp_path / f"bad-{key}"
+        shutil.copytree(good, bad)
+        config = json.loads((bad / "config.json").read_text())
+        config[key] = value
+        (bad / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ModelFileError, match="integers"):
+            _load(bad)
+        with pytest.raises(ModelFileError):  # convert checks before writing anything
+            convert(bad, tmp_path / "never.gguf", "f32", show_progress=False)
+        assert not (tmp_path / "never.gguf").exists()
+    # on-load quantization reaches Mixtral's w1 / w2 / w3 experts
+    int8 = _load(good, quantization="int8", quantization_group_size=16)
+    moe = next(m for m in int8.model.modules() if isinstance(m, SparseMoE))
+    assert moe.experts.packed_gate_up is not None and moe.experts.packed_down is not None
+    # packed Q8_0 experts with bfloat16 activations keep the kernel's scale dtypes
+    q8 = tmp_path / "q8.gguf"
+    convert(good, q8, "q8_0", show_progress=False)
+    llm_bf16 = _load(q8, dtype="bfloat16")
+    ids = list(range(3, 43))
+    assert torch.isfinite(_logits(llm_bf16, ids)).all()
+    # no tokens: an empty result, not an error
+    with torch.inference_mode():
+        assert moe(torch.empty(0, int8.config.hidden_size)).shape == (0, int8.config.hidden_size)
+    # output folders that do not exist; a negative router seed
+    with pytest.raises(InvalidRequestError, match="does not exist"):
+        convert(good, tmp_path / "no" / "x.gguf", "f32", show_progress=False)
+    assert main(["moe", "upcycle", str(q8), str(tmp_path / "u.gguf"), "--seed", "-1"]) != 0
+
+
+def test_finetune_with_nothing_to_train_is_refused(checkpoint):
+    from kvforge.errors import InvalidRequestError
+
+    directory, _, _ = checkpoint
+    loaded = _load(directory, dtype="float32")
+    if not all(isinstance(layer.mlp, SparseMoE) for layer in loaded.model.layers):
+        pytest.skip("a dense layer takes gate_proj")
+    with pytest.raises(InvalidRequestError, match="no LoRA targets"):
+        TrainableLoRA(loaded.model, ("gate_proj",), rank=4, alpha=8.0)

@@ -195,10 +195,12 @@ class MergedLinear(Linear):
             self.shard_offsets[name] = (offset, size)
             offset += size
         self._pending: dict[object, Unpacked] = {}
+        self._seen: set[object] = set()  # shards loaded
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard: object = None) -> None:
         """Copy one shard's tensor into its rows; packed shards wait for their siblings."""
         offset, size = self.shard_offsets[shard]
+        self._seen.add(shard)
         if self.tp is not None:  # this rank's rows of the full shard
             _check_shape((size * self.tp.size, *param.shape[1:]), loaded, f"shard {shard!r}")
             loaded = narrow(loaded, 0, self.tp.rank * size, size)
@@ -213,6 +215,18 @@ class MergedLinear(Linear):
             self._use_packed(
                 create_fused_quant_method(parts, param.device, self.quantize_activations)
             )
+
+    def finish_loading(self) -> None:
+        """Shards in different formats (a float up with a packed gate): the layer runs in
+        float, so dequantize the packed shards still waiting for their siblings."""
+        missing = [name for name in self.shard_offsets if name not in self._seen]
+        if missing:
+            raise ValueError(f"checkpoint lacks shard(s) {missing} of a fused projection")
+        for name, loaded in self._pending.items():
+            assert self.weight is not None
+            offset, size = self.shard_offsets[name]
+            self.weight.data[offset : offset + size].copy_(loaded.dequantize())
+        self._pending = {}
 
     @property
     def shard_sizes(self) -> list[int]:

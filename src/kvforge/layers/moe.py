@@ -138,6 +138,18 @@ class StackedExperts(nn.Module):
         else:
             param.data[expert, part * self.size : (part + 1) * self.size].copy_(loaded)
 
+    def finish_loading(self) -> None:
+        """Experts whose projections came in different formats (a packed gate with a float
+        up) run in float: dequantize what still waits to be packed."""
+        for (expert, part), loaded in self._pending.items():
+            param = self.down_proj if part is None else self.gate_up_proj
+            assert param is not None  # a packed projection has nothing pending
+            rows = param.data[expert]
+            if part is not None:
+                rows = rows[part * self.size : (part + 1) * self.size]
+            rows.copy_(loaded.dequantize())
+        self._pending = {}
+
     def missing(self) -> list[str]:
         """The expert projections the checkpoint did not provide (or left half packed)."""
         names = {0: "gate", 1: "up", None: "down"}
@@ -192,6 +204,8 @@ class StackedExperts(nn.Module):
             if count:
                 parts.append(self.expert(index, xs[start : start + count]))
                 start += count
+        if not parts:  # no tokens
+            return torch.zeros_like(x), counts
         out = torch.cat(parts) * weights.reshape(-1)[order].unsqueeze(1).to(x.dtype)
         y = torch.zeros_like(x).index_add(0, rows, out)
         return y, counts
@@ -245,7 +259,10 @@ class ExpertStats:
         self.num_routed = 0  # tokens routed (a Python int: T is known on the host)
 
     def record(self, counts: torch.Tensor, log_probs: torch.Tensor | None) -> None:
-        """Add one forward's tokens per expert [X] and router log-probabilities [T, X]."""
+        """Add one forward's tokens per expert [X] and router log-probabilities [T, X] (serving
+        forwards only: they run under inference mode; training forwards are not counted)."""
+        if not torch.is_inference_mode_enabled():
+            return
         with torch.no_grad():
             if self.tokens is None or self.tokens.device != counts.device:
                 self.tokens = torch.zeros(self.num_experts, dtype=torch.int64, device=counts.device)

@@ -20,6 +20,8 @@ from kvforge.layers.attention import (
     resolve_attention_backend,
 )
 from kvforge.layers.linear import Linear, VocabEmbedding
+from kvforge.layers.moe import canonical_moe_name, expert_param
+from kvforge.layers.quantization import QuantGemmMethod
 from kvforge.loader.gguf_check import open_gguf
 from kvforge.loader.gguf_loader import iter_gguf_weights, read_metadata
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config, safetensors_files
@@ -69,7 +71,7 @@ def _quantize_on_load(weights: Weights, model_config: ModelConfig) -> Weights:
     """Round-to-nearest int8/int4 of every linear layer's float weight as it streams in."""
     assert model_config.quantization is not None
     for name, value in weights:
-        if name.endswith(_LINEAR_SUFFIXES):
+        if name.endswith(_LINEAR_SUFFIXES) or expert_param(canonical_moe_name(name)):
             if isinstance(value, Unpacked):
                 raise InvalidRequestError(
                     "--quantization applies to float checkpoints; this one is already quantized",
@@ -100,10 +102,18 @@ def _gguf_model(
         raise ModelFileError(path, f"invalid metadata: {exc}") from exc
 
 
-def _check_experts(cfg: TransformerConfig, path: Path) -> None:
+_MAX_EXPERTS = 4096  # DeepSeek-V3 has 256 routed experts a layer
+
+
+def check_experts(cfg: TransformerConfig, path: Path) -> None:
     """A mixture-of-experts config that routes each token to 1..X experts of a known scoring."""
+    counts = (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size)
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in counts):
+        raise ModelFileError(path, f"expert counts and sizes must be integers, got {counts}")
     if not cfg.num_experts:
         return
+    if not 1 <= cfg.num_experts <= _MAX_EXPERTS:
+        raise ModelFileError(path, f"{cfg.num_experts} experts (at most {_MAX_EXPERTS})")
     if not 1 <= cfg.num_experts_per_tok <= cfg.num_experts:
         raise ModelFileError(
             path,
@@ -163,7 +173,7 @@ def load_model(
         num_tensors = sum(1 for _ in safetensors_files(path))
     else:
         raise ModelNotFoundError(f"{path} is neither a .gguf file nor a model directory")
-    _check_experts(cfg, path)
+    check_experts(cfg, path)
     if model_config.quantization is not None:
         weights = _quantize_on_load(weights, model_config)
     if model_config.chat_template is not None:
@@ -187,7 +197,7 @@ def load_model(
         raise ModelFileError(path, str(exc)) from exc
     dtype = resolve_dtype(model_config)
     if dtype != torch.float32:  # float32 keeps the packed weights' bf16 scales as they are
-        model = model.to(dtype)
+        _convert_floats(model, dtype)
     model = model.eval()
     weight_bytes = _module_bytes(model)
     is_packed = any(getattr(m, "quant", None) is not None for m in model.modules())
@@ -204,6 +214,20 @@ def load_model(
         format_size(_checkpoint_bytes(path)),
     )
     return LoadedModel(model, tokenizer, cfg, dtype, weight_bytes, is_packed)
+
+
+def _convert_floats(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters and buffers to ``dtype``, except ``quant_gemm``'s scales and mins, which its
+    kernel reads as float16 or float32 whatever the activations."""
+    for module in model.modules():
+        if isinstance(module, QuantGemmMethod):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                module._buffers[name] = buffer.to(dtype)
 
 
 def _checkpoint_bytes(path: Path) -> int:

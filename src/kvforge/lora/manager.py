@@ -128,6 +128,12 @@ class LoRAManager:
                     f"LoRA adapter {request.lora_path}: the model has no module {module!r}",
                     "lora",
                 ) from None
+            if linear.lora is None:  # e.g. a MoE shared expert: no adapter slots there
+                raise InvalidRequestError(
+                    f"LoRA adapter {request.lora_path}: {module!r} cannot take an adapter "
+                    "(LoRA covers attention and dense MLP projections)",
+                    "lora",
+                )
             expected = (linear.shard_sizes[shard], linear.in_features)
             if (b.shape[0], a.shape[1]) != expected:
                 raise InvalidRequestError(

@@ -85,6 +85,12 @@ class TrainableLoRA(nn.Module):
             for target in self.targets
             if not (isinstance(layer.mlp, SparseMoE) and target in _MLP_TARGETS)
         ]
+        if not self.pairs:
+            raise InvalidRequestError(
+                "no LoRA targets in this model: mixture-of-experts layers have no gate/up/down "
+                "projection (target q_proj, k_proj, v_proj or o_proj)",
+                "target_modules",
+            )
         for moe in self._moe_layers():
             moe.keep_router_logits = True
         for i, target in self.pairs:

@@ -426,7 +426,10 @@ class DecoderLM(nn.Module):
             module = modules[name.rsplit(".", 1)[0]]
             loader = getattr(module, "weight_loader", None)
             if loader is not None:
-                loader(params[name], tensor, shard)
+                try:
+                    loader(params[name], tensor, shard)
+                except ValueError as exc:  # name the tensor in shape errors
+                    raise ValueError(f"{name}: {exc}") from exc
             else:
                 assert isinstance(tensor, torch.Tensor), f"{name} cannot hold packed weights"
                 params[name].data.copy_(tensor)
@@ -434,6 +437,9 @@ class DecoderLM(nn.Module):
         missing = set(params) - loaded
         if missing:
             raise ValueError(f"checkpoint lacks tensors for: {sorted(missing)[:8]}")
+        for module in self.modules():
+            if isinstance(module, (MergedLinear, StackedExperts)):
+                module.finish_loading()
         for module_name, module in self.named_modules():
             gaps = module.missing() if isinstance(module, StackedExperts) else []
             if gaps:

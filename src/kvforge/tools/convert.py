@@ -23,9 +23,11 @@ from kvforge.errors import InvalidRequestError, UnsupportedModelError
 from kvforge.layers.moe import canonical_moe_name, expert_param
 from kvforge.loader.gguf_loader import GLOBAL_NAMES, LAYER_NAMES, PRE_NORM_NAMES
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config
+from kvforge.loader.model_loader import check_experts
 from kvforge.models.registry import family_for_hf
 from kvforge.quant.formats import QT
 from kvforge.quant.gguf_file import add_tensor, finish
+from kvforge.utils import check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +189,8 @@ def convert(
         raise UnsupportedModelError(f"convert supports {supported}, not {architecture}")
     arch = _ARCHS[architecture]
     cfg = family.config_from_hf(hf)
+    check_experts(cfg, directory)
+    check_output_path(dst)
     matrix_type, file_type = _OUTTYPES[outtype]
     writer = GGUFWriter(str(dst), arch=arch)
     num_heads, num_kv_heads = _add_hparams(writer, hf, cfg, directory.name)

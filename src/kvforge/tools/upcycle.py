@@ -21,6 +21,7 @@ from tqdm import tqdm
 from kvforge.errors import InvalidRequestError, UnsupportedModelError
 from kvforge.loader.gguf_check import open_gguf
 from kvforge.tools.quantize import copy_metadata
+from kvforge.utils import check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ def upcycle(
     num_active = num_experts if num_active is None else num_active
     if not 1 <= num_active <= num_experts <= 256:
         raise InvalidRequestError("need 1 <= active experts <= experts <= 256", "num_experts")
+    if seed < 0:
+        raise InvalidRequestError("the router seed must be >= 0", "seed")
+    check_output_path(dst)
     reader = open_gguf(src)
     arch = str(reader.fields["general.architecture"].contents())
     if arch != "llama":

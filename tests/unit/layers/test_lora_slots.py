@@ -61,3 +61,26 @@ def test_a_batch_of_base_tokens_has_no_lora_batch():
     mixed = LoRABatch.from_token_slots(torch.tensor([3, -1, 1]))
     assert mixed is not None and mixed.single is None and mixed.slots == [1, 3]
     assert mixed.mask(2, torch.float32).shape == (3, 8)
+
+
+def test_merged_linear_with_packed_and_float_shards_runs_in_float():
+    """A fused projection whose shards come in different formats (a Q8_0 gate with an F32 up)
+    is dequantized to float, not left half loaded."""
+    from kvforge.layers.linear import MergedLinear
+    from kvforge.quant.rtn import quantize_rtn
+
+    torch.manual_seed(0)
+    gate, up = torch.randn(8, 64), torch.randn(8, 64)
+    layer = MergedLinear(64, {0: 8, 1: 8})
+    packed_gate = quantize_rtn(gate, "int8", 32, True)
+    layer.weight_loader(layer.weight, packed_gate, 0)
+    layer.weight_loader(layer.weight, up, 1)
+    layer.finish_loading()
+    assert layer.quant is None
+    x = torch.randn(3, 64)
+    expected = torch.cat([x @ packed_gate.dequantize().T, x @ up.T], dim=-1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    lonely = MergedLinear(64, {0: 8, 1: 8})
+    lonely.weight_loader(lonely.weight, up, 1)
+    with pytest.raises(ValueError, match="lacks shard"):
+        lonely.finish_loading()
