@@ -20,7 +20,7 @@ from kvforge.layers.attention import (
     resolve_attention_backend,
 )
 from kvforge.layers.linear import Linear, VocabEmbedding
-from kvforge.layers.moe import canonical_moe_name, expert_param
+from kvforge.layers.moe import expert_param
 from kvforge.layers.quantization import QuantGemmMethod
 from kvforge.loader.gguf_check import open_gguf
 from kvforge.loader.gguf_loader import iter_gguf_weights, read_metadata
@@ -71,7 +71,7 @@ def _quantize_on_load(weights: Weights, model_config: ModelConfig) -> Weights:
     """Round-to-nearest int8/int4 of every linear layer's float weight as it streams in."""
     assert model_config.quantization is not None
     for name, value in weights:
-        if name.endswith(_LINEAR_SUFFIXES) or expert_param(canonical_moe_name(name)):
+        if name.endswith(_LINEAR_SUFFIXES) or expert_param(name):
             if isinstance(value, Unpacked):
                 raise InvalidRequestError(
                     "--quantization applies to float checkpoints; this one is already quantized",
