@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 from kvforge.engine import LLMEngine
 from kvforge.errors import (
+    EngineDeadError,
     InvalidRequestError,
-    KVForgeError,
     QueueFullError,
     RequestFailedError,
 )
@@ -25,12 +25,6 @@ from kvforge.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_NUM_WORKERS = 4
-
-
-class EngineDeadError(KVForgeError):
-    """The engine loop is not running (HTTP 503)."""
-
-    http_status = 503
 
 
 @dataclass
@@ -187,6 +181,7 @@ class AsyncLLM:
         except BaseException as exc:  # noqa: BLE001 - surface any crash to every waiting caller
             logger.exception("engine loop died")
             self.error = exc
+            self.engine.shutdown()
             self._fail_all(EngineDeadError(f"engine loop died: {exc}"))
 
     def _run_commands(self) -> None:
@@ -247,4 +242,6 @@ class AsyncLLM:
 
         self.submit(stop)
         self._thread.join(timeout=10)
+        if self.engine is not None:
+            self.engine.shutdown()
         self.workers.shutdown(wait=False, cancel_futures=True)

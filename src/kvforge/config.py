@@ -37,6 +37,12 @@ def api_key() -> str | None:
     return os.environ.get("KVFORGE_API_KEY") or None
 
 
+def master_address() -> tuple[str | None, int | None]:
+    """``MASTER_ADDR`` / ``MASTER_PORT`` as torchrun sets them (the flags win)."""
+    port = os.environ.get("MASTER_PORT")
+    return os.environ.get("MASTER_ADDR") or None, int(port) if port and port.isdigit() else None
+
+
 def log_level() -> str:
     """Log level from ``KVFORGE_LOG_LEVEL`` (default INFO)."""
     return os.environ.get("KVFORGE_LOG_LEVEL", "INFO").upper()
@@ -264,6 +270,88 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split over processes (see parallel/layout.py).
+
+    A pipeline stage holds ``stage_size = max(tensor_parallel_size, expert_parallel_size)``
+    ranks: attention and dense MLPs split by tensor rank (replicated when the stage has more
+    ranks), experts split whole over ``expert_parallel_size`` groups and by tensor rank within
+    a group. ``enable_expert_parallel`` without a size splits experts over the tensor ranks
+    (vLLM's flag)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    expert_parallel_size: int | None = None
+    # Expert parallelism: tokens an expert takes from one rank at most, as a multiple of an even
+    # share (T * K / X); None: no limit (no token is ever dropped)
+    moe_capacity_factor: float | None = None
+    # Micro-batches per step under pipeline parallelism (None: one per stage)
+    pipeline_micro_batches: int | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    distributed_backend: str | None = None  # None: gloo on CPU, nccl on CUDA
+    distributed_timeout: float = 600.0  # seconds a collective may wait for a peer
+
+    @property
+    def ep_size(self) -> int:
+        """Expert-parallel groups (1: every rank of a stage holds every expert)."""
+        if self.expert_parallel_size is not None:
+            return self.expert_parallel_size
+        return self.tensor_parallel_size if self.enable_expert_parallel else 1
+
+    @property
+    def world_size(self) -> int:
+        """Processes in all."""
+        return self.pipeline_parallel_size * max(self.tensor_parallel_size, self.ep_size)
+
+    def check(self) -> None:
+        """Raise on sizes that cannot be laid out."""
+        tp, ep, pp = self.tensor_parallel_size, self.ep_size, self.pipeline_parallel_size
+        for name, value in (
+            ("tensor_parallel_size", tp),
+            ("pipeline_parallel_size", pp),
+            ("expert_parallel_size", ep),
+            ("nnodes", self.nnodes),
+        ):
+            if not 1 <= value <= 1024:
+                raise InvalidRequestError(f"{name} must be in [1, 1024], got {value}", name)
+        if max(tp, ep) % min(tp, ep):
+            raise InvalidRequestError(
+                f"expert_parallel_size ({ep}) and tensor_parallel_size ({tp}) must divide one "
+                "another",
+                "expert_parallel_size",
+            )
+        if self.world_size % self.nnodes:
+            raise InvalidRequestError(
+                f"{self.world_size} ranks do not split evenly over {self.nnodes} nodes", "nnodes"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise InvalidRequestError(
+                f"node_rank must be in [0, {self.nnodes - 1}], got {self.node_rank}", "node_rank"
+            )
+        if self.moe_capacity_factor is not None and not 0 < self.moe_capacity_factor <= 1e6:
+            raise InvalidRequestError("moe_capacity_factor must be positive", "moe_capacity_factor")
+        if self.pipeline_micro_batches is not None and not 1 <= self.pipeline_micro_batches <= 256:
+            raise InvalidRequestError(
+                "pipeline_micro_batches must be in [1, 256]", "pipeline_micro_batches"
+            )
+        if not 1 <= self.distributed_timeout <= 86400:
+            raise InvalidRequestError(
+                "distributed_timeout must be in [1, 86400] seconds", "distributed_timeout"
+            )
+        if self.distributed_backend not in (None, "gloo", "nccl"):
+            raise InvalidRequestError(
+                f"unknown distributed backend {self.distributed_backend!r}; use gloo or nccl",
+                "distributed_backend",
+            )
+        if self.master_port is not None and not 1 <= self.master_port <= 65535:
+            raise InvalidRequestError("master_port must be in [1, 65535]", "master_port")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """All configuration of one engine."""
 
@@ -272,4 +360,5 @@ class EngineConfig:
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative_config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     lora_config: LoRAConfig = field(default_factory=LoRAConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     show_progress: bool = True

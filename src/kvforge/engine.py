@@ -37,8 +37,12 @@ class LLMEngine:
         config.speculative_config.check()
         config.lora_config.check()
         self.config = config
+        if runner is None and config.parallel_config.world_size > 1:
+            from kvforge.parallel.executor import ParallelRunner
+
+            runner = ParallelRunner(config)  # type: ignore[assignment]
         self.runner = runner or ModelRunner(config)
-        self.tokenizer: Tokenizer = self.runner.loaded.tokenizer
+        self.tokenizer: Tokenizer = self.runner.tokenizer
         model_cfg = self.runner.model_config
         self.vocab_size = model_cfg.vocab_size
         cache = config.cache_config
@@ -350,6 +354,12 @@ class LLMEngine:
         )
 
     # -------------------------------------------------------------- helpers
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes, if it has any."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
+
     @property
     def num_preemptions(self) -> int:
         """Requests preempted (and recomputed) so far."""

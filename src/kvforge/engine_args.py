@@ -20,8 +20,10 @@ from kvforge.config import (
     EngineConfig,
     LoRAConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
+    master_address,
 )
 from kvforge.errors import InvalidRequestError
 from kvforge.utils import parse_size
@@ -163,6 +165,60 @@ class EngineArgs:
             "loaded LoRA adapters kept in memory, swapped into slots (default: max_loras)"
         ),
     )
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata=_opt(
+            "worker processes that split attention heads, MLPs, embedding and LM head",
+            short="-tp",
+        ),
+    )
+    pipeline_parallel_size: int = field(
+        default=1,
+        metadata=_opt(
+            "pipeline stages (layers split in order; micro-batches overlap)", short="-pp"
+        ),
+    )
+    enable_expert_parallel: bool = field(
+        default=False,
+        metadata=_opt(
+            "mixture-of-experts layers: whole experts split over the tensor-parallel ranks, "
+            "tokens sent to their experts by all-to-all"
+        ),
+    )
+    expert_parallel_size: int | None = field(
+        default=None,
+        metadata=_opt(
+            "expert groups per stage (implies --enable-expert-parallel; a stage has "
+            "max(tensor, expert) parallel ranks; attention is replicated over the extra ones)"
+        ),
+    )
+    moe_capacity_factor: float | None = field(
+        default=None,
+        metadata=_opt(
+            "expert parallel: an expert takes at most this multiple of an even share of a "
+            "rank's tokens; the rest are dropped and counted (default: no limit)",
+            kind=float,
+        ),
+    )
+    pipeline_micro_batches: int | None = field(
+        default=None, metadata=_opt("micro-batches per step with pipeline stages (default: stages)")
+    )
+    nnodes: int = field(default=1, metadata=_opt("machines taking part (as torchrun)"))
+    node_rank: int = field(
+        default=0, metadata=_opt("this machine's index; nodes above 0 run workers only")
+    )
+    master_addr: str | None = field(
+        default=None,
+        metadata=_opt("address of node 0 for the process group (default: MASTER_ADDR or local)"),
+    )
+    master_port: int | None = field(
+        default=None,
+        metadata=_opt("port of node 0 (default: MASTER_PORT, or a free port on one node)"),
+    )
+    distributed_timeout: int = field(
+        default=600,
+        metadata=_opt("seconds a worker may wait for a peer in a step before the engine fails"),
+    )
     seed: int = field(
         default=0, metadata=_opt("seed of the engine's random state (unseeded sampling)")
     )
@@ -189,7 +245,7 @@ class EngineArgs:
                 group.add_argument(flag, dest=f.name, action=action, help=help_text)
                 continue
             names = [meta["short"], name] if meta.get("short") else [name]
-            kind = str if "str" in str(f.type) else int
+            kind = meta.get("kind") or (str if "str" in str(f.type) else int)
             group.add_argument(
                 *names,
                 dest=f.name,
@@ -258,5 +314,25 @@ class EngineArgs:
                 max_lora_rank=self.max_lora_rank,
                 max_cpu_loras=self.max_cpu_loras,
             ),
+            parallel_config=self._parallel_config(),
             show_progress=self.show_progress,
         )
+
+    def _parallel_config(self) -> ParallelConfig:
+        env_addr, env_port = master_address()
+        config = ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            enable_expert_parallel=self.enable_expert_parallel or bool(self.expert_parallel_size),
+            expert_parallel_size=self.expert_parallel_size,
+            moe_capacity_factor=self.moe_capacity_factor,
+            pipeline_micro_batches=self.pipeline_micro_batches,
+            nnodes=self.nnodes,
+            node_rank=self.node_rank,
+            master_addr=self.master_addr or env_addr,
+            master_port=self.master_port or env_port,
+            distributed_backend=None,
+            distributed_timeout=float(self.distributed_timeout),
+        )
+        config.check()
+        return config

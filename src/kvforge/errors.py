@@ -62,3 +62,9 @@ class RequestFailedError(KVForgeError):
     """One request failed inside the engine; the engine and other requests go on (HTTP 500)."""
 
     http_status = 500
+
+
+class EngineDeadError(KVForgeError):
+    """The engine loop is not running, or a parallel worker died (HTTP 503)."""
+
+    http_status = 503

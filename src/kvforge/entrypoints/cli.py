@@ -144,6 +144,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.model_positional:
         args.model = args.model_positional
+    if args.node_rank > 0:  # another machine of a split model: its ranks only, no server
+        from kvforge.engine_args import EngineArgs
+        from kvforge.parallel.executor import run_node
+
+        return run_node(EngineArgs.from_cli_args(args).create_engine_config())
     loras = [parse_lora_module(spec, i + 1) for i, spec in enumerate(args.lora_modules or [])]
     loras += [
         parse_lora_module(spec, len(loras) + i + 1, scaled=True)

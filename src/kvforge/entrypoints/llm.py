@@ -31,6 +31,11 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         self.engine = LLMEngine(engine_config(model, **kwargs))
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (tensor / pipeline / expert parallelism); also
+        done at exit."""
+        self.engine.shutdown()
+
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer."""
         return self.engine.tokenizer

@@ -27,6 +27,7 @@ from kvforge.loader.gguf_loader import iter_gguf_weights, read_metadata
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config, safetensors_files
 from kvforge.models.common import DecoderLM
 from kvforge.models.registry import ModelFamily, family_for_gguf, family_for_hf
+from kvforge.parallel.group import ModelShard
 from kvforge.quant.formats import Unpacked
 from kvforge.quant.rtn import quantize_rtn
 from kvforge.tokenizer import Tokenizer, tokenizer_from_gguf
@@ -105,6 +106,23 @@ def _gguf_model(
 _MAX_EXPERTS = 4096  # DeepSeek-V3 has 256 routed experts a layer
 
 
+def read_model_config(model_config: ModelConfig) -> TransformerConfig:
+    """The architecture config of the model file, without loading weights or tokenizer."""
+    model_config.check()
+    path = Path(model_config.model_path)
+    if path.is_file() and path.suffix == ".gguf":
+        meta = read_metadata(open_gguf(path))
+        try:
+            return family_for_gguf(meta["general.architecture"]).config_from_gguf(meta)
+        except KeyError as exc:
+            raise ModelFileError(path, f"metadata key {exc} is missing") from exc
+    if path.is_dir():
+        hf = read_hf_config(path)
+        family = family_for_hf((hf.get("architectures") or ["LlamaForCausalLM"])[0])
+        return family.config_from_hf(hf)
+    raise ModelNotFoundError(f"{path} is neither a .gguf file nor a model directory")
+
+
 def check_experts(cfg: TransformerConfig, path: Path) -> None:
     """A mixture-of-experts config that routes each token to 1..X experts of a known scoring."""
     counts = (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size)
@@ -145,6 +163,7 @@ def load_model(
     model_config: ModelConfig,
     backend: BaseAttentionBackend | None = None,
     show_progress: bool = True,
+    shard: ModelShard | None = None,
 ) -> LoadedModel:
     """Load a GGUF file or a Hugging Face directory. Without ``backend``, the one
     ``model_config.attention_backend`` names is created once the files check out (so a bad
@@ -184,7 +203,11 @@ def load_model(
             resolve_attention_backend(model_config.attention_backend, device)
         )
     with torch.device("meta"):
-        model = DecoderLM(cfg, backend)
+        if shard is None:
+            model = DecoderLM(cfg, backend)
+        else:
+            layers = shard.layers
+            model = DecoderLM(cfg, backend, shard.tp, shard.experts, layers)
     model = model.to_empty(device=device)
     for module in model.modules():
         if isinstance(module, (Linear, VocabEmbedding)):

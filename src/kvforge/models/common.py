@@ -20,12 +20,18 @@ from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.layers.kv_cache import PagedKVCache
 from kvforge.layers.linear import Linear, MergedLinear, VocabEmbedding
 from kvforge.layers.mlp import GatedMLP
-from kvforge.layers.moe import SparseMoE, StackedExperts, canonical_moe_name, expert_param
+from kvforge.layers.moe import (
+    LayerExpertStats,
+    SparseMoE,
+    StackedExperts,
+    canonical_moe_name,
+    expert_param,
+)
 from kvforge.layers.norm import RMSNorm
 from kvforge.layers.quantization import QuantGemmMethod
 from kvforge.layers.rotary import RotaryEmbedding, apply_rotary
 from kvforge.ops import cpu_ops
-from kvforge.parallel.group import TensorParallel, shard_range
+from kvforge.parallel.group import ExpertParallel, TensorParallel, shard_range
 from kvforge.quant.formats import Unpacked
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -124,15 +130,16 @@ class DecoderLayer(nn.Module):
         layer_idx: int,
         backend: BaseAttentionBackend,
         tp: TensorParallel | None = None,
+        experts: ExpertParallel | None = None,
     ):
         super().__init__()
         eps = cfg.rms_norm_eps
         self.tp = tp if tp is not None and tp.size > 1 else None
         self.self_attn = Attention(cfg, layer_idx, backend, tp)
-        if cfg.is_moe(layer_idx) and self.tp is not None:
-            raise UnsupportedModelError("mixture-of-experts layers do not split by tensor rank")
+        if cfg.is_moe(layer_idx) and self.tp is not None and experts is None:
+            experts = ExpertParallel(None, self.tp)  # every expert split like a dense MLP
         self.mlp: GatedMLP | SparseMoE = (
-            SparseMoE(cfg) if cfg.is_moe(layer_idx) else GatedMLP(cfg, tp=tp)
+            SparseMoE(cfg, experts, self.tp) if cfg.is_moe(layer_idx) else GatedMLP(cfg, tp=tp)
         )
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
@@ -252,13 +259,21 @@ class DecoderLM(nn.Module):
         cfg: TransformerConfig,
         backend: BaseAttentionBackend,
         tp: TensorParallel | None = None,
+        experts: ExpertParallel | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> None:
+        """``tp`` / ``experts``: how this rank splits heads, MLPs and experts (None: whole);
+        ``layers``: the [start, end) a pipeline stage runs (None: all). The embedding, final
+        norm and LM head live on the stage that starts at layer 0."""
         super().__init__()
         self.config = cfg
         self.tp = tp if tp is not None and tp.size > 1 else None
+        self.layer_range = layers or (0, cfg.num_layers)
+        start, end = self.layer_range
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, backend, tp) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, backend, tp, experts) if start <= i < end else AbsentLayer()
+            for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = (
@@ -266,6 +281,10 @@ class DecoderLM(nn.Module):
             if cfg.tie_word_embeddings
             else Linear(cfg.hidden_size, cfg.vocab_size, tp=tp, split="column")
         )
+        if start > 0:  # a later pipeline stage: no embedding or head
+            self.embed_tokens = None  # type: ignore[assignment]
+            self.lm_head = None
+            self.norm = None  # type: ignore[assignment]
         scaling = cfg.rope_scaling
         self.rope_global = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, scaling)
         self.rope_local = (
@@ -354,6 +373,25 @@ class DecoderLM(nn.Module):
             x, residual = layer(x, residual, rope, kv_caches[i], batch)
         return self.norm(x) if residual is None else self.norm.add_and_norm(x, residual)[0]
 
+    def forward_stage(
+        self, batch: ForwardBatch, kv_caches: list[PagedKVCache], x: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A pipeline stage: this stage's layers (``kv_caches`` theirs, in order) over the
+        previous stage's hidden states ``x`` [T, E] (None on the first stage: the embedded
+        tokens); returns the un-normed hidden states for the next stage (or the final norm)."""
+        if x is None:
+            x = self.embed_tokens(batch.input_ids).to(self.norm.weight.dtype)
+            if self.config.embed_scale != 1.0:
+                x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        rope_global = self.rope_global.cos_sin(batch.positions)
+        rope_local = self.rope_local.cos_sin(batch.positions) if self.rope_local else rope_global
+        residual: torch.Tensor | None = None
+        start, end = self.layer_range
+        for i, cache in zip(range(start, end), kv_caches, strict=True):
+            rope = rope_local if self.config.is_sliding(i) else rope_global
+            x, residual = self.layers[i](x, residual, rope, cache, batch)
+        return x if residual is None else x + residual
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] (float32) for hidden states [N, E]."""
         if self.lm_head is None:
@@ -366,11 +404,10 @@ class DecoderLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def expert_stats(self) -> list[tuple[int, list[int], float]]:
-        """(layer, tokens routed to each expert, mean router entropy) of every mixture layer,
-        counted since load."""
+    def expert_stats(self) -> list[LayerExpertStats]:
+        """Routing counters of every mixture-of-experts layer on this rank, since load."""
         return [
-            (i, *layer.mlp.stats.snapshot())
+            layer.mlp.stats.layer(i)
             for i, layer in enumerate(self.layers)
             if isinstance(layer, DecoderLayer) and isinstance(layer.mlp, SparseMoE)
         ]
@@ -408,9 +445,12 @@ class DecoderLM(nn.Module):
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         loaded: set[str] = set()
+        start, end = self.layer_range
         for name, tensor in weights:
             name = canonical_moe_name(name.removeprefix("model."))
             if name == "lm_head.weight" and self.lm_head is None:
+                continue
+            if not _on_stage(name, start, end):
                 continue
             shard: object = None
             expert = expert_param(name)
@@ -444,6 +484,17 @@ class DecoderLM(nn.Module):
             gaps = module.missing() if isinstance(module, StackedExperts) else []
             if gaps:
                 raise ValueError(f"checkpoint lacks {module_name}: {', '.join(gaps[:4])}")
+
+
+class AbsentLayer(nn.Module):
+    """A layer another pipeline stage runs (no parameters here)."""
+
+
+def _on_stage(name: str, start: int, end: int) -> bool:
+    """Whether checkpoint tensor ``name`` belongs to the stage running layers [start, end)."""
+    if name.startswith("layers."):
+        return start <= int(name.split(".", 2)[1]) < end
+    return start == 0  # embedding, final norm, LM head
 
 
 def gemma_embed_scale(hidden_size: int) -> float:

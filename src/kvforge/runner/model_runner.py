@@ -14,19 +14,23 @@ from kvforge.core.step_io import ModelRunnerOutput, SchedulerOutput, TokenLogpro
 from kvforge.errors import InvalidRequestError
 from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.layers.kv_cache import PagedKVCache, RecentBlocks, block_bytes, kv_storage_dtype
+from kvforge.layers.moe import LayerExpertStats
 from kvforge.loader import LoadedModel, load_model
 from kvforge.lora.manager import LoRAManager
 from kvforge.lora.request import LoRARequest
 from kvforge.outputs import RequestFailure
+from kvforge.parallel.group import RankContext
 from kvforge.runner.input_batch import CachedRequestState, InputBatch
 from kvforge.sample import Sampler, SamplingMetadata, gather_logprobs
 from kvforge.sample.rejection import RejectionSampler
 from kvforge.spec_decode.draft import DraftModel
+from kvforge.tokenizer import Tokenizer
 from kvforge.utils import available_memory, cdiv, format_size
 
 logger = logging.getLogger(__name__)
 # A request in the step's sampling or verification list: (state, row in logits, ...).
 _Item = TypeVar("_Item", bound=tuple[Any, ...])
+_State = TypeVar("_State", bound=CachedRequestState)
 
 # Default KV budget when none is given: room for max_num_seqs sequences of the served context
 # length, at most this share of the RAM available at start.
@@ -40,14 +44,31 @@ _RECENT_BUDGET_SHARE = 1 / 64
 class ModelRunner:
     """Turns a SchedulerOutput into a ForwardBatch, runs the model and samples."""
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel | None = None,
+        parallel: RankContext | None = None,
+    ) -> None:
+        """``parallel``: this process is one rank of a split model (see parallel/worker.py);
+        only rank 0 (the driver) samples, the others run their share of each step."""
         self.config = config
+        self.parallel = parallel
         self.device = torch.device(config.model_config.device)
         # Unseeded random sampling draws from the global generator: reproducible per start.
         torch.manual_seed(config.model_config.seed)
-        self.loaded = loaded or load_model(config.model_config, None, config.show_progress)
+        self.loaded = loaded or load_model(
+            config.model_config,
+            None,
+            config.show_progress,
+            parallel.shard if parallel is not None else None,
+        )
         self.model = self.loaded.model
         self.model_config = self.loaded.config
+        start, end = self.model.layer_range
+        self.num_local_layers = end - start
+        tp = parallel.shard.tp if parallel is not None else None
+        self.num_local_kv_heads = self.model_config.num_kv_heads // (tp.size if tp else 1)
         cache = config.cache_config
         self.block_size = cache.block_size
         spec = config.speculative_config
@@ -75,7 +96,7 @@ class ModelRunner:
             PagedKVCache.allocate(
                 self.num_blocks,
                 self.block_size,
-                cfg.num_kv_heads,
+                self.num_local_kv_heads,
                 cfg.head_dim,
                 self.loaded.kv_dtype,
                 self.device,
@@ -83,7 +104,7 @@ class ModelRunner:
                 cache.calculate_kv_scales,
                 recent=self.recent,
             )
-            for _ in range(cfg.num_layers)
+            for _ in range(self.num_local_layers)
         ]
         if self.drafter is not None:
             per_request = cdiv(spec.num_speculative_tokens + 1, self.block_size) + 1
@@ -102,9 +123,9 @@ class ModelRunner:
     def _bytes_per_block(self, kv_cache_dtype: str, model_dtype: torch.dtype) -> int:
         cfg = self.model_config
         one_layer = block_bytes(
-            kv_cache_dtype, model_dtype, self.block_size, cfg.num_kv_heads, cfg.head_dim
+            kv_cache_dtype, model_dtype, self.block_size, self.num_local_kv_heads, cfg.head_dim
         )
-        return cfg.num_layers * one_layer
+        return self.num_local_layers * one_layer
 
     @property
     def bytes_per_block(self) -> int:
@@ -133,6 +154,8 @@ class ModelRunner:
         assert budget is not None
         recent_bytes = (recent + 1) * exact_block if recent else 0  # +1: the spare slot
         num_blocks = max(1, (budget - recent_bytes) // self.bytes_per_block)
+        if self.parallel is not None:  # the budget is per rank; every rank needs the same pool
+            num_blocks = self.parallel.min_over_ranks(num_blocks)
         logger.info(
             "KV cache: %s in %d blocks of %d tokens (%s per block, %s)",
             format_size(num_blocks * self.bytes_per_block),
@@ -179,9 +202,25 @@ class ModelRunner:
         return min(wanted, cap)
 
     # ------------------------------------------------------------------ step
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer."""
+        return self.loaded.tokenizer
+
+    def expert_stats(self) -> list[LayerExpertStats]:
+        """Routing counters of the mixture-of-experts layers (empty for a dense model)."""
+        return self.model.expert_stats()
+
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run the scheduled tokens, sample where a request reached its last known token."""
+    def execute(
+        self, output: SchedulerOutput, sampled: dict[str, list[int]] | None = None
+    ) -> ModelRunnerOutput:
+        """Run the scheduled tokens, sample where a request reached its last known token.
+        ``sampled``: on a rank other than 0, the tokens rank 0 sampled in the previous step."""
+        for request_id, token_ids in (sampled or {}).items():
+            known = self.input_batch.requests.get(request_id)
+            if known is not None:
+                self.input_batch.append_tokens(known, token_ids)
         states = self._update_states(output)
         self._copy_blocks(output.blocks_to_copy)
         result = ModelRunnerOutput()
@@ -230,14 +269,22 @@ class ModelRunner:
                 [s.num_scheduled for s in states],
                 self.block_size,
             )
-        batch = self.input_batch.forward_batch(states, self.device)
-        batch.lora = lora_batch
-        hidden = self.model(batch, self.kv_caches)
-        if self.drafter is not None:
-            self._mirror(states, batch, output.draft_token_ids)
+        if self.parallel is not None and self.parallel.layout.pp > 1:
+            staged = self._pipeline(states)
+            if staged is None:  # a later stage: the first stage samples
+                return result
+            hidden = staged
+        else:
+            batch = self.input_batch.forward_batch(states, self.device)
+            batch.lora = lora_batch
+            hidden = self.model(batch, self.kv_caches)
+            if self.drafter is not None:
+                self._mirror(states, batch, output.draft_token_ids)
         if len(logit_rows) < hidden.shape[0]:
             hidden = hidden[torch.tensor(logit_rows, dtype=torch.long, device=self.device)]
-        logits = self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)  # an all-gather when the head is split
+        if self.parallel is not None and not self.parallel.is_driver:
+            return result  # rank 0 samples, and sends the tokens with the next step
         bitmasks = self._bitmask_rows(output)
         if sample_reqs:
             self._isolated(
@@ -265,6 +312,46 @@ class ModelRunner:
         if self.drafter is not None and output.draft_lengths:
             self._propose_drafts(output.draft_lengths, result)
         return result
+
+    def _pipeline(self, states: list[CachedRequestState]) -> torch.Tensor | None:
+        """Pipeline parallelism: the step's requests in micro-batches, each sent through the
+        stages in turn (stage s runs micro-batch i while stage s + 1 runs i - 1); the last stage
+        sends its hidden states back to the first, which returns them normed (None elsewhere)."""
+        assert self.parallel is not None
+        ctx = self.parallel
+        groups = _micro_batches(states, ctx.micro_batches)
+        batches = [self.input_batch.forward_batch(group, self.device) for group in groups]
+        width, dtype = self.model_config.hidden_size, self.loaded.dtype
+        sends = []
+        received: list[torch.Tensor] = []
+        for tag, batch in enumerate(batches):
+            incoming = None
+            if not ctx.first_stage:
+                incoming = ctx.recv_hidden(len(batch.input_ids), width, dtype, tag, self.device)
+            hidden = self.model.forward_stage(batch, self.kv_caches, incoming)
+            sends.append(ctx.send_hidden(hidden, tag))
+        if ctx.first_stage:
+            for tag, batch in enumerate(batches):
+                received.append(
+                    ctx.recv_hidden(len(batch.input_ids), width, dtype, tag, self.device)
+                )
+        for handle in sends:
+            handle.wait()
+        if not ctx.first_stage:
+            return None
+        return self.model.norm(torch.cat(received))
+
+    def memory_plan(self) -> dict[str, int]:
+        """This rank's layers, weight and KV bytes (the parallel memory planner's row)."""
+        start, end = self.model.layer_range
+        return {
+            "layers": end - start,
+            "first_layer": start,
+            "kv_heads": self.num_local_kv_heads,
+            "weight_bytes": self.loaded.weight_bytes,
+            "kv_bytes": self.num_blocks
+            * self._bytes_per_block(self.config.cache_config.kv_cache_dtype, self.loaded.kv_dtype),
+        }
 
     def add_lora(self, request: LoRARequest) -> None:
         """Load (and check) an adapter that requests may name; InvalidRequestError if bad."""
@@ -631,6 +718,21 @@ class ModelRunner:
             cache.copy_blocks(src, dst)
         if self.drafter is not None:
             self.drafter.copy_blocks(src, dst)
+
+
+def _micro_batches(states: list[_State], count: int) -> list[list[_State]]:
+    """``states`` cut into at most ``count`` runs of about equal scheduled tokens (in order, so
+    the micro-batches' hidden states concatenate to the whole batch's)."""
+    total = sum(s.num_scheduled for s in states)
+    groups: list[list[_State]] = [[]]
+    done = 0
+    for state in states:
+        limit = total * len(groups) / count
+        if groups[-1] and done >= limit and len(groups) < count:
+            groups.append([])
+        groups[-1].append(state)
+        done += state.num_scheduled
+    return groups
 
 
 def _describe(exc: BaseException) -> RequestFailure:

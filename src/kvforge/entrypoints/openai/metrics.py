@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -12,6 +12,9 @@ from prometheus_client.registry import Collector
 
 from kvforge.async_engine import AsyncLLM
 from kvforge.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from kvforge.layers.moe import LayerExpertStats
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -36,10 +39,10 @@ def read_engine_stats(engine: Any) -> tuple[int, ...]:
     )
 
 
-def read_expert_stats(engine: Any) -> list[tuple[int, list[int], float]]:
-    """(layer, tokens per expert, mean router entropy) of a mixture-of-experts model (run on
-    the engine thread; empty for a dense model)."""
-    return engine.runner.model.expert_stats()  # type: ignore[no-any-return]
+def read_expert_stats(engine: Any) -> list[LayerExpertStats]:
+    """Routing counters of each mixture-of-experts layer (run on the engine thread; empty for a
+    dense model)."""
+    return engine.runner.expert_stats()  # type: ignore[no-any-return]
 
 
 class _EngineCollector(Collector):
@@ -47,7 +50,7 @@ class _EngineCollector(Collector):
 
     def __init__(self) -> None:
         self.stats: tuple[int, ...] = (0, 0, 0, 1, 0, 0, 0, 0, 0, 0)
-        self.experts: list[tuple[int, list[int], float]] = []
+        self.experts: list[LayerExpertStats] = []
 
     def collect(self) -> Iterator[Any]:
         running, waiting, used, total, queries, hits, preemptions = self.stats[:7]
@@ -115,12 +118,20 @@ class _EngineCollector(Collector):
             "uniform)",
             labels=["layer"],
         )
-        for layer, counts, mean_entropy in self.experts:
-            for expert, count in enumerate(counts):
-                tokens.add_metric([str(layer), str(expert)], count)
-            entropy.add_metric([str(layer)], mean_entropy)
+        dropped = CounterMetricFamily(
+            "kvforge:moe_dropped_tokens",
+            "(token, expert) pairs dropped over an expert's capacity (expert parallelism with "
+            "--moe-capacity-factor)",
+            labels=["layer"],
+        )
+        for stats in self.experts:
+            for expert, count in enumerate(stats.tokens):
+                tokens.add_metric([str(stats.layer), str(expert)], count)
+            entropy.add_metric([str(stats.layer)], stats.mean_entropy)
+            dropped.add_metric([str(stats.layer)], stats.dropped)
         yield tokens
         yield entropy
+        yield dropped
 
 
 class ServerMetrics:

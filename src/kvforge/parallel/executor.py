@@ -1,0 +1,232 @@
+"""ParallelRunner: the engine's model runner when the model is split over processes.
+
+The engine process keeps the scheduler, the KV block bookkeeping and the output processing; it
+starts one process per local rank (``torch.multiprocessing`` spawn) and sends each step's plain
+``SchedulerOutput`` to rank 0 over a pipe (see worker.py). It never joins the process group
+itself, so several engines can live in one process and a crashed rank cannot take it down.
+
+A rank that exits (killed, out of memory, a failed collective) fails the engine with
+:class:`EngineDeadError` naming the rank; the other ranks are stopped. Nodes above 0 (``--nnodes``
+with ``--node-rank``) run :func:`run_node` and serve no requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import socket
+import weakref
+from typing import Any
+
+from kvforge.config import EngineConfig, log_level
+from kvforge.core.step_io import ModelRunnerOutput, SchedulerOutput
+from kvforge.errors import EngineDeadError, InvalidRequestError, UnsupportedModelError
+from kvforge.lora.request import LoRARequest
+from kvforge.parallel.worker import layout_of, run_rank
+from kvforge.utils import format_size
+
+logger = logging.getLogger(__name__)
+
+
+def check_supported(config: EngineConfig) -> None:
+    """Refuse the options split models do not serve yet."""
+    if config.lora_config.enabled:
+        raise InvalidRequestError(
+            "LoRA adapters are not served with tensor / pipeline / expert parallelism yet",
+            "enable_lora",
+        )
+    if config.speculative_config.method == "draft":
+        raise InvalidRequestError(
+            "a draft model is not served with parallel workers yet (use --speculative-method "
+            "ngram)",
+            "speculative_model",
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _init_method(config: EngineConfig) -> str:
+    parallel = config.parallel_config
+    if parallel.nnodes > 1 and (parallel.master_addr is None or parallel.master_port is None):
+        raise InvalidRequestError(
+            "several nodes need --master-addr and --master-port (or MASTER_ADDR / MASTER_PORT)",
+            "master_addr",
+        )
+    address = parallel.master_addr or "127.0.0.1"
+    return f"tcp://{address}:{parallel.master_port or _free_port()}"
+
+
+def _start_ranks(config: EngineConfig, with_pipe: bool) -> tuple[list[Any], Any]:
+    """Start this node's ranks; returns (processes, the engine's end of rank 0's pipe)."""
+    parallel = config.parallel_config
+    layout = layout_of(config)
+    local = layout.world_size // parallel.nnodes
+    first = parallel.node_rank * local
+    init_method = _init_method(config)
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe() if with_pipe else (None, None)
+    procs = []
+    for rank in range(first, first + local):
+        proc = context.Process(
+            target=run_rank,
+            args=(
+                rank,
+                config,
+                init_method,
+                theirs if rank == 0 else None,
+                local,
+                os.getpid(),
+                log_level(),
+            ),
+            name=f"kvforge-rank{rank}",
+            daemon=True,
+        )
+        proc.start()
+        procs.append(proc)
+    if theirs is not None:
+        theirs.close()
+    return procs, ours
+
+
+def run_node(config: EngineConfig) -> int:
+    """A node above 0: start its ranks and wait for them (they end with the engine)."""
+    procs, _ = _start_ranks(config, with_pipe=False)
+    logger.info("node %d: %d ranks started", config.parallel_config.node_rank, len(procs))
+    code = 0
+    for proc in procs:
+        proc.join()
+        code = code or (proc.exitcode or 0)
+    return code
+
+
+def _stop(procs: list[Any], conn: Any) -> None:
+    """Ask rank 0 to stop, then make sure every local rank is gone."""
+    if conn is not None:
+        with contextlib.suppress(OSError):
+            conn.send(("stop",))
+    for proc in procs:
+        proc.join(timeout=10)
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+    if conn is not None:
+        conn.close()
+
+
+class ParallelRunner:
+    """The ModelRunner interface the engine needs, backed by rank processes."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        check_supported(config)
+        parallel = config.parallel_config
+        if parallel.node_rank != 0:
+            raise InvalidRequestError(
+                "nodes above 0 run workers only (kvforge serve --node-rank N does)", "node_rank"
+            )
+        self.config = config
+        self.layout = layout_of(config)
+        self.dead: str | None = None
+        self.procs, self.conn = _start_ranks(config, with_pipe=True)
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conn)
+        logger.info(
+            "parallel: %d ranks (tensor %d, pipeline %d, expert %d), %d on this node",
+            self.layout.world_size,
+            self.layout.tp,
+            self.layout.pp,
+            self.layout.ep,
+            len(self.procs),
+        )
+        info = self._receive()
+        self.tokenizer = info["tokenizer"]
+        self.model_config = info["model_config"]
+        self.num_blocks: int = info["num_blocks"]
+        self.bytes_per_block: int = info["bytes_per_block"]
+        self.plan: list[dict[str, int]] = info["plan"]
+        self._log_plan()
+
+    def _log_plan(self) -> None:
+        """The memory planner's table: every rank's layers, weights and KV."""
+        layout = self.layout
+        logger.info("memory plan (per rank):")
+        for rank, row in enumerate(self.plan):
+            logger.info(
+                "  rank %d: stage %d, layers %d-%d, %d KV heads, weights %s, KV %s",
+                rank,
+                layout.stage(rank),
+                row["first_layer"],
+                row["first_layer"] + row["layers"] - 1,
+                row["kv_heads"],
+                format_size(row["weight_bytes"]),
+                format_size(row["kv_bytes"]),
+            )
+
+    # ------------------------------------------------------------ protocol
+    def _call(self, message: tuple[Any, ...]) -> Any:
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        try:
+            self.conn.send(message)
+        except OSError:
+            self._fail("rank 0 is gone (its pipe closed)")
+        return self._receive()
+
+    def _receive(self) -> Any:
+        """Rank 0's answer; EngineDeadError as soon as any local rank exits instead."""
+        sentinels = {proc.sentinel: proc for proc in self.procs}
+        while True:
+            ready = multiprocessing.connection.wait([self.conn, *sentinels], timeout=5.0)
+            if self.conn in ready:
+                try:
+                    kind, payload = self.conn.recv()
+                except (EOFError, OSError):
+                    kind, payload = "error", "rank 0 closed its pipe"
+                if kind == "error":
+                    self._fail(f"a parallel worker failed: {payload}")
+                return payload
+            for sentinel in ready:
+                proc = sentinels[sentinel]
+                self._fail(
+                    f"parallel worker {proc.name} (pid {proc.pid}) exited with code {proc.exitcode}"
+                )
+
+    def _fail(self, why: str) -> None:
+        self.dead = why
+        logger.error("engine failed: %s; stopping the other ranks", why)
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        raise EngineDeadError(why)
+
+    # ---------------------------------------------------- runner interface
+    def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step on the ranks; rank 0's sampled tokens."""
+        result: ModelRunnerOutput = self._call(("step", output))
+        return result
+
+    def expert_stats(self) -> list[Any]:
+        """Routing counters of the mixture-of-experts layers, summed over the ranks."""
+        return self._call(("expert_stats",))  # type: ignore[no-any-return]
+
+    def add_lora(self, request: LoRARequest) -> None:
+        """LoRA is not served by split models (refused at start)."""
+        raise InvalidRequestError("LoRA adapters are not enabled", "lora_request")
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """No adapters are ever loaded."""
+        return False
+
+    def embed(self, prompts: list[list[int]]) -> Any:
+        """Embeddings need the whole model in one process (not built for split models)."""
+        raise UnsupportedModelError("embeddings are not served with parallel workers yet")
+
+    def shutdown(self) -> None:
+        """Stop every rank (also done when the runner is garbage-collected)."""
+        self._finalizer()
