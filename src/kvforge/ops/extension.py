@@ -19,6 +19,7 @@ a one-line ``error``; the result is cached per process.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -120,14 +121,20 @@ def _build_and_load() -> tuple[ModuleType, Path]:
         logger.info("building the C++ ops extension in %s (once, a minute or two)", directory)
     from torch.utils import cpp_extension  # deferred: imports setuptools
 
-    module = cpp_extension.load(
-        name=_NAME,
-        sources=[str(source) for source in SOURCES],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        verbose=False,
-    )
+    # torch's own build lock is a file that stays when its holder is killed (every later load
+    # would wait forever). An flock dies with its process: whoever holds it is the only
+    # builder, so a torch lock file found then is stale.
+    with open(directory / "kvforge.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        module = cpp_extension.load(
+            name=_NAME,
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            verbose=False,
+        )
     return module, directory
 
 

@@ -18,13 +18,20 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import socket
+import time
 import weakref
 from typing import Any
 
 from kvforge.config import EngineConfig, log_level
 from kvforge.core.step_io import ModelRunnerOutput, SchedulerOutput
-from kvforge.errors import EngineDeadError, InvalidRequestError, UnsupportedModelError
+from kvforge.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    KVForgeError,
+    UnsupportedModelError,
+)
 from kvforge.lora.request import LoRARequest
+from kvforge.parallel.group import shard_range
 from kvforge.parallel.worker import layout_of, run_rank
 from kvforge.utils import format_size
 
@@ -43,6 +50,35 @@ def check_supported(config: EngineConfig) -> None:
             "a draft model is not served with parallel workers yet (use --speculative-method "
             "ngram)",
             "speculative_model",
+        )
+
+
+def check_layout(config: EngineConfig) -> None:
+    """Refuse, before any process starts, a model whose sizes do not split over the ranks."""
+    from kvforge.loader.model_loader import read_model_config
+
+    cfg = read_model_config(config.model_config)
+    layout = layout_of(config)
+    layout.stage_layers(cfg.num_layers, 0)  # enough layers for the stages
+    sizes = [
+        ("attention heads", cfg.num_heads),
+        ("KV heads", cfg.num_kv_heads),
+        ("vocabulary", cfg.vocab_size),
+    ]
+    if not all(cfg.is_moe(i) for i in range(cfg.num_layers)):  # some dense MLPs
+        sizes.append(("MLP intermediate size", cfg.intermediate_size))
+    if cfg.shared_expert_intermediate_size:
+        sizes.append(("shared expert intermediate size", cfg.shared_expert_intermediate_size))
+    for what, total in sizes:
+        shard_range(total, 0, layout.tp, what)
+    if cfg.num_experts:
+        shard_range(cfg.num_experts, 0, layout.ep, "experts")
+        size = cfg.moe_intermediate_size or cfg.intermediate_size
+        shard_range(size, 0, layout.expert_tp, "expert intermediate size")
+    if layout.tp > 1 and cfg.qk_norm_full:
+        raise UnsupportedModelError(
+            "QK-norm over all heads (OLMoE) cannot be split by tensor rank; use "
+            "--expert-parallel-size or --pipeline-parallel-size"
         )
 
 
@@ -89,6 +125,7 @@ def _start_ranks(config: EngineConfig, with_pipe: bool) -> tuple[list[Any], Any]
             daemon=True,
         )
         proc.start()
+        logger.info("rank process %s (pid %d) started", proc.name, proc.pid)
         procs.append(proc)
     if theirs is not None:
         theirs.close()
@@ -104,6 +141,12 @@ def run_node(config: EngineConfig) -> int:
         proc.join()
         code = code or (proc.exitcode or 0)
     return code
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def _stop(procs: list[Any], conn: Any) -> None:
@@ -126,6 +169,7 @@ class ParallelRunner:
 
     def __init__(self, config: EngineConfig) -> None:
         check_supported(config)
+        check_layout(config)
         parallel = config.parallel_config
         if parallel.node_rank != 0:
             raise InvalidRequestError(
@@ -134,6 +178,7 @@ class ParallelRunner:
         self.config = config
         self.layout = layout_of(config)
         self.dead: str | None = None
+        self.cause: BaseException | None = None  # a rank's typed error, when it sent one
         self.procs, self.conn = _start_ranks(config, with_pipe=True)
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conn)
         logger.info(
@@ -144,7 +189,12 @@ class ParallelRunner:
             self.layout.ep,
             len(self.procs),
         )
-        info = self._receive()
+        try:
+            info = self._receive()
+        except EngineDeadError:
+            if isinstance(self.cause, KVForgeError):
+                raise self.cause from None  # e.g. heads that do not split over the ranks
+            raise
         self.tokenizer = info["tokenizer"]
         self.model_config = info["model_config"]
         self.num_blocks: int = info["num_blocks"]
@@ -185,25 +235,39 @@ class ParallelRunner:
             ready = multiprocessing.connection.wait([self.conn, *sentinels], timeout=5.0)
             if self.conn in ready:
                 try:
-                    kind, payload = self.conn.recv()
+                    kind, payload, *rest = self.conn.recv()
                 except (EOFError, OSError):
-                    kind, payload = "error", "rank 0 closed its pipe"
+                    kind, payload, rest = "error", "rank 0 closed its pipe", []
                 if kind == "error":
-                    self._fail(f"a parallel worker failed: {payload}")
+                    self.cause = rest[0] if rest else None
+                    self._fail(f"a parallel worker failed: {payload.splitlines()[0]}")
                 return payload
             for sentinel in ready:
                 proc = sentinels[sentinel]
-                self._fail(
-                    f"parallel worker {proc.name} (pid {proc.pid}) exited with code {proc.exitcode}"
-                )
+                if self.conn.poll(2.0):  # rank 0 may be reporting why (its error says more)
+                    continue
+                proc.join(timeout=1.0)
+                self._fail("a parallel worker is gone")
 
     def _fail(self, why: str) -> None:
-        self.dead = why
+        """Stop every rank and raise; the reason names the ranks that died first (a peer's
+        failure shows on rank 0 only as a broken connection)."""
+        time.sleep(0.2)  # let a dying peer finish exiting
+        gone = [
+            f"{proc.name} (pid {proc.pid}) {_exit_reason(proc.exitcode)}"
+            for proc in self.procs
+            if proc.exitcode is not None
+        ]
+        if gone:
+            why = f"{'; '.join(gone)}: {why}"
+        self.dead = why[:600]
         logger.error("engine failed: %s; stopping the other ranks", why)
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
-        raise EngineDeadError(why)
+        for proc in self.procs:
+            proc.join(timeout=5)
+        raise EngineDeadError(self.dead)
 
     # ---------------------------------------------------- runner interface
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:

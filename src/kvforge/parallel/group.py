@@ -21,10 +21,11 @@ from kvforge.parallel.layout import Layout
 
 def shard_range(total: int, rank: int, size: int, what: str) -> tuple[int, int]:
     """(start, length) of rank's equal share of ``total``; ``what`` names it in the error."""
+    kind = "expert-parallel" if what == "experts" else "tensor-parallel"
     if total % size:
         raise InvalidRequestError(
-            f"{what} ({total}) is not divisible by the tensor-parallel size {size}",
-            "tensor_parallel_size",
+            f"{what} ({total}) is not divisible by the {kind} size {size}",
+            f"{kind.replace('-', '_')}_size",
         )
     length = total // size
     return rank * length, length

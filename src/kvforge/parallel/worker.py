@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 import threading
 import time
 from datetime import timedelta
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from kvforge.config import EngineConfig
+from kvforge.errors import KVForgeError
 from kvforge.parallel.group import ExpertParallel, ModelShard, RankContext, TensorParallel
 from kvforge.parallel.layout import Layout
 
@@ -82,7 +84,7 @@ def run_rank(
 
         runner = ModelRunner(config, parallel=ctx)
         plans: list[Any] | None = [None] * layout.world_size if rank == 0 else None
-        dist.gather_object(runner.memory_plan(), plans, dst=0, group=ctx.control)
+        dist.gather_object(runner.memory_plan(), plans, dst=0)
         if conn is not None:
             conn.send(
                 (
@@ -100,8 +102,10 @@ def run_rank(
     except BaseException as exc:  # noqa: BLE001 - reported to the engine, then the rank ends
         logger.exception("rank %d failed", rank)
         if conn is not None:
-            with contextlib.suppress(OSError):
-                conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
+            with contextlib.suppress(Exception):
+                # typed errors travel whole (a bad model or size is the caller's error)
+                detail = exc if isinstance(exc, KVForgeError) else None
+                conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}", detail))
         os._exit(1)  # do not wait on peers in process-group teardown
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -122,8 +126,9 @@ def _watch_parent(parent_pid: int) -> None:
 def _context(layout: Layout, rank: int, config: EngineConfig) -> RankContext:
     """Create every process group (all ranks, same order) and keep this rank's."""
     mine: dict[str, tuple[int, int, Any]] = {}
+    timeout = timedelta(seconds=config.parallel_config.distributed_timeout)
     for kind, ranks in layout.all_groups():
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             mine[kind] = (ranks.index(rank), len(ranks), group)
     control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
@@ -163,6 +168,7 @@ def _stage_layers(config: EngineConfig, layout: Layout, rank: int) -> tuple[int,
 def _serve(runner: Any, ctx: RankContext, conn: Connection | None) -> None:
     """The step loop: take a message (rank 0 from the engine, relayed to the others), run it."""
     sampled: dict[str, list[int]] = {}
+    timeout = timedelta(seconds=runner.config.parallel_config.distributed_timeout)
     while True:
         if ctx.is_driver:
             assert conn is not None
@@ -174,11 +180,9 @@ def _serve(runner: Any, ctx: RankContext, conn: Connection | None) -> None:
             if message[0] == "step":  # the others need no grammar bitmask, but the tokens
                 relay = ("step", dataclasses.replace(message[1], grammar_bitmask=None), sampled)
             if ctx.layout.world_size > 1:
-                dist.broadcast_object_list([relay], src=0, group=ctx.control)
+                _relay(relay, ctx, timeout)
         else:
-            box: list[Any] = [None]
-            dist.broadcast_object_list(box, src=0, group=ctx.control)
-            message = box[0]
+            message = _relayed(ctx)
         kind = message[0]
         if kind == "stop":
             return
@@ -193,11 +197,31 @@ def _serve(runner: Any, ctx: RankContext, conn: Connection | None) -> None:
         elif kind == "expert_stats":
             stats = runner.expert_stats()
             gathered: list[Any] | None = [None] * ctx.layout.world_size if ctx.is_driver else None
-            dist.gather_object(stats, gathered, dst=0, group=ctx.control)
+            dist.gather_object(stats, gathered, dst=0)
             if conn is not None and gathered is not None:
                 conn.send(("ok", _merge_stats(gathered)))
         else:
             raise ValueError(f"unknown message {kind!r}")
+
+
+def _relay(message: Any, ctx: RankContext, timeout: timedelta) -> None:
+    """Rank 0: send ``message`` to every rank over the control group, failing after
+    ``timeout`` if one does not take it (the group itself waits forever: it is where the others
+    idle)."""
+    payload = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8)
+    for tensor in (torch.tensor([len(payload)], dtype=torch.int64), payload):
+        work = dist.broadcast(tensor, src=0, group=ctx.control, async_op=True)
+        if not work.wait(timeout):
+            raise TimeoutError(f"a rank did not take the next step within {timeout}")
+
+
+def _relayed(ctx: RankContext) -> Any:
+    """Ranks above 0: the next message rank 0 relays (waiting as long as the engine idles)."""
+    length = torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(length, src=0, group=ctx.control)
+    payload = torch.empty(int(length.item()), dtype=torch.uint8)
+    dist.broadcast(payload, src=0, group=ctx.control)
+    return pickle.loads(payload.numpy().tobytes())
 
 
 def _merge_stats(per_rank: list[Any]) -> list[Any]:
