@@ -5,6 +5,7 @@ fails the engine with a clear error instead of hanging."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -221,12 +222,21 @@ def test_two_nodes_on_one_machine(checkpoints, tmp_path):
             node1.kill()
 
 
-def test_serve_with_tensor_parallel_workers(checkpoints, tmp_path):
-    """`kvforge serve -tp 2`: the same greedy text as one process over HTTP; a killed worker
-    turns into an error answer and an unhealthy /health, not a hang."""
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param(["-tp", "2"], id="tp2"),
+        pytest.param(["-pp", "2"], id="pp2"),
+        pytest.param(["--expert-parallel-size", "2"], id="ep2"),
+        pytest.param(["-tp", "2", "--enable-expert-parallel"], id="tp2xep2"),
+    ],
+)
+def test_serve_with_parallel_workers(checkpoints, tmp_path, flags):
+    """`kvforge serve` with split ranks: the same greedy text as one process over HTTP; a
+    killed worker turns into an error answer and a server exit that names it, not a hang."""
     path = checkpoints["qwen2_moe"]
     handle = start_server(
-        tmp_path, path, "--dtype", "float32", "--num-blocks", "96", "-tp", "2", timeout=240
+        tmp_path, path, "--dtype", "float32", "--num-blocks", "96", *flags, timeout=240
     )
     try:
         body = {
@@ -247,7 +257,9 @@ def test_serve_with_tensor_parallel_workers(checkpoints, tmp_path):
         body["max_tokens"] = 200
         failed = httpx.post(f"{handle.url}/v1/completions", json=body, timeout=60)
         assert failed.status_code >= 500 and "error" in failed.json()
-        assert httpx.get(f"{handle.url}/health", timeout=10).status_code == 503
+        # a dead engine stops the server (for its supervisor to restart), saying why
+        handle.process.wait(timeout=60)
+        assert re.search(r"engine loop died \(.*kvforge-rank\d .* killed by signal 9", handle.log())
     finally:
         stop_server(handle)
 

@@ -279,6 +279,10 @@ class ParallelRunner:
         """Routing counters of the mixture-of-experts layers, summed over the ranks."""
         return self._call(("expert_stats",))  # type: ignore[no-any-return]
 
+    def traffic(self) -> list[dict[str, int]]:
+        """Bytes each rank has sent into collectives and transfers, by kind (tp, ep, pp)."""
+        return self._call(("traffic",))  # type: ignore[no-any-return]
+
     def add_lora(self, request: LoRARequest) -> None:
         """LoRA is not served by split models (refused at start)."""
         raise InvalidRequestError("LoRA adapters are not enabled", "lora_request")

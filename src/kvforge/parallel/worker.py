@@ -31,7 +31,13 @@ import torch.distributed as dist
 
 from kvforge.config import EngineConfig
 from kvforge.errors import KVForgeError
-from kvforge.parallel.group import ExpertParallel, ModelShard, RankContext, TensorParallel
+from kvforge.parallel.group import (
+    TRAFFIC,
+    ExpertParallel,
+    ModelShard,
+    RankContext,
+    TensorParallel,
+)
 from kvforge.parallel.layout import Layout
 
 logger = logging.getLogger(__name__)
@@ -71,6 +77,10 @@ def run_rank(
     # the node's cores shared between its ranks
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     _watch_parent(parent_pid)
+    if parallel.nnodes == 1 and backend == "gloo":
+        # one machine: gloo over the loopback interface (about half the latency of the
+        # interface the host name resolves to, on the machines measured)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
         dist.init_process_group(
             backend,
@@ -200,6 +210,11 @@ def _serve(runner: Any, ctx: RankContext, conn: Connection | None) -> None:
             dist.gather_object(stats, gathered, dst=0)
             if conn is not None and gathered is not None:
                 conn.send(("ok", _merge_stats(gathered)))
+        elif kind == "traffic":  # bytes each rank sent so far, by kind (benchmarks)
+            counts: list[Any] | None = [None] * ctx.layout.world_size if ctx.is_driver else None
+            dist.gather_object(dict(TRAFFIC), counts, dst=0)
+            if conn is not None:
+                conn.send(("ok", counts))
         else:
             raise ValueError(f"unknown message {kind!r}")
 
