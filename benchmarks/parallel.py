@@ -116,6 +116,63 @@ def _allreduce_times() -> list[tuple[int, float]]:
         return torch.load(out)  # type: ignore[no-any-return]
 
 
+# The projection (docs/parallelism.md): decode steps of B tokens on N ranks. A rank's share of
+# a step = reading its weights once (decode is memory-bound) + its collectives, each costing
+# alpha (latency per message step) + bytes / beta. The bytes per token and layer are the
+# measured ones, in units of one hidden vector (E x dtype bytes): TP ~2 per rank (two
+# all-reduces; a ring moves 2 (n-1)/n of each per rank), EP ~2K + 1 per token (pairs out and
+# back, then the gather of every rank's slice), PP 1 per token per stage boundary.
+MODELS = {  # name: (hidden E, layers L, attention+embedding GB, expert/MLP GB, routed K)
+    "70B dense": (8192, 80, 20.0, 120.0, 0),
+    "8x7B MoE, 2 of 8": (4096, 32, 3.0, 90.0, 2),
+}
+NEAR = (8e-6, 200e9)  # in a node (NVLink class): alpha s, beta B/s
+FAR = (20e-6, 20e9)  # across nodes (200 Gb/s)
+HBM = 3.0e12  # B/s at which a rank reads its weights
+NODE = 8  # ranks per node
+
+
+def _ring(ranks: int, nbytes: float, link: tuple[float, float]) -> float:
+    alpha, beta = link
+    return 2 * (ranks - 1) * alpha + 2 * (ranks - 1) / ranks * nbytes / beta
+
+
+def project(batch: int = 64) -> None:
+    """Print projected decode throughput (tokens/s) at 8-64 ranks for each split."""
+    print(f"projection: decode steps of {batch} tokens, bf16, weights read at {HBM / 1e12} TB/s")
+    for model, (hidden, layers, dense_gb, mlp_gb, top_k) in MODELS.items():
+        vector = batch * hidden * 2.0  # the step's hidden states, bytes
+        weights = (dense_gb + mlp_gb) * 1e9
+        for ranks in (8, 16, 32, 64):
+            # TP over all ranks: two all-reduces per layer, across nodes past one node
+            tp = weights / ranks / HBM + layers * 2 * _ring(
+                ranks, vector, NEAR if ranks <= NODE else FAR
+            )
+            # TP inside each node, nodes as pipeline stages: with one micro-batch of B tokens
+            # per stage in flight, a stage finishes one every "stage" seconds
+            stages = max(1, ranks // NODE)
+            stage = (
+                weights / ranks / HBM
+                + layers / stages * 2 * _ring(NODE, vector, NEAR)
+                + (FAR[0] + vector / FAR[1] if stages > 1 else 0.0)
+            )
+            rows = [f"TP {batch / tp:7.0f}", f"TP{NODE}xPP{stages} {batch / stage:7.0f}"]
+            if top_k:
+                # attention TP inside a node (replicated per node), experts over all ranks:
+                # all-to-all out and back (K vectors per token of the rank's slice), a gather
+                # (messages to all peers go out together: alpha once, plus 1 us per peer)
+                alpha = FAR[0] + (ranks - 1) * 1e-6
+                a2a = 2 * (alpha + 2 * top_k * vector / ranks / FAR[1])
+                gather = alpha + vector * (ranks - 1) / ranks / FAR[1]
+                ep = (
+                    dense_gb * 1e9 / NODE / HBM
+                    + mlp_gb * 1e9 / ranks / HBM
+                    + layers * (_ring(NODE, vector, NEAR) + a2a + gather)
+                )
+                rows.append(f"TP{NODE}xEP{ranks} {batch / ep:7.0f}")
+            print(f"  {model:17} N={ranks:2}: " + "   ".join(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=8)
@@ -153,6 +210,7 @@ def main() -> None:
                 f"{'same' if result['tokens'] == base['tokens'] else 'DIFF':>6}  "
                 + " ".join(f"{k} {v:,.0f} B" for k, v in traffic.items())
             )
+    project()
     print("gloo all-reduce, 2 local processes:")
     for size, seconds in _allreduce_times():
         print(
