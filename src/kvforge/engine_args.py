@@ -330,7 +330,7 @@ class EngineArgs:
             nnodes=self.nnodes,
             node_rank=self.node_rank,
             master_addr=self.master_addr or env_addr,
-            master_port=self.master_port or env_port,
+            master_port=self.master_port if self.master_port is not None else env_port,
             distributed_backend=None,
             distributed_timeout=float(self.distributed_timeout),
         )

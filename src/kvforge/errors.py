@@ -50,6 +50,10 @@ class ModelFileError(KVForgeError):
     def __init__(self, path: object, problem: str) -> None:
         super().__init__(f"{path}: {' '.join(problem.split())}")
         self.path = str(path)
+        self.problem = problem
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # pickled by parallel workers
+        return type(self), (self.path, self.problem)
 
 
 class QueueFullError(KVForgeError):

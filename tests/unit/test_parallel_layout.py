@@ -56,6 +56,7 @@ def test_stage_layers_cover_the_model_in_order():
         ({"moe_capacity_factor": float("nan")}, "positive"),
         ({"distributed_timeout": 0.0}, "distributed_timeout"),
         ({"master_port": 70000}, "master_port"),
+        ({"master_port": 0}, "master_port"),
         ({"pipeline_micro_batches": 0}, "pipeline_micro_batches"),
     ],
 )

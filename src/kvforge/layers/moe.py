@@ -340,7 +340,8 @@ class SparseMoE(nn.Module):
             first_of_expert = torch.cumsum(counts, 0) - counts
             slot = torch.arange(len(flat)) - first_of_expert[sorted_experts]
             keep = slot < capacity
-            self.stats.dropped += int((~keep).sum())
+            if self.parallel.record_stats:  # one rank per token slice counts
+                self.stats.dropped += int((~keep).sum())
             order, weights, sorted_experts = order[keep], weights[keep], sorted_experts[keep]
             counts = torch.bincount(sorted_experts, minlength=self.num_experts)
         rows = order // self.top_k  # the token (in this slice) of each sent pair

@@ -179,6 +179,7 @@ class ParallelRunner:
         self.layout = layout_of(config)
         self.dead: str | None = None
         self.cause: BaseException | None = None  # a rank's typed error, when it sent one
+        self.started = False  # the ranks are loaded (loading has no deadline)
         self.procs, self.conn = _start_ranks(config, with_pipe=True)
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conn)
         logger.info(
@@ -191,10 +192,14 @@ class ParallelRunner:
         )
         try:
             info = self._receive()
-        except EngineDeadError:
+        except EngineDeadError as exc:
             if isinstance(self.cause, KVForgeError):
                 raise self.cause from None  # e.g. heads that do not split over the ranks
-            raise
+            raise EngineDeadError(
+                f"{exc} (if this started from a script: it must guard its top level with "
+                'if __name__ == "__main__":)'
+            ) from None
+        self.started = True
         self.tokenizer = info["tokenizer"]
         self.model_config = info["model_config"]
         self.num_blocks: int = info["num_blocks"]
@@ -222,6 +227,8 @@ class ParallelRunner:
     def _call(self, message: tuple[Any, ...]) -> Any:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
+        if not self._finalizer.alive:
+            raise EngineDeadError("the engine's workers were shut down")
         try:
             self.conn.send(message)
         except OSError:
@@ -231,13 +238,21 @@ class ParallelRunner:
     def _receive(self) -> Any:
         """Rank 0's answer; EngineDeadError as soon as any local rank exits instead."""
         sentinels = {proc.sentinel: proc for proc in self.procs}
+        # rank 0 beats every second while it works; silence this long means it hangs
+        silence = self.config.parallel_config.distributed_timeout
+        last_sign = time.monotonic()
         while True:
-            ready = multiprocessing.connection.wait([self.conn, *sentinels], timeout=5.0)
+            ready = multiprocessing.connection.wait([self.conn, *sentinels], timeout=1.0)
+            if not ready and time.monotonic() - last_sign > silence and self.started:
+                self._fail(f"rank 0 has not answered for {silence:.0f} s")
             if self.conn in ready:
                 try:
                     kind, payload, *rest = self.conn.recv()
-                except (EOFError, OSError):
-                    kind, payload, rest = "error", "rank 0 closed its pipe", []
+                except Exception as exc:  # noqa: BLE001 - a closed pipe or an unreadable error
+                    kind, payload, rest = "error", f"rank 0's pipe failed ({exc!r})", []
+                last_sign = time.monotonic()
+                if kind == "alive":
+                    continue
                 if kind == "error":
                     self.cause = rest[0] if rest else None
                     self._fail(f"a parallel worker failed: {payload.splitlines()[0]}")

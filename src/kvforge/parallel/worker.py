@@ -42,6 +42,7 @@ from kvforge.parallel.layout import Layout
 
 logger = logging.getLogger(__name__)
 
+HEARTBEAT_SECONDS = 1.0
 # The control group never times out on its own: a worker waits there while the engine is idle.
 _CONTROL_TIMEOUT = timedelta(days=365)
 
@@ -108,17 +109,54 @@ def run_rank(
                     },
                 )
             )
-        _serve(runner, ctx, conn)
+        _serve(runner, ctx, _Pipe(conn) if conn is not None else None)
     except BaseException as exc:  # noqa: BLE001 - reported to the engine, then the rank ends
         logger.exception("rank %d failed", rank)
         if conn is not None:
+            # typed errors travel whole (a bad model or size is the caller's error) when they
+            # survive pickling; the text always does
+            detail = exc if isinstance(exc, KVForgeError) and _picklable(exc) else None
             with contextlib.suppress(Exception):
-                # typed errors travel whole (a bad model or size is the caller's error)
-                detail = exc if isinstance(exc, KVForgeError) else None
                 conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}", detail))
         os._exit(1)  # do not wait on peers in process-group teardown
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _picklable(exc: BaseException) -> bool:
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any failure means "send the text only"
+        return False
+    return True
+
+
+class _Pipe:
+    """Rank 0's end of the engine's pipe: answers, and a heartbeat every second while a step
+    runs (the engine's sign that rank 0 is alive, however long the step)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.busy = threading.Event()
+        threading.Thread(target=self._beat, daemon=True, name="kvforge-heartbeat").start()
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_SECONDS)
+            if self.busy.is_set():
+                with self.lock:
+                    self.conn.send(("alive", None))
+
+    def recv(self) -> Any:
+        message = self.conn.recv()
+        self.busy.set()
+        return message
+
+    def send(self, message: Any) -> None:
+        with self.lock:
+            self.busy.clear()
+            self.conn.send(message)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -175,7 +213,7 @@ def _stage_layers(config: EngineConfig, layout: Layout, rank: int) -> tuple[int,
     return layout.stage_layers(num_layers, layout.stage(rank))
 
 
-def _serve(runner: Any, ctx: RankContext, conn: Connection | None) -> None:
+def _serve(runner: Any, ctx: RankContext, conn: _Pipe | None) -> None:
     """The step loop: take a message (rank 0 from the engine, relayed to the others), run it."""
     sampled: dict[str, list[int]] = {}
     timeout = timedelta(seconds=runner.config.parallel_config.distributed_timeout)
