@@ -257,6 +257,27 @@ def test_bad_expert_configs_fail_at_load(tmp_path):
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFileError):
         _load(bad)
+    # NaN router weights
+    from safetensors.torch import load_file, save_file
+
+    config["num_local_experts"] = 4
+    (bad / "config.json").write_text(json.dumps(config))
+    for shard in sorted(bad.glob("*.safetensors")):
+        tensors = load_file(shard)
+        routers = [k for k in tensors if k.endswith("block_sparse_moe.gate.weight")]
+        if routers:
+            tensors[routers[0]][0, 0] = float("nan")
+            save_file(tensors, shard, metadata={"format": "pt"})
+            break
+    with pytest.raises(ModelFileError, match="not finite"):
+        _load(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(good, bad)
+    # a string where a boolean belongs would read as true
+    config["num_local_experts"], config["norm_topk_prob"] = 4, "false"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match="must be a boolean"):
+        _load(bad)
 
 
 def test_hostile_configs_and_formats(tmp_path):

@@ -140,6 +140,11 @@ def check_experts(cfg: TransformerConfig, path: Path) -> None:
         )
     if cfg.router_scoring not in ("softmax", "sigmoid"):
         raise ModelFileError(path, f"unknown router scoring {cfg.router_scoring!r}")
+    if not isinstance(cfg.norm_topk_prob, bool):  # a string "false" would read as true
+        raise ModelFileError(
+            path,
+            f"norm_topk_prob / expert_weights_norm must be a boolean, got {cfg.norm_topk_prob!r}",
+        )
     if len(cfg.moe_layers) not in (0, cfg.num_layers):
         raise ModelFileError(path, "per-layer expert flags do not match the layer count")
 

@@ -463,6 +463,9 @@ class DecoderLM(nn.Module):
                         break
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no parameter in the model")
+            router = name.endswith(".mlp.gate.weight") and isinstance(tensor, torch.Tensor)
+            if router and not torch.isfinite(tensor).all():  # type: ignore[arg-type]
+                raise ValueError(f"{name}: the router's weights are not finite")  # NaN routes
             module = modules[name.rsplit(".", 1)[0]]
             loader = getattr(module, "weight_loader", None)
             if loader is not None:

@@ -126,7 +126,7 @@ def moe_from_gguf(meta: dict[str, Any], num_layers: int) -> dict[str, Any]:
         num_experts_per_tok=meta[f"{arch}.expert_used_count"],
         moe_intermediate_size=meta.get(f"{arch}.expert_feed_forward_length")
         or meta[f"{arch}.feed_forward_length"],
-        norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", normalize)),
+        norm_topk_prob=meta.get(f"{arch}.expert_weights_norm", normalize),
         router_scoring="sigmoid" if gating == 2 else "softmax",
         shared_expert_intermediate_size=shared,
         shared_expert_gate=bool(shared) and "blk.0.ffn_gate_inp_shexp.weight" in names,
