@@ -103,6 +103,9 @@ def build_dir(flags: list[str]) -> Path:
     for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     digest.update(f"{torch.__version__} {sys.version} {platform.machine()}".encode())
+    # the build files name the sources by path: two checkouts sharing one directory would
+    # rebuild each time the other loads
+    digest.update(str(SOURCES[0].resolve().parent).encode())
     digest.update(" ".join(flags).encode())
     if "-march=native" in flags:
         digest.update(_cpu_identity().encode())
