@@ -79,7 +79,7 @@ class FakeRunner:
 
     def __init__(self, num_blocks: int, tokenizer: Tokenizer) -> None:
         self.num_blocks = num_blocks
-        self.loaded = SimpleNamespace(tokenizer=tokenizer)
+        self.tokenizer = tokenizer
         self.model_config = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=4096)
         self.store: list[list[int | None]] = [[None] * BLOCK_SIZE for _ in range(num_blocks)]
         self.kv: KVCacheManager | None = None  # set by the test: checks writes are private
