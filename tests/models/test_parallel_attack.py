@@ -10,21 +10,12 @@ import threading
 import pytest
 import torch
 
-from kvforge import LLM, SamplingParams
+from kvforge import LLM
 from kvforge.errors import EngineDeadError, KVForgeError
+from tests.models.test_parallel_engine import COMMON, GREEDY, PROMPTS
 from tests.models.tiny_checkpoints import write_checkpoint
 
 pytest.importorskip("transformers")
-
-PROMPTS = [
-    "the quick brown fox",
-    "experts route tokens; the router picks",
-    "user: hello there, assistant:",
-    "0123456789 + - * / =",
-    "the lazy dog jumps over the quick brown fox and then the router picks two experts",
-]
-GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-COMMON = dict(dtype="float32", show_progress=False, num_blocks=96)
 
 
 @pytest.fixture(scope="module")
