@@ -226,9 +226,11 @@ def test_two_nodes_on_one_machine(checkpoints, tmp_path):
     "flags",
     [
         pytest.param(["-tp", "2"], id="tp2"),
-        pytest.param(["-pp", "2"], id="pp2"),
-        pytest.param(["--expert-parallel-size", "2"], id="ep2"),
-        pytest.param(["-tp", "2", "--enable-expert-parallel"], id="tp2xep2"),
+        pytest.param(["-pp", "2"], id="pp2", marks=pytest.mark.slow),
+        pytest.param(["--expert-parallel-size", "2"], id="ep2", marks=pytest.mark.slow),
+        pytest.param(
+            ["-tp", "2", "--enable-expert-parallel"], id="tp2xep2", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_serve_with_parallel_workers(checkpoints, tmp_path, flags):
