@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "kvforge"
 LAYERS = {
     0: {"config", "engine_args", "sampling_params", "request", "outputs", "errors", "utils"}
     | {"lora.__init__", "lora.request"},
-    1: {"tokenizer", "core", "structured", "quant"}
+    1: {"tokenizer", "core", "structured", "quant", "lang"}
     | {"spec_decode.__init__", "spec_decode.ngram", "spec_decode.stats"},
     2: {"ops", "parallel", "layers", "models", "loader", "sample", "runner", "spec_decode.draft"}
     | {"lora.adapter", "lora.manager", "lora.train"},
@@ -19,7 +19,13 @@ LAYERS = {
 }
 # Packages whose modules sit in different layers (named "package.module" above).
 SPLIT = {"spec_decode", "lora"}
-NO_TORCH = LAYERS[0] | {"core", "spec_decode.__init__", "spec_decode.ngram", "spec_decode.stats"}
+NO_TORCH = LAYERS[0] | {
+    "core",
+    "lang",
+    "spec_decode.__init__",
+    "spec_decode.ngram",
+    "spec_decode.stats",
+}
 
 
 def key_of(parts: list[str]) -> str:
