@@ -10,15 +10,16 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "kvforge"
 LAYERS = {
     0: {"config", "engine_args", "sampling_params", "request", "outputs", "errors", "utils"}
     | {"lora.__init__", "lora.request"},
-    1: {"tokenizer", "core", "structured", "quant", "lang"}
+    1: {"tokenizer", "core", "structured", "quant", "lang.__init__", "lang.ir"}
+    | {"lang.interpreter"}
     | {"spec_decode.__init__", "spec_decode.ngram", "spec_decode.stats"},
     2: {"ops", "parallel", "layers", "models", "loader", "sample", "runner", "spec_decode.draft"}
     | {"lora.adapter", "lora.manager", "lora.train"},
     3: {"engine", "output_processor", "beam_search", "async_engine", "tools"},
-    4: {"entrypoints", "__init__"},
+    4: {"entrypoints", "__init__", "lang.runtime"},
 }
 # Packages whose modules sit in different layers (named "package.module" above).
-SPLIT = {"spec_decode", "lora"}
+SPLIT = {"spec_decode", "lora", "lang"}
 NO_TORCH = LAYERS[0] | {
     "core",
     "lang",

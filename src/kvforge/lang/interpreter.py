@@ -69,8 +69,9 @@ def set_default_backend(backend: Backend) -> None:
 class ProgramState:
     """The ``s`` of a program: its text so far, chat messages, variables and token counts."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, defaults: dict[str, Any] | None = None) -> None:
         self.backend = backend
+        self.defaults = defaults or {}  # sampling options of gen calls that do not set them
         self._text = ""
         self._messages: list[dict[str, str]] = []
         self._role: str | None = None
@@ -137,7 +138,8 @@ class ProgramState:
             self._append(self.backend.role_suffix(expr.role))
             self._role = None
         elif isinstance(expr, Gen):
-            self._record(expr.name, self.backend.generate(self._text, expr.sampling()))
+            sampling = {**self.defaults, **expr.sampling()}
+            self._record(expr.name, self.backend.generate(self._text, sampling))
         elif isinstance(expr, Select):
             self._record(expr.name, self.backend.select(self._text, expr.choices))
         else:
@@ -151,7 +153,7 @@ class ProgramState:
         self._append(result.text)
 
     def _copy(self) -> ProgramState:
-        other = ProgramState(self.backend)
+        other = ProgramState(self.backend, self.defaults)
         other._text, other._messages = self._text, [dict(m) for m in self._messages]
         other._role, other._role_start = self._role, self._role_start
         other.variables = dict(self.variables)
@@ -180,12 +182,23 @@ class Program:
     def __call__(self, s: ProgramState, *args: Any, **kwargs: Any) -> Any:
         return self.func(s, *args, **kwargs)
 
-    def run(self, *args: Any, backend: Backend | None = None, **kwargs: Any) -> ProgramState:
-        """Run the program on a fresh state; ProgramError names the line that failed."""
+    def run(
+        self,
+        *args: Any,
+        backend: Backend | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        **kwargs: Any,
+    ) -> ProgramState:
+        """Run the program on a fresh state; ``temperature`` / ``top_p`` / ``top_k`` apply to
+        its gen calls that do not set them (as SGLang's run). ProgramError names the line that
+        failed."""
         chosen = backend or _default[0]
         if chosen is None:
             raise ValueError("no backend: pass backend= or call set_default_backend first")
-        state = ProgramState(chosen)
+        defaults = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+        state = ProgramState(chosen, {k: v for k, v in defaults.items() if v is not None})
         try:
             self.func(state, *args, **kwargs)
         except ProgramError:
@@ -200,12 +213,15 @@ class Program:
         backend: Backend | None = None,
         num_threads: int | str = "auto",
         progress_bar: bool = False,
+        **sampling: Any,
     ) -> list[ProgramState]:
         """Run the program once per keyword set, ``num_threads`` at a time (their requests
         batch together in the engine); states in input order."""
         threads = min(64, max(1, len(batch))) if num_threads == "auto" else int(num_threads)
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            futures = [pool.submit(self.run, backend=backend, **kwargs) for kwargs in batch]
+            futures = [
+                pool.submit(self.run, backend=backend, **sampling, **kwargs) for kwargs in batch
+            ]
             states = []
             for index, future in enumerate(futures):
                 states.append(future.result())

@@ -1,0 +1,110 @@
+"""The frontend language on the in-process engine with the embedded model: the seed programs,
+select against a direct computation of normalised log-probabilities, fork sharing the cached
+prefix, constrained gen."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from kvforge import LLM, SamplingParams
+from kvforge.lang import assistant, function, gen, system, user
+from kvforge.lang.runtime import Engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+    backend = Engine(kv_cache_memory="256MiB")
+    yield backend
+    backend.shutdown()
+
+
+@function
+def multi_turn_qa(s, question_1, question_2):
+    s += system("You are a helpful assistant.")
+    s += user(question_1)
+    s += assistant(gen("answer_1", max_tokens=32))
+    s += user(question_2)
+    s += assistant(gen("answer_2", max_tokens=32))
+
+
+@function
+def tool_use(s, question):
+    s += "To answer this question: " + question + ". "
+    s += "I need to use a " + gen("tool", choices=["calculator", "search engine"]) + ". "
+    if s["tool"] == "calculator":
+        s += "The math expression is" + gen("expression")
+    elif s["tool"] == "search engine":
+        s += "The key word to search is" + gen("word")
+
+
+def test_multi_turn_qa_answers_as_the_chat_api(engine):
+    state = multi_turn_qa.run(
+        "What is the capital of France?", "And of Italy?", backend=engine, temperature=0
+    )
+    llm = LLM(kv_cache_memory="64MiB", show_progress=False)
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    greedy = SamplingParams(max_tokens=32, temperature=0)
+    first = llm.chat(messages, greedy, use_tqdm=False)[0].outputs[0].text
+    assert state["answer_1"] == first
+    messages += [
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    assert state["answer_2"] == llm.chat(messages, greedy, use_tqdm=False)[0].outputs[0].text
+    assert state.messages()[-1] == {"role": "assistant", "content": state["answer_2"]}
+    assert state.meta["cached_tokens"] > 0  # the second turn extends the first's prompt
+
+
+def test_select_matches_normalised_log_probabilities(engine):
+    state = tool_use.run("What is 3 * 7 in math", backend=engine, temperature=0)
+    assert state["tool"] in ("calculator", "search engine")
+    prefix = "To answer this question: What is 3 * 7 in math. I need to use a "
+    tokenizer = engine.tokenizer
+    head = tokenizer.encode(prefix)
+    direct = []
+    for choice in ("calculator", "search engine"):
+        ids = tokenizer.encode(prefix + choice)
+        shared = (
+            next(i for i, (a, b) in enumerate(zip(head, ids)) if a != b)
+            if ids[: len(head)] != head
+            else len(head)
+        )
+        logits = engine.llm.call(lambda e, ids=ids: e.runner.score(ids))
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        tail = [logprobs[i - 1, ids[i]].item() for i in range(shared, len(ids))]
+        direct.append(sum(tail) / len(tail))
+    expected = ("calculator", "search engine")[max(range(2), key=direct.__getitem__)]
+    assert state["tool"] == expected
+
+
+def test_fork_branches_find_the_prefix_cached(engine):
+    @function
+    def branches(s):
+        s += "Here is a long shared introduction about caches and programs. " * 4
+        forks = s.fork(4)
+        for i, branch in enumerate(forks):
+            branch += f"Point {i}:" + gen("point", max_tokens=8)
+        forks.join()
+        s.variables["points"] = "|".join(f["point"] for f in forks)
+        for branch in forks:
+            s.meta["cached_tokens"] += branch.meta["cached_tokens"]
+            s.meta["prompt_tokens"] += branch.meta["prompt_tokens"]
+
+    state = branches.run(backend=engine, temperature=0)
+    assert state.cached_ratio() > 0.5
+
+
+def test_constrained_gen(engine):
+    @function
+    def constrained(s):
+        s += user("Give a date and a JSON record.")
+        s += assistant("Date: " + gen("date", regex=r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"))
+
+    state = constrained.run(backend=engine, temperature=0)
+    assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", state["date"])
