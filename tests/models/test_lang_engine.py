@@ -108,3 +108,42 @@ def test_constrained_gen(engine):
 
     state = constrained.run(backend=engine, temperature=0)
     assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", state["date"])
+
+
+def test_http_backend_gives_the_in_process_results(engine, tmp_path):
+    """The seed programs over a server's /generate (RuntimeEndpoint) and in process: the same
+    greedy variables and text."""
+    from kvforge.lang.runtime import RuntimeEndpoint
+    from tests.server.conftest import start_server, stop_server
+
+    handle = start_server(tmp_path)
+    try:
+        remote = RuntimeEndpoint(handle.url)
+        assert remote.markers == engine.markers
+        for question in ("What is 3 * 7 in math", "Who wrote Hamlet"):
+            here = tool_use.run(question, backend=engine, temperature=0)
+            there = tool_use.run(question, backend=remote, temperature=0)
+            assert (here.variables, here.text()) == (there.variables, there.text())
+        args = ("What is the capital of France?", "And of Italy?")
+        here = multi_turn_qa.run(*args, backend=engine, temperature=0)
+        there = multi_turn_qa.run(*args, backend=remote, temperature=0)
+        assert (here.variables, here.text()) == (there.variables, there.text())
+        assert there.meta["cached_tokens"] > 0
+        # /generate's logprob fields, as select uses them
+        ids = remote._tokens("The capital of France is Paris")
+        body = {
+            "input_ids": ids,
+            "sampling_params": {"max_new_tokens": 2, "temperature": 0},
+            "return_logprob": True,
+            "logprob_start_len": 3,
+            "top_logprobs_num": 2,
+        }
+        meta = remote._post("/generate", body)["meta_info"]
+        assert [t for _, t, _ in meta["input_token_logprobs"]] == ids[3:]
+        assert all(lp <= 0 for lp, _, _ in meta["input_token_logprobs"])
+        assert (
+            len(meta["output_token_logprobs"]) == 2
+            and len(meta["input_top_logprobs"]) == len(ids) - 3
+        )
+    finally:
+        stop_server(handle)

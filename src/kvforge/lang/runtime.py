@@ -12,34 +12,43 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from kvforge.lang.interpreter import Backend, Completion
 
-_SENTINEL = "\x00kvforge-lang\x00"
+_SENTINEL = "KVFORGELANGSENTINEL"
 
 
-def role_markers(tokenizer: Any) -> dict[str, tuple[str, str]]:
-    """(prefix, suffix) of each chat role, cut out of the model's chat template rendered around
-    a sentinel (each role after the turns a conversation puts before it)."""
-    before = {
+def role_markers(render: Callable[[list[dict[str, str]]], str]) -> dict[str, tuple[str, str]]:
+    """(prefix, suffix) of each chat role, cut out of the model's chat template (``render``:
+    messages to text, without a generation prompt) rendered around a sentinel, each role after
+    the turns a conversation puts before it."""
+    before: dict[str, list[dict[str, str]]] = {
         "system": [],
         "user": [{"role": "system", "content": "s"}],
         "assistant": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
     }
     markers = {}
     for role, earlier in before.items():
-        head = (
-            tokenizer.apply_chat_template(earlier, add_generation_prompt=False) if earlier else ""
-        )
-        whole = tokenizer.apply_chat_template(
-            [*earlier, {"role": role, "content": _SENTINEL}], add_generation_prompt=False
-        )
+        head = render(earlier) if earlier else ""
+        whole = render([*earlier, {"role": role, "content": _SENTINEL}])
         if not whole.startswith(head) or _SENTINEL not in whole:
             raise ValueError(f"the chat template does not render a {role} turn around its text")
         prefix, suffix = whole[len(head) :].split(_SENTINEL, 1)
         markers[role] = (prefix, suffix)
     return markers
+
+
+def _choice_start(head: list[int], ids: list[int]) -> int:
+    """Where a choice's tokens begin in ``ids`` (prompt + choice), given the prompt's own tokens
+    ``head`` (they can merge at the boundary), keeping at least one token."""
+    shared = 0
+    for a, b in zip(head, ids):
+        if a != b:
+            break
+        shared += 1
+    return min(shared, len(ids) - 1)
 
 
 class Engine(Backend):
@@ -53,7 +62,11 @@ class Engine(Backend):
         config = engine_config(model, **{"show_progress": False, **engine_options})
         self.llm = AsyncLLM(lambda: LLMEngine(config))
         self.tokenizer = self.llm.engine.tokenizer
-        self.markers = role_markers(self.tokenizer)
+        self.markers = role_markers(
+            lambda messages: self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=False
+            )
+        )
         self._ids = itertools.count()
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, daemon=True, name="kvforge-lang").start()
@@ -101,10 +114,7 @@ class Engine(Backend):
         scores, prompt_tokens, cached = [], 0, 0
         for choice in choices:
             ids = self.tokenizer.encode(prompt + choice)
-            shared = next(
-                (i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids))
-            )
-            shared = min(shared, len(ids) - 1)  # at least one token of the choice
+            shared = _choice_start(head, ids)
             output = self._request(ids, params)
             entries = output.prompt_logprobs or []
             tail = [entries[i][ids[i]].logprob for i in range(shared, len(ids)) if entries[i]]
@@ -118,3 +128,65 @@ class Engine(Backend):
         """Stop the engine and its thread."""
         self.llm.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+# the frontend's gen options under /generate's (SGLang's) names
+_NATIVE_NAMES = {"max_tokens": "max_new_tokens"}
+
+
+class RuntimeEndpoint(Backend):
+    """A kvforge server over its native ``/generate`` (``base_url`` without ``/v1``)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 600.0):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.markers = role_markers(self._render)
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        reply = self.client.post(path, json=body)
+        if reply.status_code != 200:
+            raise RuntimeError(f"{path} answered {reply.status_code}: {reply.text[:300]}")
+        return reply.json()
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        body = {"messages": messages, "add_generation_prompt": False}
+        tokens = self._post("/tokenize", body)["tokens"]
+        return str(self._post("/detokenize", {"tokens": tokens})["prompt"])
+
+    def _tokens(self, text: str) -> list[int]:
+        return list(self._post("/tokenize", {"prompt": text})["tokens"])
+
+    def role_prefix(self, role: str) -> str:
+        return self.markers[role][0]
+
+    def role_suffix(self, role: str) -> str:
+        return self.markers[role][1]
+
+    def generate(self, prompt: str, sampling: dict[str, Any]) -> Completion:
+        params = {_NATIVE_NAMES.get(k, k): v for k, v in sampling.items()}
+        reply = self._post("/generate", {"text": prompt, "sampling_params": params})
+        meta = reply["meta_info"]
+        return Completion(
+            reply["text"], meta["prompt_tokens"], meta["completion_tokens"], meta["cached_tokens"]
+        )
+
+    def select(self, prompt: str, choices: list[str]) -> Completion:
+        head = self._tokens(prompt)
+        scores, prompt_tokens, cached = [], 0, 0
+        for choice in choices:
+            ids = self._tokens(prompt + choice)
+            body = {
+                "input_ids": ids,
+                "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+                "return_logprob": True,
+                "logprob_start_len": _choice_start(head, ids),
+            }
+            meta = self._post("/generate", body)["meta_info"]
+            tail = [lp for lp, _, _ in meta["input_token_logprobs"] if lp is not None]
+            scores.append(sum(tail) / max(1, len(tail)))
+            prompt_tokens += meta["prompt_tokens"]
+            cached += meta["cached_tokens"]
+        best = max(range(len(choices)), key=scores.__getitem__)
+        return Completion(choices[best], prompt_tokens, 0, cached, scores)

@@ -364,6 +364,11 @@ class GenerateRequest(RequestBody):
     stream: bool = False
     rid: str | None = None
     lora_path: str | None = Field(default=None, max_length=256)  # a served adapter's name
+    # SGLang's logprob fields: log-probabilities of the prompt tokens from logprob_start_len
+    # (-1: none) and of the generated ones, with top_logprobs_num alternatives each
+    return_logprob: bool = False
+    logprob_start_len: int = Field(default=-1, ge=-1)
+    top_logprobs_num: int = Field(default=0, ge=0, le=20)
 
     def to_sampling_params(self) -> SamplingParams:
         """SGLang names (max_new_tokens, stop, ...) to SamplingParams."""
@@ -404,4 +409,8 @@ class GenerateRequest(RequestBody):
         if kwargs.get("top_k") == -1:
             kwargs["top_k"] = 0
         kwargs["structured_outputs"] = structured
+        if self.return_logprob:
+            kwargs["logprobs"] = self.top_logprobs_num
+            if self.logprob_start_len >= 0:
+                kwargs["prompt_logprobs"] = self.top_logprobs_num
         return check_num_samples(SamplingParams(**kwargs))

@@ -651,22 +651,33 @@ class ChatServing(OpenAIServing):
 
     # --------------------------------------------------------- native API
     def _generate_result(
-        self, output: RequestOutput, completion: CompletionOutput
+        self, output: RequestOutput, completion: CompletionOutput, body: GenerateRequest
     ) -> dict[str, Any]:
         finish = None
         if completion.finish_reason is not None:
             finish = {"type": completion.finish_reason, "matched": completion.stop_reason}
-        return {
-            "text": completion.text,
-            "output_ids": completion.token_ids,
-            "meta_info": {
-                "id": output.request_id,
-                "prompt_tokens": len(output.prompt_token_ids),
-                "completion_tokens": len(completion.token_ids),
-                "cached_tokens": output.num_cached_tokens,
-                "finish_reason": finish,
-            },
+        meta: dict[str, Any] = {
+            "id": output.request_id,
+            "prompt_tokens": len(output.prompt_token_ids),
+            "completion_tokens": len(completion.token_ids),
+            "cached_tokens": output.num_cached_tokens,
+            "finish_reason": finish,
         }
+        if body.return_logprob:
+            # SGLang's shape: [logprob, token id, text] per token ([None, id, ...] for the first
+            # prompt token), and the top alternatives the same way when asked
+            start = max(0, body.logprob_start_len)
+            if body.logprob_start_len >= 0:
+                entries = output.prompt_logprobs or []
+                ids = output.prompt_token_ids
+                meta["input_token_logprobs"] = _sglang_logprobs(ids[start:], entries[start:])
+                if body.top_logprobs_num:
+                    meta["input_top_logprobs"] = _sglang_top(entries[start:])
+            sampled = list(completion.logprobs or [])
+            meta["output_token_logprobs"] = _sglang_logprobs(completion.token_ids, sampled)
+            if body.top_logprobs_num:
+                meta["output_top_logprobs"] = _sglang_top(sampled)
+        return {"text": completion.text, "output_ids": completion.token_ids, "meta_info": meta}
 
     async def generate(self, body: GenerateRequest) -> Any:
         """POST /generate (SGLang shape): text plus meta info; streaming sends cumulative text."""
@@ -680,13 +691,37 @@ class ChatServing(OpenAIServing):
             lora = self.loras.get(body.lora_path)
         stream = self.run(prompt, params, body.rid or f"gen-{uuid.uuid4().hex}", None, lora)
         if body.stream:
-            return self._stream_generate(stream)
+            return self._stream_generate(stream, body)
         [output] = await self.collect([stream])
-        results = [self._generate_result(output, c) for c in output.outputs]
+        results = [self._generate_result(output, c, body) for c in output.outputs]
         return results[0] if len(results) == 1 else results
 
-    async def _stream_generate(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    async def _stream_generate(
+        self, stream: AsyncIterator[RequestOutput], body: GenerateRequest
+    ) -> AsyncIterator[str]:
         async for output in stream:
             for completion in output.outputs:
-                yield sse({**self._generate_result(output, completion), "index": completion.index})
+                result = self._generate_result(output, completion, body)
+                yield sse({**result, "index": completion.index})
         yield sse("[DONE]")
+
+
+def _sglang_logprobs(token_ids: list[int], entries: list[Any]) -> list[list[Any]]:
+    """[logprob, token id, None] per token (logprob None where there is none)."""
+    out = []
+    for token, entry in zip(token_ids, entries):
+        chosen = entry.get(token) if entry else None
+        out.append([chosen.logprob if chosen is not None else None, token, None])
+    return out
+
+
+def _sglang_top(entries: list[Any]) -> list[list[list[Any]] | None]:
+    """The alternatives of each position as [logprob, token id, None], best first."""
+    tops: list[list[list[Any]] | None] = []
+    for entry in entries:
+        if not entry:
+            tops.append(None)
+            continue
+        ranked = sorted(entry.items(), key=lambda item: item[1].rank)
+        tops.append([[lp.logprob, token, None] for token, lp in ranked])
+    return tops
