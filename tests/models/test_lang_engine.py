@@ -129,6 +129,16 @@ def test_http_backend_gives_the_in_process_results(engine, tmp_path):
         there = multi_turn_qa.run(*args, backend=remote, temperature=0)
         assert (here.variables, here.text()) == (there.variables, there.text())
         assert there.meta["cached_tokens"] > 0
+        # the OpenAI-compatible endpoint: chat turns as messages, plain text as completions
+        from kvforge.lang.runtime import OpenAI
+
+        openai = OpenAI(f"{handle.url}/v1", "SmolLM2-135M-Instruct")
+        chat = multi_turn_qa.run(*args, backend=openai, temperature=0)
+        assert (chat["answer_1"], chat["answer_2"]) == (here["answer_1"], here["answer_2"])
+        assert chat.messages() == here.messages()
+        plain = tool_use.run("What is 3 * 7 in math", backend=openai, temperature=0)
+        assert plain["tool"] in ("calculator", "search engine")
+        assert ("expression" in plain.variables) == (plain["tool"] == "calculator")
         # /generate's logprob fields, as select uses them
         ids = remote._tokens("The capital of France is Paris")
         body = {

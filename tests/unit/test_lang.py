@@ -35,7 +35,7 @@ class Scripted(Backend):
     def role_suffix(self, role: str) -> str:
         return "<|im_end|>\n"
 
-    def generate(self, prompt, sampling):
+    def generate(self, prompt, sampling, messages):
         self.prompts.append(prompt)
         if "explode" in prompt:
             raise RuntimeError("the model is on fire")
@@ -43,7 +43,7 @@ class Scripted(Backend):
             f" <{len(prompt)}:{sampling['max_tokens']}>", len(prompt), 3, len(prompt) // 2
         )
 
-    def select(self, prompt, choices):
+    def select(self, prompt, choices, messages):
         self.prompts.append(prompt)
         best = next((i for i, c in enumerate(choices) if c in prompt), len(choices) - 1)
         scores = [0.0 if i == best else -1.0 for i in range(len(choices))]

@@ -45,11 +45,14 @@ class Backend:
         """Text that closes a ``role`` turn."""
         raise NotImplementedError
 
-    def generate(self, prompt: str, sampling: dict[str, Any]) -> Completion:
-        """Continue ``prompt`` under the OpenAI-style ``sampling`` options."""
+    def generate(
+        self, prompt: str, sampling: dict[str, Any], messages: list[dict[str, str]]
+    ) -> Completion:
+        """Continue ``prompt`` under the OpenAI-style ``sampling`` options (``messages``: the
+        same conversation as chat turns, the open one last, for chat-only backends)."""
         raise NotImplementedError
 
-    def select(self, prompt: str, choices: list[str]) -> Completion:
+    def select(self, prompt: str, choices: list[str], messages: list[dict[str, str]]) -> Completion:
         """Score every choice as a continuation of ``prompt``; ``text`` is the best one."""
         raise NotImplementedError
 
@@ -139,11 +142,20 @@ class ProgramState:
             self._role = None
         elif isinstance(expr, Gen):
             sampling = {**self.defaults, **expr.sampling()}
-            self._record(expr.name, self.backend.generate(self._text, sampling))
+            result = self.backend.generate(self._text, sampling, self._conversation())
+            self._record(expr.name, result)
         elif isinstance(expr, Select):
-            self._record(expr.name, self.backend.select(self._text, expr.choices))
+            result = self.backend.select(self._text, expr.choices, self._conversation())
+            self._record(expr.name, result)
         else:
             raise TypeError(f"unknown expression {type(expr).__name__}")
+
+    def _conversation(self) -> list[dict[str, str]]:
+        """The closed turns plus the open one (its text so far)."""
+        messages = self.messages()
+        if self._role is not None:
+            messages.append({"role": self._role, "content": self._text[self._role_start :]})
+        return messages
 
     def _record(self, name: str | None, result: Completion) -> None:
         for key in self.meta:

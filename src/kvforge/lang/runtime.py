@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -90,7 +91,9 @@ class Engine(Backend):
             raise RuntimeError(f"the engine failed the request: {output and output.error}")
         return output
 
-    def generate(self, prompt: str, sampling: dict[str, Any]) -> Completion:
+    def generate(
+        self, prompt: str, sampling: dict[str, Any], messages: list[dict[str, str]]
+    ) -> Completion:
         from kvforge.sampling_params import SamplingParams, StructuredOutputsParams
 
         options = dict(sampling)
@@ -106,7 +109,7 @@ class Engine(Backend):
             output.num_cached_tokens,
         )
 
-    def select(self, prompt: str, choices: list[str]) -> Completion:
+    def select(self, prompt: str, choices: list[str], messages: list[dict[str, str]]) -> Completion:
         from kvforge.sampling_params import SamplingParams
 
         head = self.tokenizer.encode(prompt)
@@ -164,7 +167,9 @@ class RuntimeEndpoint(Backend):
     def role_suffix(self, role: str) -> str:
         return self.markers[role][1]
 
-    def generate(self, prompt: str, sampling: dict[str, Any]) -> Completion:
+    def generate(
+        self, prompt: str, sampling: dict[str, Any], messages: list[dict[str, str]]
+    ) -> Completion:
         params = {_NATIVE_NAMES.get(k, k): v for k, v in sampling.items()}
         reply = self._post("/generate", {"text": prompt, "sampling_params": params})
         meta = reply["meta_info"]
@@ -172,7 +177,7 @@ class RuntimeEndpoint(Backend):
             reply["text"], meta["prompt_tokens"], meta["completion_tokens"], meta["cached_tokens"]
         )
 
-    def select(self, prompt: str, choices: list[str]) -> Completion:
+    def select(self, prompt: str, choices: list[str], messages: list[dict[str, str]]) -> Completion:
         head = self._tokens(prompt)
         scores, prompt_tokens, cached = [], 0, 0
         for choice in choices:
@@ -190,3 +195,77 @@ class RuntimeEndpoint(Backend):
             cached += meta["cached_tokens"]
         best = max(range(len(choices)), key=scores.__getitem__)
         return Completion(choices[best], prompt_tokens, 0, cached, scores)
+
+
+class OpenAI(Backend):
+    """An OpenAI-compatible endpoint (``base_url`` ending in ``/v1``). Programs with chat turns
+    go to ``/chat/completions`` as messages (a gen inside an assistant turn that already holds
+    text continues it with vLLM's ``continue_final_message``); programs without turns go to
+    ``/completions``. ``select`` cannot read prompt log-probabilities there: it asks for a
+    constrained choice (``guided_choice``, which kvforge and vLLM servers honour) at
+    temperature 0, so it picks the choice the model would generate, not the best normalised
+    score, and reports no scores."""
+
+    def __init__(
+        self, base_url: str, model: str, api_key: str | None = None, timeout: float = 600.0
+    ):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.model = model
+        self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def role_prefix(self, role: str) -> str:
+        return ""  # turns travel as messages
+
+    def role_suffix(self, role: str) -> str:
+        return ""
+
+    def _complete(
+        self, prompt: str, messages: list[dict[str, str]], body: dict[str, Any]
+    ) -> Completion:
+        body = {"model": self.model, **body}
+        if messages:
+            if messages[-1]["role"] != "assistant":
+                raise ValueError("with a chat endpoint, gen and select run inside assistant()")
+            if messages[-1]["content"]:
+                body.update(continue_final_message=True, add_generation_prompt=False)
+            else:
+                messages = messages[:-1]
+            path, body["messages"] = "/chat/completions", messages
+        else:
+            path, body["prompt"] = "/completions", prompt
+        reply = self.client.post(path, json=body)
+        if reply.status_code != 200:
+            raise RuntimeError(f"{path} answered {reply.status_code}: {reply.text[:300]}")
+        data = reply.json()
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if messages else choice["text"]
+        usage = data.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        return Completion(
+            text or "",
+            usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", 0),
+            details.get("cached_tokens") or 0,
+        )
+
+    def generate(
+        self, prompt: str, sampling: dict[str, Any], messages: list[dict[str, str]]
+    ) -> Completion:
+        body = dict(sampling)
+        schema = body.pop("json_schema", None)
+        if schema is not None:
+            schema = json.loads(schema) if isinstance(schema, str) else schema
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "gen", "schema": schema},
+            }
+        return self._complete(prompt, messages, body)
+
+    def select(self, prompt: str, choices: list[str], messages: list[dict[str, str]]) -> Completion:
+        body = {"guided_choice": choices, "temperature": 0, "max_tokens": 256}
+        result = self._complete(prompt, messages, body)
+        if result.text not in choices:
+            raise RuntimeError(f"the endpoint answered {result.text!r}, not one of {choices}")
+        return result
