@@ -140,7 +140,7 @@ def test_http_backend_gives_the_in_process_results(engine, tmp_path):
         assert plain["tool"] in ("calculator", "search engine")
         assert ("expression" in plain.variables) == (plain["tool"] == "calculator")
         # /generate's logprob fields, as select uses them
-        ids = remote._tokens("The capital of France is Paris")
+        ids = remote._tokenize("The capital of France is Paris", True)
         body = {
             "input_ids": ids,
             "sampling_params": {"max_new_tokens": 2, "temperature": 0},
@@ -157,3 +157,19 @@ def test_http_backend_gives_the_in_process_results(engine, tmp_path):
         )
     finally:
         stop_server(handle)
+
+
+def test_continuations_extend_the_previous_token_ids(engine):
+    """A prompt that extends a produced text reuses its token ids (generated ids included), so
+    the next request starts with exactly the tokens the cache holds."""
+
+    @function
+    def counting(s):
+        s += "Count with me: one, two, three," + gen("more", max_tokens=6)
+
+    state = counting.run(backend=engine, temperature=0)
+    produced = engine.encode(state.text())
+    follow_up = engine.encode(state.text() + " Then stop.")
+    assert follow_up[: len(produced)] == produced and len(follow_up) > len(produced)
+    prompt_ids = engine.encode("Count with me: one, two, three,")
+    assert produced[: len(prompt_ids)] == prompt_ids  # the generated ids follow the prompt's

@@ -13,12 +13,14 @@ import asyncio
 import itertools
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from kvforge.lang.interpreter import Backend, Completion
 
 _SENTINEL = "KVFORGELANGSENTINEL"
+_KNOWN_TEXTS = 1024  # produced texts whose token ids the in-process backend keeps
 
 
 def role_markers(render: Callable[[list[dict[str, str]]], str]) -> dict[str, tuple[str, str]]:
@@ -52,7 +54,47 @@ def _choice_start(head: list[int], ids: list[int]) -> int:
     return min(shared, len(ids) - 1)
 
 
-class Engine(Backend):
+class _TokenContinuity:
+    """Texts a backend produced (a prompt plus its generated text) and their token ids: a later
+    prompt that extends one reuses its ids and tokenizes only the new text, so each request is
+    an exact token prefix of the next (what the radix cache matches), even where tokenizing the
+    whole text again would merge tokens across the boundary."""
+
+    def __init__(self) -> None:
+        self._known: OrderedDict[str, list[int]] = OrderedDict()
+        self._known_lock = threading.Lock()
+
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        raise NotImplementedError
+
+    def _detokenize(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, continuing the ids of the longest produced text it extends."""
+        with self._known_lock:
+            best = max((k for k in self._known if text.startswith(k)), key=len, default="")
+            ids = list(self._known[best]) if best else []
+            if best:
+                self._known.move_to_end(best)
+        if not best:
+            return self._tokenize(text, True)
+        rest = text[len(best) :]
+        return ids + (self._tokenize(rest, False) if rest else [])
+
+    def _remember(self, prompt: str, prompt_ids: list[int], text: str, ids: list[int]) -> None:
+        """Keep ``prompt + text`` as ``prompt_ids + ids`` when the ids decode to the text (a
+        stop string trimmed from the text would not)."""
+        if ids and self._detokenize(ids) != text:
+            return
+        with self._known_lock:
+            self._known[prompt + text] = [*prompt_ids, *ids]
+            self._known.move_to_end(prompt + text)
+            while len(self._known) > _KNOWN_TEXTS:
+                self._known.popitem(last=False)
+
+
+class Engine(_TokenContinuity, Backend):
     """A kvforge engine in this process (``model`` and engine options as for ``LLM``)."""
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
@@ -69,6 +111,7 @@ class Engine(Backend):
             )
         )
         self._ids = itertools.count()
+        _TokenContinuity.__init__(self)
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, daemon=True, name="kvforge-lang").start()
 
@@ -91,6 +134,12 @@ class Engine(Backend):
             raise RuntimeError(f"the engine failed the request: {output and output.error}")
         return output
 
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=special)  # type: ignore[no-any-return]
+
+    def _detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, False)  # type: ignore[no-any-return]
+
     def generate(
         self, prompt: str, sampling: dict[str, Any], messages: list[dict[str, str]]
     ) -> Completion:
@@ -100,8 +149,10 @@ class Engine(Backend):
         regex, schema = options.pop("regex", None), options.pop("json_schema", None)
         if regex is not None or schema is not None:
             options["structured_outputs"] = StructuredOutputsParams(json=schema, regex=regex)
-        output = self._request(self.tokenizer.encode(prompt), SamplingParams(**options))
+        output = self._request(self.encode(prompt), SamplingParams(**options))
         ids = output.prompt_token_ids
+        generated = output.outputs[0]
+        self._remember(prompt, ids, generated.text, generated.token_ids)
         return Completion(
             output.outputs[0].text,
             len(ids),
@@ -112,11 +163,11 @@ class Engine(Backend):
     def select(self, prompt: str, choices: list[str], messages: list[dict[str, str]]) -> Completion:
         from kvforge.sampling_params import SamplingParams
 
-        head = self.tokenizer.encode(prompt)
+        head = self.encode(prompt)
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         scores, prompt_tokens, cached = [], 0, 0
         for choice in choices:
-            ids = self.tokenizer.encode(prompt + choice)
+            ids = self.encode(prompt + choice)
             shared = _choice_start(head, ids)
             output = self._request(ids, params)
             entries = output.prompt_logprobs or []
@@ -125,6 +176,7 @@ class Engine(Backend):
             prompt_tokens += len(ids)
             cached += output.num_cached_tokens
         best = max(range(len(choices)), key=scores.__getitem__)
+        self._remember(prompt + choices[best], self.encode(prompt + choices[best]), "", [])
         return Completion(choices[best], prompt_tokens, 0, cached, scores)
 
     def shutdown(self) -> None:
@@ -137,11 +189,14 @@ class Engine(Backend):
 _NATIVE_NAMES = {"max_tokens": "max_new_tokens"}
 
 
-class RuntimeEndpoint(Backend):
-    """A kvforge server over its native ``/generate`` (``base_url`` without ``/v1``)."""
+class RuntimeEndpoint(_TokenContinuity, Backend):
+    """A kvforge server over its native ``/generate`` (``base_url`` without ``/v1``); prompts
+    travel as token ids (see ``_TokenContinuity``)."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 600.0):
         import httpx
+
+        _TokenContinuity.__init__(self)
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
@@ -158,8 +213,12 @@ class RuntimeEndpoint(Backend):
         tokens = self._post("/tokenize", body)["tokens"]
         return str(self._post("/detokenize", {"tokens": tokens})["prompt"])
 
-    def _tokens(self, text: str) -> list[int]:
-        return list(self._post("/tokenize", {"prompt": text})["tokens"])
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        body = {"prompt": text, "add_special_tokens": special}
+        return list(self._post("/tokenize", body)["tokens"])
+
+    def _detokenize(self, ids: list[int]) -> str:
+        return str(self._post("/detokenize", {"tokens": ids})["prompt"])
 
     def role_prefix(self, role: str) -> str:
         return self.markers[role][0]
@@ -171,17 +230,19 @@ class RuntimeEndpoint(Backend):
         self, prompt: str, sampling: dict[str, Any], messages: list[dict[str, str]]
     ) -> Completion:
         params = {_NATIVE_NAMES.get(k, k): v for k, v in sampling.items()}
-        reply = self._post("/generate", {"text": prompt, "sampling_params": params})
+        ids = self.encode(prompt)
+        reply = self._post("/generate", {"input_ids": ids, "sampling_params": params})
+        self._remember(prompt, ids, reply["text"], reply["output_ids"])
         meta = reply["meta_info"]
         return Completion(
             reply["text"], meta["prompt_tokens"], meta["completion_tokens"], meta["cached_tokens"]
         )
 
     def select(self, prompt: str, choices: list[str], messages: list[dict[str, str]]) -> Completion:
-        head = self._tokens(prompt)
+        head = self.encode(prompt)
         scores, prompt_tokens, cached = [], 0, 0
         for choice in choices:
-            ids = self._tokens(prompt + choice)
+            ids = self.encode(prompt + choice)
             body = {
                 "input_ids": ids,
                 "sampling_params": {"max_new_tokens": 1, "temperature": 0},
@@ -194,6 +255,7 @@ class RuntimeEndpoint(Backend):
             prompt_tokens += meta["prompt_tokens"]
             cached += meta["cached_tokens"]
         best = max(range(len(choices)), key=scores.__getitem__)
+        self._remember(prompt + choices[best], self.encode(prompt + choices[best]), "", [])
         return Completion(choices[best], prompt_tokens, 0, cached, scores)
 
 
