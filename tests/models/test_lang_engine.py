@@ -110,6 +110,7 @@ def test_constrained_gen(engine):
     assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", state["date"])
 
 
+@pytest.mark.slow  # starts a server
 def test_http_backend_gives_the_in_process_results(engine, tmp_path):
     """The seed programs over a server's /generate (RuntimeEndpoint) and in process: the same
     greedy variables and text."""
