@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from kvforge import LLM, SamplingParams
-from kvforge.lang import assistant, function, gen, system, user
+from kvforge.lang import assistant, function, gen, user
 from kvforge.lang.runtime import Engine
+from tests.lang_seed import multi_turn_qa, tool_use
 
 
 @pytest.fixture(scope="module")
@@ -19,25 +20,6 @@ def engine():
     backend = Engine(kv_cache_memory="256MiB")
     yield backend
     backend.shutdown()
-
-
-@function
-def multi_turn_qa(s, question_1, question_2):
-    s += system("You are a helpful assistant.")
-    s += user(question_1)
-    s += assistant(gen("answer_1", max_tokens=32))
-    s += user(question_2)
-    s += assistant(gen("answer_2", max_tokens=32))
-
-
-@function
-def tool_use(s, question):
-    s += "To answer this question: " + question + ". "
-    s += "I need to use a " + gen("tool", choices=["calculator", "search engine"]) + ". "
-    if s["tool"] == "calculator":
-        s += "The math expression is" + gen("expression")
-    elif s["tool"] == "search engine":
-        s += "The key word to search is" + gen("word")
 
 
 def test_multi_turn_qa_answers_as_the_chat_api(engine):
@@ -49,7 +31,7 @@ def test_multi_turn_qa_answers_as_the_chat_api(engine):
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "What is the capital of France?"},
     ]
-    greedy = SamplingParams(max_tokens=32, temperature=0)
+    greedy = SamplingParams(max_tokens=256, temperature=0)
     first = llm.chat(messages, greedy, use_tqdm=False)[0].outputs[0].text
     assert state["answer_1"] == first
     messages += [

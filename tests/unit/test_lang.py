@@ -13,13 +13,12 @@ from kvforge.lang import (
     Backend,
     Completion,
     ProgramError,
-    assistant,
     function,
     gen,
     select,
-    system,
     user,
 )
+from tests.lang_seed import multi_turn_qa, tool_use
 
 
 class Scripted(Backend):
@@ -48,26 +47,6 @@ class Scripted(Backend):
         best = next((i for i, c in enumerate(choices) if c in prompt), len(choices) - 1)
         scores = [0.0 if i == best else -1.0 for i in range(len(choices))]
         return Completion(choices[best], len(prompt), 0, 0, scores)
-
-
-# The seed programs, unchanged apart from the import.
-@function
-def tool_use(s, question):
-    s += "To answer this question: " + question + ". "
-    s += "I need to use a " + gen("tool", choices=["calculator", "search engine"]) + ". "
-    if s["tool"] == "calculator":
-        s += "The math expression is" + gen("expression")
-    elif s["tool"] == "search engine":
-        s += "The key word to search is" + gen("word")
-
-
-@function
-def multi_turn_qa(s, question_1, question_2):
-    s += system("You are a helpful assistant.")
-    s += user(question_1)
-    s += assistant(gen("answer_1", max_tokens=256))
-    s += user(question_2)
-    s += assistant(gen("answer_2", max_tokens=256))
 
 
 def test_multi_turn_qa_builds_chat_turns_and_variables():
