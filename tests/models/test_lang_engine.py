@@ -4,6 +4,7 @@ prefix, constrained gen."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -90,6 +91,21 @@ def test_constrained_gen(engine):
 
     state = constrained.run(backend=engine, temperature=0)
     assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", state["date"])
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "year": {"type": "integer"}},
+        "required": ["city", "year"],
+        "additionalProperties": False,
+    }
+
+    @function
+    def record(s):
+        s += user("A city and a year, as JSON.")
+        s += assistant(gen("record", json_schema=schema, max_tokens=48))
+
+    value = json.loads(record.run(backend=engine, temperature=0)["record"])
+    assert set(value) == {"city", "year"} and isinstance(value["year"], int)
 
 
 @pytest.mark.slow  # starts a server
