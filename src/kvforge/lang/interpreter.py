@@ -251,17 +251,14 @@ class Program:
         tb = exc.__traceback__
         while tb is not None:
             code = tb.tb_frame.f_code
-            if _is_program_code(code):
+            if code in _PROGRAM_CODES:
                 where = f"{code.co_name} ({code.co_filename}:{tb.tb_lineno})"
             tb = tb.tb_next
         return where
 
 
+# code objects of every @function: the frames an error is attributed to
 _PROGRAM_CODES: set[Any] = set()
-
-
-def _is_program_code(code: Any) -> bool:
-    return code in _PROGRAM_CODES
 
 
 def function(func: Callable[..., Any]) -> Program:

@@ -82,6 +82,26 @@ class _TokenContinuity:
         rest = text[len(best) :]
         return ids + (self._tokenize(rest, False) if rest else [])
 
+    def _choice_logprobs(self, ids: list[int], start: int) -> tuple[list[float], int]:
+        """Log-probabilities of ``ids[start:]`` given what precedes them, and the prompt tokens
+        the backend found cached."""
+        raise NotImplementedError
+
+    def select(self, prompt: str, choices: list[str], messages: list[dict[str, str]]) -> Completion:
+        """Each choice scored by the mean log-probability of its tokens after ``prompt`` (one
+        request per choice over the cached prompt)."""
+        head = self.encode(prompt)
+        encoded = [self.encode(prompt + choice) for choice in choices]
+        scores, cached = [], 0
+        for ids in encoded:
+            tail, hits = self._choice_logprobs(ids, _choice_start(head, ids))
+            scores.append(sum(tail) / max(1, len(tail)))
+            cached += hits
+        best = max(range(len(choices)), key=scores.__getitem__)
+        self._remember(prompt + choices[best], encoded[best], "", [])
+        prompt_tokens = sum(len(ids) for ids in encoded)
+        return Completion(choices[best], prompt_tokens, 0, cached, scores)
+
     def _remember(self, prompt: str, prompt_ids: list[int], text: str, ids: list[int]) -> None:
         """Keep ``prompt + text`` as ``prompt_ids + ids`` when the ids decode to the text (a
         stop string trimmed from the text would not)."""
@@ -160,24 +180,14 @@ class Engine(_TokenContinuity, Backend):
             output.num_cached_tokens,
         )
 
-    def select(self, prompt: str, choices: list[str], messages: list[dict[str, str]]) -> Completion:
+    def _choice_logprobs(self, ids: list[int], start: int) -> tuple[list[float], int]:
         from kvforge.sampling_params import SamplingParams
 
-        head = self.encode(prompt)
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        scores, prompt_tokens, cached = [], 0, 0
-        for choice in choices:
-            ids = self.encode(prompt + choice)
-            shared = _choice_start(head, ids)
-            output = self._request(ids, params)
-            entries = output.prompt_logprobs or []
-            tail = [entries[i][ids[i]].logprob for i in range(shared, len(ids)) if entries[i]]
-            scores.append(sum(tail) / max(1, len(tail)))
-            prompt_tokens += len(ids)
-            cached += output.num_cached_tokens
-        best = max(range(len(choices)), key=scores.__getitem__)
-        self._remember(prompt + choices[best], self.encode(prompt + choices[best]), "", [])
-        return Completion(choices[best], prompt_tokens, 0, cached, scores)
+        output = self._request(ids, params)
+        entries = output.prompt_logprobs or []
+        tail = [entries[i][ids[i]].logprob for i in range(start, len(ids)) if entries[i]]
+        return tail, output.num_cached_tokens
 
     def shutdown(self) -> None:
         """Stop the engine and its thread."""
@@ -238,25 +248,16 @@ class RuntimeEndpoint(_TokenContinuity, Backend):
             reply["text"], meta["prompt_tokens"], meta["completion_tokens"], meta["cached_tokens"]
         )
 
-    def select(self, prompt: str, choices: list[str], messages: list[dict[str, str]]) -> Completion:
-        head = self.encode(prompt)
-        scores, prompt_tokens, cached = [], 0, 0
-        for choice in choices:
-            ids = self.encode(prompt + choice)
-            body = {
-                "input_ids": ids,
-                "sampling_params": {"max_new_tokens": 1, "temperature": 0},
-                "return_logprob": True,
-                "logprob_start_len": _choice_start(head, ids),
-            }
-            meta = self._post("/generate", body)["meta_info"]
-            tail = [lp for lp, _, _ in meta["input_token_logprobs"] if lp is not None]
-            scores.append(sum(tail) / max(1, len(tail)))
-            prompt_tokens += meta["prompt_tokens"]
-            cached += meta["cached_tokens"]
-        best = max(range(len(choices)), key=scores.__getitem__)
-        self._remember(prompt + choices[best], self.encode(prompt + choices[best]), "", [])
-        return Completion(choices[best], prompt_tokens, 0, cached, scores)
+    def _choice_logprobs(self, ids: list[int], start: int) -> tuple[list[float], int]:
+        body = {
+            "input_ids": ids,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+            "return_logprob": True,
+            "logprob_start_len": start,
+        }
+        meta = self._post("/generate", body)["meta_info"]
+        tail = [lp for lp, _, _ in meta["input_token_logprobs"] if lp is not None]
+        return tail, int(meta["cached_tokens"])
 
 
 class OpenAI(Backend):

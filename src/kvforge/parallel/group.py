@@ -9,7 +9,7 @@ the vocabulary-parallel embedding all-reduces masked rows and the LM head all-ga
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,7 +88,6 @@ class ExpertParallel:
     tp: TensorParallel | None
     capacity_factor: float | None = None
     record_stats: bool = True
-    dropped: list[int] = field(default_factory=lambda: [0])  # (token, expert) pairs dropped
 
 
 @dataclass(frozen=True)
