@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -34,7 +35,7 @@ class Scripted(Backend):
     def role_suffix(self, role: str) -> str:
         return "<|im_end|>\n"
 
-    def generate(self, prompt, sampling, messages):
+    def generate(self, prompt, sampling, messages, on_text=None):
         self.prompts.append(prompt)
         if "explode" in prompt:
             raise RuntimeError("the model is on fire")
@@ -92,7 +93,10 @@ def test_fork_branches_share_the_prefix_and_diverge():
     state = branches.run(backend=backend)
     assert all(p.startswith("Shared prefix. Branch ") for p in backend.prompts[:3])
     assert state["pick"] == "Branch 9"  # the branches' text is not the parent's
-    assert "out" not in state.variables
+    # join gathers each branch's new variables into a list, in branch order
+    assert state["out"] == [forks_out for forks_out in state["out"]] and len(state["out"]) == 3
+    assert all(out.startswith(" <") for out in state["out"])
+    assert state.meta["completion_tokens"] == 3 * 3  # the branches' counts join the parent's
 
 
 def test_nested_programs_and_run_batch_keep_order():
@@ -150,6 +154,104 @@ def test_turns_must_nest_properly():
 
     with pytest.raises(ProgramError, match="cannot open inside a user turn"):
         unbalanced.run(backend=Scripted())
+
+
+class Gated(Scripted):
+    """Streams its answer in three pieces; waits at ``gate`` (a barrier of the branches that
+    must be generating at the same time, or an event the test sets) before finishing."""
+
+    def __init__(self, gate) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def generate(self, prompt, sampling, messages, on_text=None):
+        if on_text is not None:
+            on_text("a")
+        self.gate.wait(timeout=10)
+        if on_text is not None:
+            on_text("ab")
+        return Completion("abc", 1, 3, 0)
+
+
+def test_fork_branches_generate_at_the_same_time():
+    backend = Gated(threading.Barrier(4))  # three branches, and the program itself
+
+    @function
+    def parallel(s):
+        s += "Shared. "
+        forks = s.fork(3)
+        forks += lambda i: f"Branch {i}: " + gen("out")
+        backend.gate.wait(timeout=10)  # the program goes on while all three generate
+        forks.join()
+
+    state = parallel.run(backend=backend)
+    assert state["out"] == ["abc"] * 3
+
+
+def test_text_iter_streams_a_gen_while_it_runs():
+    backend = Gated(threading.Event())
+
+    @function
+    def story(s):
+        s += "Once" + gen("tale") + "."
+
+    state = story.run(backend=backend, stream=True)
+    pieces = state.text_iter("tale")
+    assert next(pieces) == "a"  # before the backend finished the gen
+    backend.gate.set()
+    assert "".join(pieces) == "bc"
+    assert "".join(state.text_iter()) == "Onceabc." == state.text()
+    assert state["tale"] == "abc"
+
+
+def test_a_failure_names_the_line_that_appended_it():
+    @function
+    def later(s):
+        s += "explode " + gen("x")  # the failing line
+        s += "more"
+        return s["x"]
+
+    line = later.func.__code__.co_firstlineno + 2
+    with pytest.raises(ProgramError, match=f"later \\(.*:{line}\\): RuntimeError: the model"):
+        later.run(backend=Scripted())
+    state = later.run(backend=Scripted(), stream=True)
+    with pytest.raises(ProgramError, match=f":{line}\\)"):
+        "".join(state.text_iter())
+    assert isinstance(state.error(), ProgramError)
+
+
+def test_a_failing_fork_branch_is_named_at_join():
+    @function
+    def branches(s):
+        forks = s.fork(3)
+        forks += ["fine " + gen("a"), "explode " + gen("a"), "fine " + gen("a")]
+        forks.join()
+
+    with pytest.raises(ProgramError, match=r"fork branch 1: branches \(.*\): RuntimeError"):
+        branches.run(backend=Scripted())
+
+    @function
+    def never_joined(s):
+        s.fork(2)[1] += "explode " + gen("a")
+
+    with pytest.raises(ProgramError, match="fork branch 1"):
+        never_joined.run(backend=Scripted())
+
+
+def test_join_concatenates_branches_and_returns_values():
+    @function
+    def concat(s):
+        s += "Items:"
+        forks = s.fork(2)
+        forks += lambda i: f" [{i}]"
+        forks.join("concate_and_append")
+        s += " done"
+        return len(forks)
+
+    state = concat.run(backend=Scripted())
+    assert state.text() == "Items: [0] [1] done" and state.ret_value == 2
+    with pytest.raises(ProgramError, match="join mode"):
+        function(lambda s: s.fork(2).join("zip")).run(backend=Scripted())
 
 
 def test_importable_without_torch():

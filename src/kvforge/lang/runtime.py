@@ -14,7 +14,7 @@ import itertools
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kvforge.lang.interpreter import Backend, Completion
@@ -87,6 +87,16 @@ class _TokenContinuity:
         the backend found cached."""
         raise NotImplementedError
 
+    def _prefill(self, ids: list[int]) -> int:
+        """Compute ``ids`` (one token generated and dropped); the prompt tokens found cached."""
+        raise NotImplementedError
+
+    def cache_prefix(self, prompt: str) -> Completion:
+        ids = self.encode(prompt)
+        cached = self._prefill(ids)
+        self._remember(prompt, ids, "", [])
+        return Completion("", len(ids), 0, cached)
+
     def select(self, prompt: str, choices: list[str], messages: list[dict[str, str]]) -> Completion:
         """Each choice scored by the mean log-probability of its tokens after ``prompt`` (one
         request per choice over the cached prompt)."""
@@ -141,12 +151,16 @@ class Engine(_TokenContinuity, Backend):
     def role_suffix(self, role: str) -> str:
         return self.markers[role][1]
 
-    def _request(self, prompt_ids: list[int], params: Any) -> Any:
+    def _request(
+        self, prompt_ids: list[int], params: Any, on_text: Callable[[str], None] | None = None
+    ) -> Any:
         async def collect() -> Any:
             final = None
             request_id = f"lang-{next(self._ids)}"
             async for output in self.llm.generate(prompt_ids, params, request_id):
                 final = output
+                if on_text is not None and not output.finished:
+                    on_text(output.outputs[0].text)
             return final
 
         output = asyncio.run_coroutine_threadsafe(collect(), self._loop).result()
@@ -161,7 +175,11 @@ class Engine(_TokenContinuity, Backend):
         return self.tokenizer.decode(ids, False)  # type: ignore[no-any-return]
 
     def generate(
-        self, prompt: str, sampling: dict[str, Any], messages: list[dict[str, str]]
+        self,
+        prompt: str,
+        sampling: dict[str, Any],
+        messages: list[dict[str, str]],
+        on_text: Callable[[str], None] | None = None,
     ) -> Completion:
         from kvforge.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -169,7 +187,7 @@ class Engine(_TokenContinuity, Backend):
         regex, schema = options.pop("regex", None), options.pop("json_schema", None)
         if regex is not None or schema is not None:
             options["structured_outputs"] = StructuredOutputsParams(json=schema, regex=regex)
-        output = self._request(self.encode(prompt), SamplingParams(**options))
+        output = self._request(self.encode(prompt), SamplingParams(**options), on_text)
         ids = output.prompt_token_ids
         generated = output.outputs[0]
         self._remember(prompt, ids, generated.text, generated.token_ids)
@@ -179,6 +197,12 @@ class Engine(_TokenContinuity, Backend):
             len(output.outputs[0].token_ids),
             output.num_cached_tokens,
         )
+
+    def _prefill(self, ids: list[int]) -> int:
+        from kvforge.sampling_params import SamplingParams
+
+        output = self._request(ids, SamplingParams(max_tokens=1, temperature=0.0))
+        return int(output.num_cached_tokens)
 
     def _choice_logprobs(self, ids: list[int], start: int) -> tuple[list[float], int]:
         from kvforge.sampling_params import SamplingParams
@@ -193,6 +217,23 @@ class Engine(_TokenContinuity, Backend):
         """Stop the engine and its thread."""
         self.llm.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def _events(client: Any, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The JSON events of a server-sent event stream (an error event raises)."""
+    with client.stream("POST", path, json=body) as reply:
+        if reply.status_code != 200:
+            raise RuntimeError(f"{path} answered {reply.status_code}: {reply.read()[:300]!r}")
+        for line in reply.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:") :].strip()
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise RuntimeError(f"{path} failed mid-stream: {event['error']}")
+            yield event
 
 
 # the frontend's gen options under /generate's (SGLang's) names
@@ -237,16 +278,32 @@ class RuntimeEndpoint(_TokenContinuity, Backend):
         return self.markers[role][1]
 
     def generate(
-        self, prompt: str, sampling: dict[str, Any], messages: list[dict[str, str]]
+        self,
+        prompt: str,
+        sampling: dict[str, Any],
+        messages: list[dict[str, str]],
+        on_text: Callable[[str], None] | None = None,
     ) -> Completion:
         params = {_NATIVE_NAMES.get(k, k): v for k, v in sampling.items()}
         ids = self.encode(prompt)
-        reply = self._post("/generate", {"input_ids": ids, "sampling_params": params})
+        body = {"input_ids": ids, "sampling_params": params}
+        if on_text is None:
+            reply = self._post("/generate", body)
+        else:  # each event holds the text so far; the last one the ids and counts
+            reply = {}
+            for reply in _events(self.client, "/generate", {**body, "stream": True}):
+                on_text(reply["text"])
+            if "meta_info" not in reply:
+                raise RuntimeError("/generate ended its stream without a result")
         self._remember(prompt, ids, reply["text"], reply["output_ids"])
         meta = reply["meta_info"]
         return Completion(
             reply["text"], meta["prompt_tokens"], meta["completion_tokens"], meta["cached_tokens"]
         )
+
+    def _prefill(self, ids: list[int]) -> int:
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0}}
+        return int(self._post("/generate", body)["meta_info"]["cached_tokens"])
 
     def _choice_logprobs(self, ids: list[int], start: int) -> tuple[list[float], int]:
         body = {
@@ -285,7 +342,11 @@ class OpenAI(Backend):
         return ""
 
     def _complete(
-        self, prompt: str, messages: list[dict[str, str]], body: dict[str, Any]
+        self,
+        prompt: str,
+        messages: list[dict[str, str]],
+        body: dict[str, Any],
+        on_text: Callable[[str], None] | None = None,
     ) -> Completion:
         body = {"model": self.model, **body}
         if messages:
@@ -298,23 +359,38 @@ class OpenAI(Backend):
             path, body["messages"] = "/chat/completions", messages
         else:
             path, body["prompt"] = "/completions", prompt
-        reply = self.client.post(path, json=body)
-        if reply.status_code != 200:
-            raise RuntimeError(f"{path} answered {reply.status_code}: {reply.text[:300]}")
-        data = reply.json()
-        choice = data["choices"][0]
-        text = choice["message"]["content"] if messages else choice["text"]
-        usage = data.get("usage") or {}
+        if on_text is None:
+            reply = self.client.post(path, json=body)
+            if reply.status_code != 200:
+                raise RuntimeError(f"{path} answered {reply.status_code}: {reply.text[:300]}")
+            data = reply.json()
+            choice = data["choices"][0]
+            text = (choice["message"]["content"] if messages else choice["text"]) or ""
+            usage = data.get("usage") or {}
+        else:
+            body.update(stream=True, stream_options={"include_usage": True})
+            text, usage = "", {}
+            for event in _events(self.client, path, body):
+                for choice in event.get("choices") or []:
+                    piece = choice["delta"].get("content") if messages else choice.get("text")
+                    if piece:
+                        text += piece
+                        on_text(text)
+                usage = event.get("usage") or usage
         details = usage.get("prompt_tokens_details") or {}
         return Completion(
-            text or "",
+            text,
             usage.get("prompt_tokens", 0),
             usage.get("completion_tokens", 0),
             details.get("cached_tokens") or 0,
         )
 
     def generate(
-        self, prompt: str, sampling: dict[str, Any], messages: list[dict[str, str]]
+        self,
+        prompt: str,
+        sampling: dict[str, Any],
+        messages: list[dict[str, str]],
+        on_text: Callable[[str], None] | None = None,
     ) -> Completion:
         body = dict(sampling)
         schema = body.pop("json_schema", None)
@@ -324,7 +400,7 @@ class OpenAI(Backend):
                 "type": "json_schema",
                 "json_schema": {"name": "gen", "schema": schema},
             }
-        return self._complete(prompt, messages, body)
+        return self._complete(prompt, messages, body, on_text)
 
     def select(self, prompt: str, choices: list[str], messages: list[dict[str, str]]) -> Completion:
         body = {"guided_choice": choices, "temperature": 0, "max_tokens": 256}
