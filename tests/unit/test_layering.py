@@ -15,7 +15,7 @@ LAYERS = {
     | {"spec_decode.__init__", "spec_decode.ngram", "spec_decode.stats"},
     2: {"ops", "parallel", "layers", "models", "loader", "sample", "runner", "spec_decode.draft"}
     | {"lora.adapter", "lora.manager", "lora.train"},
-    3: {"engine", "output_processor", "beam_search", "async_engine", "tools"},
+    3: {"engine", "output_processor", "beam_search", "async_engine", "tools", "clip"},
     4: {"entrypoints", "__init__", "lang.runtime"},
 }
 # Packages whose modules sit in different layers (named "package.module" above).
