@@ -120,6 +120,8 @@ class ProgramState:
         self._pending: Counter[str] = Counter()  # variables queued, not produced yet
         self._failure: ProgramError | None = None
         self._ended = False  # the program returned: nothing more will be appended
+        self._owner = threading.get_ident()  # the thread running the program
+        self._produced: Counter[str] = Counter()  # completed gen / select calls per variable
         # program side
         self._open: str | None = None  # the chat turn open after everything queued
         self._branches: list[ProgramState] = []
@@ -140,8 +142,16 @@ class ProgramState:
         return self
 
     def __getitem__(self, name: str) -> Any:
+        """The variable; waits while it is queued (from outside a streamed program, also
+        while the program may still queue it)."""
+
+        def ready() -> bool:
+            if self._failure is not None or self._pending[name]:
+                return self._failure is not None
+            return name in self._vars or self._settled()
+
         with self._cond:
-            self._cond.wait_for(lambda: not self._pending[name] or self._failure is not None)
+            self._cond.wait_for(ready)
             self._raise_failure()
             return self._vars[name]
 
@@ -180,16 +190,26 @@ class ProgramState:
             group.join()
 
     def sync(self) -> None:
-        """Wait for everything queued; raise the ProgramError of a failed expression."""
+        """Wait for everything queued (from outside a streamed program: for its end); raise
+        the ProgramError of a failed expression."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._busy)
+            self._cond.wait_for(self._settled)
             self._raise_failure()
 
     def error(self) -> ProgramError | None:
-        """The failure that stopped this state, if any (after waiting for the queue)."""
+        """The failure that stopped this state, if any (after waiting as ``sync``)."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._busy)
+            self._cond.wait_for(self._settled)
             return self._failure
+
+    def _settled(self) -> bool:
+        """Nothing more will change what a reader sees: the queue is done and, for a reader
+        outside the program's thread, the program has ended."""
+        if self._failure is not None:
+            return True
+        if self._busy:
+            return False
+        return self._ended or threading.get_ident() == self._owner
 
     # ------------------------------------------------------------- results
     def text(self) -> str:
@@ -224,7 +244,16 @@ class ProgramState:
         """The text (or variable ``var_name``'s text) in pieces as it grows, until the program
         ends; with ``run(stream=True)`` the pieces of a gen arrive while it is generated. A
         program's failure is raised after the last piece."""
-        view = self._text_view if var_name is None else functools.partial(self._var_view, var_name)
+        if threading.get_ident() == self._owner and not self._ended:
+            raise RuntimeError("text_iter waits for the program's end: read it from outside")
+        if var_name is None:
+            view = self._text_view
+        else:  # the value of the variable's next gen (or its last one, once the program ended)
+            with self._cond:
+                goal = self._produced[var_name] + (0 if var_name in self._vars else 1)
+                if self._pending[var_name] and var_name in self._vars:
+                    goal += 1
+            view = functools.partial(self._var_view, var_name, goal)
         shown = 0
         while True:
             with self._cond:
@@ -243,12 +272,14 @@ class ProgramState:
     def _text_view(self) -> tuple[str, bool]:
         return self._text + self._live, self._finished()
 
-    def _var_view(self, name: str) -> tuple[str, bool]:
-        if self._pending[name]:
-            return (self._live if self._live_name == name else ""), False
-        if name in self._vars:
+    def _var_view(self, name: str, goal: int) -> tuple[str, bool]:
+        if self._produced[name] >= goal:
             return str(self._vars[name]), True
-        return "", self._finished()  # not appended yet
+        if self._live_name == name:
+            return self._live, False
+        if self._finished():
+            return str(self._vars.get(name, "")), True
+        return "", False  # not generating yet
 
     def _finished(self) -> bool:
         return self._failure is not None or (self._ended and not self._busy)
@@ -290,10 +321,14 @@ class ProgramState:
             self._cond.notify_all()
 
     def _show(self, name: str | None, text: str) -> None:
-        """A gen's text so far (streaming)."""
+        """A gen's text so far: shown to streams; raises to stop the request once the state
+        has failed (the program raised while the gen ran)."""
         with self._cond:
-            self._live, self._live_name = text, name
-            self._cond.notify_all()
+            if self._failure is not None:
+                raise _Stopped("the program failed")
+            if self.stream:
+                self._live, self._live_name = text, name
+                self._cond.notify_all()
 
     def _run(self, expr: Expr) -> None:
         if isinstance(expr, Concat):
@@ -311,7 +346,7 @@ class ProgramState:
             self._role = None
         elif isinstance(expr, Gen):
             sampling = {**self.defaults, **expr.sampling()}
-            on_text = functools.partial(self._show, expr.name) if self.stream else None
+            on_text = functools.partial(self._show, expr.name)
             result = self.backend.generate(self._text, sampling, self._conversation(), on_text)
             self._record(expr.name, result)
         elif isinstance(expr, Select):
@@ -333,6 +368,7 @@ class ProgramState:
                 self._meta[key] += getattr(result, key)
             if name is not None:
                 self._vars[name] = result.text
+                self._produced[name] += 1
             if append:
                 self._text += result.text
             self._live, self._live_name = "", None
@@ -340,6 +376,7 @@ class ProgramState:
 
     def _branch(self) -> ProgramState:
         other = ProgramState(self.backend, self.defaults, self.stream)
+        other._owner = self._owner
         other._text, other._messages = self._text, [dict(m) for m in self._messages]
         other._role, other._role_start, other._open = self._role, self._role_start, self._open
         other._vars = dict(self._vars)
@@ -355,15 +392,36 @@ class ProgramState:
                 self._failure = failure
             self._cond.notify_all()
         for branch in self._branches:
-            branch._end()
+            branch._end(failure)
 
     def _finish(self) -> None:
         """End of a program: wait for the queue and for every branch, raise a failure."""
         self.sync()
+        error = self._branch_failure()
+        if error is not None:
+            raise error
+
+    def _branch_failure(self) -> ProgramError | None:
+        """The first failure among the branches (and theirs), named by branch index."""
         for index, branch in enumerate(self._branches):
-            error = branch.error()
+            error = branch.error() or branch._branch_failure()
             if error is not None:
-                raise ProgramError(f"fork branch {index}: {error}") from error
+                failure = ProgramError(f"fork branch {index}: {error}")
+                failure.__cause__ = error
+                return failure
+        return None
+
+    def _stop(self) -> None:
+        """The program failed: wait for the request in progress (it stops at its next
+        token) so none is left running."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._busy)
+        for branch in self._branches:
+            branch._stop()
+
+
+class _Stopped(Exception):
+    """Raised into a backend's generation to stop it."""
 
 
 def _names(expr: Expr) -> list[str]:
@@ -406,6 +464,7 @@ class ForkGroup(list[ProgramState]):
     def __init__(self, states: list[ProgramState], parent: ProgramState) -> None:
         super().__init__(states)
         self.parent = parent
+        self.joined = False  # a second join does nothing
 
     def join(self, mode: str = "gather_variable") -> None:
         """Wait for every branch and raise the first failure (naming the branch and its line).
@@ -414,10 +473,13 @@ class ForkGroup(list[ProgramState]):
         the parent, in order. Either way the branches' token counts are added to the parent's."""
         if mode not in ("gather_variable", "concate_and_append"):
             raise ValueError(f"join mode is gather_variable or concate_and_append, not {mode!r}")
+        if self.joined:
+            return
         for index, branch in enumerate(self):
-            error = branch.error()
+            error = branch.error() or branch._branch_failure()
             if error is not None:
                 raise ProgramError(f"fork branch {index}: {error}") from error
+        self.joined = True
         parent = self.parent
         if mode == "concate_and_append":
             parent += "".join(branch._text[branch._fork_start :] for branch in self)
@@ -492,15 +554,21 @@ class Program:
     ) -> ProgramError | None:
         """Run the program on ``state`` to its end; its failure is returned and kept on it."""
         failure = None
+        state._owner = threading.get_ident()
         try:
             state.ret_value = self.func(state, *args, **kwargs)
             state._finish()
         except ProgramError as exc:
             failure = exc
-        except Exception as exc:
+        except BaseException as exc:
             failure = ProgramError(f"{self._where(exc)}: {type(exc).__name__}: {exc}")
             failure.__cause__ = exc
+            if not isinstance(exc, Exception) and not state.stream:
+                state._end(failure)  # SystemExit, KeyboardInterrupt: end the state, go on
+                raise
         state._end(failure)
+        if failure is not None:
+            state._stop()
         return failure
 
     def run_batch(
@@ -524,7 +592,13 @@ class Program:
                     print(f"\r{name}: {done}/{len(batch)}", end="", file=sys.stderr)
             if progress_bar:
                 print(file=sys.stderr)
-            return [future.result() for future in futures]
+            states = []
+            for index, future in enumerate(futures):
+                try:
+                    states.append(future.result())
+                except ProgramError as exc:
+                    raise ProgramError(f"run_batch item {index}: {exc}") from exc
+            return states
 
     def _where(self, exc: BaseException) -> str:
         """``name (file:line)`` of the innermost frame of a program in the traceback."""

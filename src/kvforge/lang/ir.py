@@ -175,6 +175,8 @@ def gen(
 
 def select(name: str | None = None, choices: list[str] | None = None) -> Expr:
     """Pick the most likely of ``choices`` and store it in ``name``."""
+    if isinstance(choices, (str, bytes)):
+        raise ValueError(f"select({name!r}): choices must be a list of strings, not one string")
     options = list(choices or [])
     if not options or not all(isinstance(c, str) for c in options):
         raise ValueError(f"select({name!r}): choices must be a non-empty list of strings")

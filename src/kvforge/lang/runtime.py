@@ -102,10 +102,13 @@ class _TokenContinuity:
         request per choice over the cached prompt)."""
         head = self.encode(prompt)
         encoded = [self.encode(prompt + choice) for choice in choices]
+        if not prompt:
+            raise ValueError("select needs text before it (a first token has no probability)")
         scores, cached = [], 0
         for ids in encoded:
             tail, hits = self._choice_logprobs(ids, _choice_start(head, ids))
-            scores.append(sum(tail) / max(1, len(tail)))
+            # a choice with no scored token (merged into the first one) never wins
+            scores.append(sum(tail) / len(tail) if tail else float("-inf"))
             cached += hits
         best = max(range(len(choices)), key=scores.__getitem__)
         self._remember(prompt + choices[best], encoded[best], "", [])
@@ -143,6 +146,7 @@ class Engine(_TokenContinuity, Backend):
         self._ids = itertools.count()
         _TokenContinuity.__init__(self)
         self._loop = asyncio.new_event_loop()
+        self._closed = False
         threading.Thread(target=self._loop.run_forever, daemon=True, name="kvforge-lang").start()
 
     def role_prefix(self, role: str) -> str:
@@ -163,6 +167,8 @@ class Engine(_TokenContinuity, Backend):
                     on_text(output.outputs[0].text)
             return final
 
+        if self._closed:
+            raise RuntimeError("the engine backend was shut down")
         output = asyncio.run_coroutine_threadsafe(collect(), self._loop).result()
         if output is None or output.error:
             raise RuntimeError(f"the engine failed the request: {output and output.error}")
@@ -214,7 +220,8 @@ class Engine(_TokenContinuity, Backend):
         return tail, output.num_cached_tokens
 
     def shutdown(self) -> None:
-        """Stop the engine and its thread."""
+        """Stop the engine and its thread; later requests fail."""
+        self._closed = True
         self.llm.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
 
@@ -234,6 +241,7 @@ def _events(client: Any, path: str, body: dict[str, Any]) -> Iterator[dict[str, 
             if "error" in event:
                 raise RuntimeError(f"{path} failed mid-stream: {event['error']}")
             yield event
+    raise RuntimeError(f"{path}: the stream ended before its [DONE] event")
 
 
 # the frontend's gen options under /generate's (SGLang's) names
@@ -352,6 +360,11 @@ class OpenAI(Backend):
         if messages:
             if messages[-1]["role"] != "assistant":
                 raise ValueError("with a chat endpoint, gen and select run inside assistant()")
+            if "".join(m["content"] for m in messages) != prompt:
+                raise ValueError(
+                    "with a chat endpoint, text outside the chat turns cannot be sent: put it "
+                    "inside system(), user() or assistant()"
+                )
             if messages[-1]["content"]:
                 body.update(continue_final_message=True, add_generation_prompt=False)
             else:
