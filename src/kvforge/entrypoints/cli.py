@@ -13,6 +13,7 @@ from typing import Any
 from kvforge import config as kv_config
 from kvforge.engine_args import EngineArgs
 from kvforge.entrypoints.bench import add_bench_parser
+from kvforge.entrypoints.clip_cli import add_clip_parser
 from kvforge.errors import KVForgeError
 from kvforge.lora.request import parse_lora_module
 from kvforge.sampling_params import SamplingParams
@@ -185,6 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_runtime_lora=args.allow_runtime_lora,
         lora_root=args.lora_root,
         admin_key=args.admin_key,
+        clip_path=args.clip,
     )
     config.check()  # before loading the model
     async_llm = AsyncLLM(make_engine, args.max_queued_requests)
@@ -465,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="open connections and tasks beyond which new requests get 503",
     )
+    srv.add_argument(
+        "--clip",
+        default=None,
+        metavar="PATH",
+        help="also serve this CLIP checkpoint: text / image embeddings, POST /v1/classify",
+    )
     lora = srv.add_argument_group("LoRA adapters (imply --enable-lora)")
     lora.add_argument(
         "--lora-modules",
@@ -493,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=cmd_serve)
     _add_tool_parsers(sub)
     add_bench_parser(sub, _add_engine_args, _make_llm)
+    add_clip_parser(sub)
     return parser
 
 

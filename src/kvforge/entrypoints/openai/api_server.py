@@ -23,11 +23,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import kvforge
 from kvforge.async_engine import AsyncLLM
+from kvforge.entrypoints.openai.clip_serving import ClipServing
 from kvforge.entrypoints.openai.metrics import ServerMetrics
 from kvforge.entrypoints.openai.protocol import (
     ChatCompletionRequest,
+    ClassifyRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingPart,
     EmbeddingRequest,
     GenerateRequest,
     LoadLoRARequest,
@@ -82,6 +85,8 @@ class ServerConfig:
     allow_runtime_lora: bool = False
     lora_root: str | None = None
     admin_key: str | None = None
+    # a CLIP checkpoint directory served next to the language model (embeddings, classify)
+    clip_path: str | None = None
 
     def check(self) -> None:
         """Refuse runtime adapter loading without a root and an admin key."""
@@ -170,6 +175,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(llm)
     config.check()
     serving = ChatServing(llm, list(config.served_model_names), metrics, config.lora_modules)
+    clip = ClipServing(llm, config.clip_path) if config.clip_path else None
     app.state.llm, app.state.draining, app.state.config = llm, False, config
     # NOTE: the last middleware added is the outermost. CORS wraps the guard, so a browser's
     # preflight is answered before the API key is checked and a 401 carries CORS headers.
@@ -260,6 +266,10 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
             }
             for lora in serving.loras.values()
         ]
+        if clip is not None:
+            base.append(
+                {"id": clip.name, "object": "model", "created": created, "owned_by": "kvforge"}
+            )
         return {"object": "list", "data": base + adapters}
 
     @app.post("/v1/load_lora_adapter")
@@ -284,7 +294,22 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request, body: EmbeddingRequest) -> Response:
+        parts = isinstance(body.input, list) and any(
+            isinstance(i, EmbeddingPart) for i in body.input
+        )
+        if clip is not None and (parts or body.model == clip.name):
+            return await respond(request, clip.embeddings(body))
+        if parts:
+            raise InvalidRequestError("image and text parts need a CLIP model (--clip)", "input")
         return await respond(request, serving.embeddings(body))
+
+    @app.post("/v1/classify")
+    async def classify(request: Request, body: ClassifyRequest) -> Response:
+        if clip is None:
+            raise ModelNotFoundError("no CLIP model is served: start the server with --clip")
+        if body.model not in (None, clip.name):
+            raise ModelNotFoundError(f"the CLIP model here is {clip.name!r}, not {body.model!r}")
+        return await respond(request, clip.classify(body))
 
     @app.post("/tokenize")
     async def tokenize(request: Request, body: TokenizeRequest) -> Response:

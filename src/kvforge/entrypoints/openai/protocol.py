@@ -315,13 +315,34 @@ class ChatCompletionRequest(SamplingFields):
         return self.top_logprobs or 0
 
 
-class EmbeddingRequest(RequestBody):
-    """POST /v1/embeddings."""
+class ImageURL(APIModel):
+    url: str
 
-    input: str | list[str] | list[int] | list[list[int]]
+
+class EmbeddingPart(APIModel):
+    """A text or an image (``image_url.url``: a data URL or bare base64) to embed with CLIP."""
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class EmbeddingRequest(RequestBody):
+    """POST /v1/embeddings (parts: for a CLIP model served with --clip)."""
+
+    input: str | list[str] | list[int] | list[list[int]] | list[EmbeddingPart]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
+
+
+class ClassifyRequest(RequestBody):
+    """POST /v1/classify: zero-shot classification of an image by a CLIP model."""
+
+    model: str | None = None
+    image: str  # a data URL or bare base64
+    labels: list[str] = Field(min_length=1, max_length=1000)
+    templates: list[str] | None = Field(default=None, min_length=1, max_length=32)
 
 
 class TokenizeRequest(RequestBody):
