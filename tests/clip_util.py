@@ -23,23 +23,11 @@ WORDS = [
 
 
 def write_tokenizer(folder: Path, words: list[str]) -> dict[str, int]:
-    """A lower-casing word-level tokenizer: [PAD] 0, [UNK] 1, [SOS] 2, [EOS] 3, then ``words``;
-    every text becomes [SOS] words [EOS]."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
+    """kvforge's training tokenizer over ``words``: [PAD] 0, [UNK] 1, [SOS] 2, [EOS] 3, then
+    the words; every text becomes [SOS] words [EOS]."""
+    from kvforge.clip.train import build_tokenizer
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[SOS]": 2, "[EOS]": 3}
-    for word in words:
-        vocab.setdefault(word, len(vocab))
-    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[SOS] $A [EOS]", special_tokens=[("[SOS]", 2), ("[EOS]", 3)]
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return vocab
+    return dict(build_tokenizer([" ".join(words)], folder).get_vocab())
 
 
 def write_tiny_clip(folder: Path, hidden_act: str = "quick_gelu", seed: int = 0) -> Path:

@@ -5,29 +5,13 @@ shut-down engine. Probes that could hang run in a thread joined with a timeout."
 
 from __future__ import annotations
 
-import threading
 import time
-from typing import Any
 
 import pytest
 
 from kvforge.lang import ProgramError, function, gen, select
 from kvforge.lang.runtime import Engine
-
-
-def _within(fn, timeout: float = 60.0) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-
-    def go() -> None:
-        try:
-            result["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            result["error"] = exc
-
-    thread = threading.Thread(target=go, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return {"hang": True} if thread.is_alive() else result
+from tests.unit.test_lang_attack import _within
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +51,7 @@ def test_bad_gen_options_fail_at_their_line_without_leaking(engine, label):
         s += "Hello" + gen("x", **{"max_tokens": 8, **options})
 
     line = bad.func.__code__.co_firstlineno + 2
-    outcome = _within(lambda: bad.run(backend=engine, temperature=0))
+    outcome = _within(lambda: bad.run(backend=engine, temperature=0), 60.0)
     error = outcome.get("error")
     assert isinstance(error, ProgramError), outcome
     assert f":{line})" in str(error) and message in str(error)
@@ -88,7 +72,7 @@ def test_prompts_beyond_the_context_fail_at_their_line(engine):
             s.fork(2)
 
     for how in ("gen", "select", "fork"):
-        outcome = _within(lambda how=how: too_long.run(how, backend=engine))
+        outcome = _within(lambda how=how: too_long.run(how, backend=engine), 60.0)
         error = outcome.get("error")
         assert isinstance(error, ProgramError), (how, outcome)
         assert "ContextLengthError" in str(error) and "too_long (" in str(error)
