@@ -29,6 +29,8 @@ class ForwardBatch:
     max_query_len: int
     # Adapter slots of the tokens (None: the base model only).
     lora: LoRABatch | None = None
+    # Image embeddings that replace token embeddings: (rows in [T], vectors [rows, E]).
+    mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
     # Attention backends cache per-batch tensors (masks, gather indices) here, keyed by name.
     attn_cache: dict[object, object] = field(default_factory=dict)
 

@@ -41,7 +41,10 @@ def iter_hf_weights(path: str | Path, family: ModelFamily) -> Iterator[tuple[str
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                 tensor = handle.get_tensor(name).float()
+                # LLaVA-style wrappers: the language model's tensors under their own names
                 name = name.removeprefix("language_model.")
+                if name.startswith("model.language_model."):
+                    name = "model." + name.removeprefix("model.language_model.")
                 if family.fix_hf_tensor is not None:
                     tensor = family.fix_hf_tensor(name, tensor)
                 yield name, tensor

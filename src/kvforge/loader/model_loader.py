@@ -26,6 +26,7 @@ from kvforge.loader.gguf_check import open_gguf
 from kvforge.loader.gguf_loader import iter_gguf_weights, read_metadata
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config, safetensors_files
 from kvforge.models.common import DecoderLM
+from kvforge.models.llava import VisionAdapter, VisionAdapterConfig
 from kvforge.models.registry import ModelFamily, family_for_gguf, family_for_hf
 from kvforge.parallel.group import ModelShard
 from kvforge.quant.formats import Unpacked
@@ -48,6 +49,7 @@ class LoadedModel:
     dtype: torch.dtype
     weight_bytes: int = 0  # resident bytes of all parameters and packed weights
     is_packed: bool = False  # some weights are kept quantized
+    vision: VisionAdapter | None = None  # a vision chat model's image encoder and projector
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -118,6 +120,8 @@ def read_model_config(model_config: ModelConfig) -> TransformerConfig:
             raise ModelFileError(path, f"metadata key {exc} is missing") from exc
     if path.is_dir():
         hf = read_hf_config(path)
+        if (hf.get("architectures") or [""])[0] in _VISION_CHAT:
+            hf = _text_config(hf, path)
         family = family_for_hf((hf.get("architectures") or ["LlamaForCausalLM"])[0])
         return family.config_from_hf(hf)
     raise ModelNotFoundError(f"{path} is neither a .gguf file nor a model directory")
@@ -190,10 +194,16 @@ def load_model(
         num_tensors = len(reader.tensors)
     elif path.is_dir():
         hf = read_hf_config(path)
-        family = family_for_hf((hf.get("architectures") or ["LlamaForCausalLM"])[0])
+        architecture = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+        vision_weights: dict[str, torch.Tensor] = {}
+        vision_hf: dict[str, Any] = {}
+        if architecture in _VISION_CHAT:
+            hf, vision_hf = _text_config(hf, path), hf
+            architecture = hf["architectures"][0]
+        family = family_for_hf(architecture)
         cfg = family.config_from_hf(hf)
         tokenizer = Tokenizer.from_hf_dir(model_config.tokenizer or path)
-        weights = iter_hf_weights(path, family)
+        weights = _split_vision(iter_hf_weights(path, family), vision_weights)
         num_tensors = sum(1 for _ in safetensors_files(path))
     else:
         raise ModelNotFoundError(f"{path} is neither a .gguf file nor a model directory")
@@ -223,6 +233,9 @@ def load_model(
         raise
     except ValueError as exc:  # tensors missing, unexpected or of the wrong shape
         raise ModelFileError(path, str(exc)) from exc
+    vision = None
+    if path.is_dir() and vision_weights:
+        vision = _vision_adapter(path, vision_hf, cfg, vision_weights, device)
     dtype = resolve_dtype(model_config)
     if dtype != torch.float32:  # float32 keeps the packed weights' bf16 scales as they are
         _convert_floats(model, dtype)
@@ -241,7 +254,61 @@ def load_model(
         format_size(weight_bytes),
         format_size(_checkpoint_bytes(path)),
     )
-    return LoadedModel(model, tokenizer, cfg, dtype, weight_bytes, is_packed)
+    return LoadedModel(model, tokenizer, cfg, dtype, weight_bytes, is_packed, vision)
+
+
+# vision chat architectures: a language model plus a vision tower and projector
+_VISION_CHAT = ("LlavaForConditionalGeneration",)
+_TEXT_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+def _text_config(hf: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The language model's config of a vision chat checkpoint, with its architecture."""
+    text = dict(hf.get("text_config") or {})
+    if not text:
+        raise ModelFileError(path / "config.json", "a vision chat config needs a text_config")
+    if not text.get("architectures"):
+        model_type = text.get("model_type", "llama")
+        if model_type not in _TEXT_ARCHITECTURES:
+            raise ModelFileError(
+                path / "config.json", f"text_config model_type {model_type!r} is not supported"
+            )
+        text["architectures"] = [_TEXT_ARCHITECTURES[model_type]]
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    return text
+
+
+def _split_vision(weights: Weights, vision: dict[str, torch.Tensor]) -> Weights:
+    """The language model's tensors; the vision tower's and projector's go into ``vision``."""
+    for name, tensor in weights:
+        if "vision_tower." in name or "multi_modal_projector." in name:
+            assert isinstance(tensor, torch.Tensor)
+            vision[name] = tensor
+        else:
+            yield name, tensor
+
+
+def _vision_adapter(
+    path: Path,
+    hf: dict[str, Any],
+    cfg: TransformerConfig,
+    weights: dict[str, torch.Tensor],
+    device: torch.device,
+) -> VisionAdapter:
+    try:
+        config = VisionAdapterConfig.from_hf(hf, cfg.hidden_size)
+        if not 0 <= config.image_token_id < cfg.vocab_size:
+            raise ValueError(f"image_token_index {config.image_token_id} is not a token id")
+        adapter = VisionAdapter(config)
+        adapter.load_hf_weights(weights)
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(path, str(exc)) from exc
+    return adapter.to(device).eval()
 
 
 def _convert_floats(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -336,6 +336,7 @@ class DecoderLM(nn.Module):
         if self.config.embed_scale != 1.0:
             # Gemma multiplies by sqrt(E) rounded to the activation dtype.
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        x = _with_images(x, batch)
         rope_global = self.rope_global.cos_sin(batch.positions)
         rope_local = self.rope_local.cos_sin(batch.positions) if self.rope_local else rope_global
         stack = self.fused_stack()
@@ -383,6 +384,7 @@ class DecoderLM(nn.Module):
             x = self.embed_tokens(batch.input_ids).to(self.norm.weight.dtype)
             if self.config.embed_scale != 1.0:
                 x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+            x = _with_images(x, batch)
         rope_global = self.rope_global.cos_sin(batch.positions)
         rope_local = self.rope_local.cos_sin(batch.positions) if self.rope_local else rope_global
         residual: torch.Tensor | None = None
@@ -503,3 +505,11 @@ def _on_stage(name: str, start: int, end: int) -> bool:
 def gemma_embed_scale(hidden_size: int) -> float:
     """Gemma's embedding multiplier sqrt(hidden_size)."""
     return math.sqrt(hidden_size)
+
+
+def _with_images(x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    """Token embeddings with the batch's image embeddings in place of their placeholders."""
+    if batch.mm_embeds is None:
+        return x
+    rows, vectors = batch.mm_embeds
+    return x.index_copy(0, rows, vectors.to(x.dtype))
