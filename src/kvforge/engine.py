@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import re
 import time
 from collections.abc import Sequence
+from typing import Any
+
+import torch
 
 from kvforge.beam_search import BeamSearchGroup
 from kvforge.config import EngineConfig
@@ -15,6 +19,7 @@ from kvforge.core.kv_cache_manager import KVCacheManager
 from kvforge.core.scheduler import Scheduler
 from kvforge.errors import ContextLengthError, InvalidRequestError
 from kvforge.lora.request import LoRARequest
+from kvforge.multimodal import ImageInput, expand_placeholders
 from kvforge.output_processor import OutputProcessor, RequestState
 from kvforge.outputs import CompletionOutput, RequestFailure, RequestMetrics, RequestOutput
 from kvforge.request import Request, RequestStatus
@@ -122,12 +127,15 @@ class LLMEngine:
         cache_salt: str | None = None,
         prompt_token_ids: list[int] | None = None,
         lora_request: LoRARequest | None = None,
+        images: Sequence[Any] | None = None,
     ) -> str:
         """Validate and queue a request; returns its id. Bad input raises InvalidRequestError.
 
         ``prompt_token_ids`` are the ids of a text ``prompt`` tokenized by the caller (the
         server tokenizes in worker threads, never on the engine thread). ``lora_request``
-        runs it under an adapter (loaded on first use).
+        runs it under an adapter (loaded on first use). ``images`` (PIL images, bytes, paths
+        or preprocessed [3, H, W] tensors) go where the prompt holds the vision model's image
+        placeholder token, once per image (one token or already the model's tokens per image).
         """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -147,6 +155,11 @@ class LLMEngine:
             prompt_ids = self.tokenize_prompt(prompt_token_ids)
         else:
             prompt_ids = self.tokenize_prompt(prompt)
+        mm_inputs: list[ImageInput] = []
+        if images:
+            if params.use_beam_search:
+                raise InvalidRequestError("beam search does not take images", "images")
+            prompt_ids, mm_inputs = self._images(prompt_ids, list(images))
         max_tokens = self._check_length(prompt_ids, params)
         lora_id = 0
         if lora_request is not None:
@@ -186,6 +199,7 @@ class LLMEngine:
                 lora_id=lora_id,
                 fork_parent=parent,
                 grammar=self.structured_outputs().matcher(constraint) if constraint else None,
+                mm_inputs=mm_inputs,
             )
 
         if params.use_beam_search:
@@ -219,6 +233,37 @@ class LLMEngine:
         for request in children:
             self.scheduler.add_request(request)
         return request_id
+
+    def _images(
+        self, prompt_ids: list[int], images: list[Any]
+    ) -> tuple[list[int], list[ImageInput]]:
+        """The prompt with each image's placeholders expanded, and the images encoded."""
+        from kvforge.clip.image import Preprocess
+
+        vision = getattr(getattr(self.runner, "loaded", None), "vision", None)
+        if vision is None:
+            raise InvalidRequestError("this model does not take images", "images")
+        config = vision.config
+        length = config.tokens_per_image
+        ids, offsets = expand_placeholders(prompt_ids, config.image_token_id, length, len(images))
+        preprocess = Preprocess(config.tower.image_size, config.image_mean, config.image_std)
+        size = config.tower.image_size
+        pixels = torch.stack(
+            [
+                image
+                if isinstance(image, torch.Tensor) and tuple(image.shape) == (3, size, size)
+                else preprocess(image)
+                for image in images
+            ]
+        )
+        if not torch.isfinite(pixels).all():
+            raise InvalidRequestError("image pixels must be finite", "images")
+        embeds = self.runner.encode_images(pixels)
+        inputs = []
+        for offset, picture, vectors in zip(offsets, pixels, embeds):
+            digest = hashlib.blake2b(picture.numpy().tobytes(), digest_size=8).digest()
+            inputs.append(ImageInput(offset, length, int.from_bytes(digest) >> 1, vectors))
+        return ids, inputs
 
     def _check_length(self, prompt_ids: list[int], params: SamplingParams) -> int:
         num_prompt = len(prompt_ids)

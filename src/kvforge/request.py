@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvforge.multimodal import ImageInput, cache_key_ids
 from kvforge.outputs import RequestFailure
 from kvforge.sampling_params import SamplingParams
 
@@ -63,6 +64,8 @@ class Request:
     grammar: Any = None
     # Held requests are not scheduled (a beam waiting for its siblings before expansion).
     is_held: bool = False
+    # Images of a vision chat prompt (placeholder spans, content hashes, embeddings).
+    mm_inputs: list[ImageInput] = field(default_factory=list)
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -110,6 +113,12 @@ class Request:
     def is_finished(self) -> bool:
         """True once the request reached a FINISHED_* status."""
         return self.status.is_finished
+
+    @property
+    def cache_key_ids(self) -> list[int]:
+        """What the prefix cache keys the request's tokens by: its token ids, with image
+        placeholders replaced by ids of the image's content (a new list)."""
+        return cache_key_ids(self.all_token_ids, self.mm_inputs)
 
     @property
     def is_prefill_done(self) -> bool:

@@ -86,3 +86,116 @@ def test_logits_match_transformers(tmp_path, strategy, layer):
         hidden = torch.cat([loaded.model(first, kv), loaded.model(second, kv)])
         logits = loaded.model.compute_logits(hidden)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llava") / "tiny-llava"
+    reference = write_tiny_llava(folder)
+    return folder, reference
+
+
+def _image(colour, seed=0):
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(seed)
+    noise = (torch.rand(32, 32, 3, generator=rng) * 60).to(torch.uint8)
+    base = torch.tensor(colour, dtype=torch.uint8).expand(32, 32, 3) - noise
+    return Image.fromarray(base.numpy())
+
+
+def test_engine_greedy_tokens_match_transformers(llava):
+    from kvforge import LLM, SamplingParams
+    from kvforge.clip.image import Preprocess
+
+    folder, reference = llava
+    llm = LLM(str(folder), kv_cache_memory="16MiB", show_progress=False, dtype="float32")
+    images = [_image((200, 60, 60)), _image((60, 60, 200), 1)]
+    prompt = [1, 7, 8, IMAGE_TOKEN, 9, 10, IMAGE_TOKEN, 12]  # one placeholder per image
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    out = llm.generate(
+        [{"prompt_token_ids": prompt, "multi_modal_data": {"image": images}}], greedy
+    )
+    preprocess = Preprocess(32)
+    pixels = torch.stack([preprocess(i) for i in images])
+    expanded = [1, 7, 8] + [IMAGE_TOKEN] * 16 + [9, 10] + [IMAGE_TOKEN] * 16 + [12]
+    with torch.no_grad():
+        expected = reference.generate(
+            input_ids=torch.tensor([expanded]),
+            pixel_values=pixels,
+            max_new_tokens=6,
+            do_sample=False,
+            min_new_tokens=6,
+        )[0, len(expanded) :].tolist()
+    assert out[0].outputs[0].token_ids == expected
+    # chunked prefill in 5-token chunks: images are never split, the tokens are the same
+    chunked = LLM(
+        str(folder),
+        kv_cache_memory="16MiB",
+        show_progress=False,
+        dtype="float32",
+        long_prefill_token_threshold=5,
+        enable_prefix_caching=False,
+    )
+    again = chunked.generate(
+        [{"prompt_token_ids": prompt, "multi_modal_data": {"image": images}}], greedy
+    )
+    assert again[0].outputs[0].token_ids == expected
+
+
+def test_images_key_the_prefix_cache(llava):
+    """The same image again finds its KV cached; a different image at the same place does
+    not reuse the first image's blocks."""
+    from kvforge import LLM, SamplingParams
+
+    folder, _ = llava
+    llm = LLM(str(folder), kv_cache_memory="16MiB", show_progress=False, block_size=4)
+    prompt = [1, 7, 8, IMAGE_TOKEN] + [9] * 10
+    greedy = SamplingParams(max_tokens=2, temperature=0)
+
+    def run(image):
+        request = {"prompt_token_ids": prompt, "multi_modal_data": {"image": image}}
+        return llm.generate([request], greedy, use_tqdm=False)[0]
+
+    red, blue = _image((200, 60, 60)), _image((60, 60, 200), 1)
+    first = run(red)
+    again = run(red)
+    other = run(blue)
+    assert again.num_cached_tokens >= 16 + 3  # the text and the image
+    assert other.num_cached_tokens <= 3  # only the text before the image
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_bad_image_requests(llava):
+    from kvforge import LLM, SamplingParams
+    from kvforge.errors import InvalidRequestError
+
+    folder, _ = llava
+    llm = LLM(str(folder), kv_cache_memory="16MiB", show_progress=False)
+    params = SamplingParams(max_tokens=2)
+    with pytest.raises(InvalidRequestError, match="2 image placeholders for 1 images"):
+        llm.generate(
+            [
+                {
+                    "prompt_token_ids": [1, IMAGE_TOKEN, 5, IMAGE_TOKEN],
+                    "multi_modal_data": {"image": _image((1, 2, 3))},
+                }
+            ],
+            params,
+        )
+    with pytest.raises(InvalidRequestError, match="not an image"):
+        llm.generate(
+            [{"prompt_token_ids": [1, IMAGE_TOKEN], "multi_modal_data": {"image": b"junk"}}], params
+        )
+    with pytest.raises(InvalidRequestError, match="one placeholder token or 16"):
+        llm.generate(
+            [
+                {
+                    "prompt_token_ids": [1, IMAGE_TOKEN, IMAGE_TOKEN],
+                    "multi_modal_data": {"image": _image((1, 2, 3))},
+                }
+            ],
+            params,
+        )
+    # the engine goes on
+    assert llm.generate([[1, 5, 6]], params, use_tqdm=False)[0].outputs[0].token_ids

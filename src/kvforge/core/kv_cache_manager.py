@@ -54,7 +54,7 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return []
-        token_ids = request.all_token_ids
+        token_ids = request.cache_key_ids
         usable = (len(token_ids) - 1) // self.block_size * self.block_size
         nodes = self.prefix_cache.match(self._namespace(request), token_ids[:usable])
         return [node.block_id for node in nodes]
@@ -119,7 +119,7 @@ class KVCacheManager:
         )
         if num_cached >= num_full:
             return
-        token_ids = request.all_token_ids
+        token_ids = request.cache_key_ids
         size = self.block_size
         for index in range(num_cached, num_full):
             key = tuple(token_ids[index * size : (index + 1) * size])

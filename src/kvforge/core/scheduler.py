@@ -19,6 +19,7 @@ from kvforge.core.step_io import (
     NewRequestData,
     SchedulerOutput,
 )
+from kvforge.multimodal import whole_images
 from kvforge.outputs import RequestFailure
 from kvforge.request import Request, RequestStatus
 from kvforge.spec_decode import NgramProposer, SpecDecodeStats
@@ -195,6 +196,7 @@ class Scheduler:
                         list(request.block_ids),
                         request.num_computed_tokens,
                         request.lora_id,
+                        request.mm_inputs,
                     )
                 )
             else:
@@ -271,6 +273,8 @@ class Scheduler:
         threshold = self.config.long_prefill_token_threshold
         if threshold:
             num_new = min(num_new, threshold)
+        if request.mm_inputs and num_new > 0:
+            num_new = whole_images(request.mm_inputs, request.num_computed_tokens, num_new)
         return max(num_new, 0)
 
     def _admit_waiting(self, output: list[tuple[Request, int]], budget: int) -> int:
@@ -302,6 +306,8 @@ class Scheduler:
                 num_new = min(num_new, budget)
                 if self.config.long_prefill_token_threshold:
                     num_new = min(num_new, self.config.long_prefill_token_threshold)
+                if request.mm_inputs:  # an image's placeholders run in one chunk
+                    num_new = whole_images(request.mm_inputs, num_computed, num_new)
             elif num_new > budget:
                 break
             if not self.kv.allocate_slots(request, num_new, computed):

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from kvforge.multimodal import ImageInput
 from kvforge.outputs import RequestFailure
 from kvforge.sampling_params import SamplingParams
 
@@ -40,6 +41,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     lora_id: int = 0
+    mm_inputs: list[ImageInput] = field(default_factory=list)
 
 
 @dataclass(slots=True)

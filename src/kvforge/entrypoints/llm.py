@@ -67,7 +67,11 @@ class LLM:
         ids: list[str] = []
         try:
             for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
-                if isinstance(prompt, dict):
+                images = None
+                if isinstance(prompt, dict):  # vLLM's shape: images in multi_modal_data
+                    images = (prompt.get("multi_modal_data") or {}).get("image")
+                    if images is not None and not isinstance(images, (list, tuple)):
+                        images = [images]
                     prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))  # type: ignore[assignment]
                 ids.append(
                     self.engine.add_request(
@@ -75,6 +79,7 @@ class LLM:
                         params,
                         priority=priority[i] if priority else 0,
                         lora_request=loras[i],
+                        images=images,
                     )
                 )
         except BaseException:

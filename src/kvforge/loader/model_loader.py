@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from kvforge.layers.quantization import QuantGemmMethod
 from kvforge.loader.gguf_check import open_gguf
 from kvforge.loader.gguf_loader import iter_gguf_weights, read_metadata
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config, safetensors_files
+from kvforge.models.clip import CLIP_MEAN, CLIP_STD
 from kvforge.models.common import DecoderLM
 from kvforge.models.llava import VisionAdapter, VisionAdapterConfig
 from kvforge.models.registry import ModelFamily, family_for_gguf, family_for_hf
@@ -302,6 +304,11 @@ def _vision_adapter(
 ) -> VisionAdapter:
     try:
         config = VisionAdapterConfig.from_hf(hf, cfg.hidden_size)
+        processor = path / "preprocessor_config.json"
+        if processor.exists():
+            values = json.loads(processor.read_text())
+            config.image_mean = tuple(float(v) for v in values.get("image_mean", CLIP_MEAN))
+            config.image_std = tuple(float(v) for v in values.get("image_std", CLIP_STD))
         if not 0 <= config.image_token_id < cfg.vocab_size:
             raise ValueError(f"image_token_index {config.image_token_id} is not a token id")
         adapter = VisionAdapter(config)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvforge.models.clip import _ACTIVATIONS, TowerConfig, VisionTower
+from kvforge.models.clip import _ACTIVATIONS, CLIP_MEAN, CLIP_STD, TowerConfig, VisionTower
 
 
 @dataclass
@@ -27,6 +27,8 @@ class VisionAdapterConfig:
     keep_class_token: bool = False  # HF's select strategy "full" (default drops it)
     projector_bias: bool = True
     image_token_id: int = -1  # the placeholder token of the prompt (HF image_token_index)
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
 
     @property
     def tokens_per_image(self) -> int:

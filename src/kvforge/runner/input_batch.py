@@ -17,6 +17,7 @@ import torch
 
 from kvforge.core.step_io import CachedRequestData, NewRequestData
 from kvforge.layers.forward_batch import ForwardBatch
+from kvforge.multimodal import ImageInput
 from kvforge.sampling_params import SamplingParams
 
 
@@ -39,6 +40,8 @@ class CachedRequestState:
     # Leading positions whose draft-model KV is written (spec_decode/draft.py); valid below
     # num_computed_tokens. A request sent whole trusts its computed (prefix-cached) blocks.
     draft_computed: int = field(default=0)
+    # images: their placeholder spans and embeddings
+    mm_inputs: list[ImageInput] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -83,6 +86,7 @@ class InputBatch:
             generator,
         )
         state.draft_computed = data.num_computed_tokens
+        state.mm_inputs = data.mm_inputs
         self.requests[data.request_id] = state
         tokens = state.prompt_token_ids + state.output_token_ids
         self._fit(len(tokens), len(state.block_ids))
@@ -181,7 +185,7 @@ class InputBatch:
         def tensor(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
-        return ForwardBatch(
+        batch = ForwardBatch(
             input_ids=tensor(input_ids),
             positions=tensor(positions),
             slot_mapping=tensor(slots),
@@ -193,3 +197,29 @@ class InputBatch:
             max_seq_len=int(seq_lens.max()),
             max_query_len=int(query_lens.max()),
         )
+        if any(s.mm_inputs for s in states):
+            batch.mm_embeds = _image_rows(states, starts, query_lens, query_start, device)
+        return batch
+
+
+def _image_rows(
+    states: list[CachedRequestState],
+    starts: np.ndarray,
+    query_lens: np.ndarray,
+    query_start: np.ndarray,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows of the batch, image embeddings) for the image placeholders this step runs."""
+    rows: list[torch.Tensor] = []
+    vectors: list[torch.Tensor] = []
+    for i, state in enumerate(states):
+        start, end = int(starts[i]), int(starts[i] + query_lens[i])
+        for image in state.mm_inputs:
+            first = max(start, image.offset)
+            last = min(end, image.offset + image.length)
+            if first < last:
+                rows.append(torch.arange(first, last) - start + int(query_start[i]))
+                vectors.append(image.embeds[first - image.offset : last - image.offset])
+    if not rows:
+        return None
+    return torch.cat(rows).to(device), torch.cat(vectors).to(device)

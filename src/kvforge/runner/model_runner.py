@@ -207,6 +207,14 @@ class ModelRunner:
         """The model's tokenizer."""
         return self.loaded.tokenizer
 
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[images, tokens per image, hidden] embeddings of preprocessed pixels (a vision chat
+        model's tower and projector)."""
+        vision = self.loaded.vision
+        assert vision is not None
+        return vision.encode(pixels.to(self.device)).to(self.loaded.dtype)
+
     def expert_stats(self) -> list[LayerExpertStats]:
         """Routing counters of the mixture-of-experts layers (empty for a dense model)."""
         return self.model.expert_stats()
