@@ -156,10 +156,10 @@ class LLMEngine:
         else:
             prompt_ids = self.tokenize_prompt(prompt)
         mm_inputs: list[ImageInput] = []
-        if images:
+        if images is not None and len(images):
             if params.use_beam_search:
                 raise InvalidRequestError("beam search does not take images", "images")
-            prompt_ids, mm_inputs = self._images(prompt_ids, list(images))
+            prompt_ids, mm_inputs = self._images(prompt_ids, images)
         max_tokens = self._check_length(prompt_ids, params)
         lora_id = 0
         if lora_request is not None:
@@ -234,21 +234,24 @@ class LLMEngine:
             self.scheduler.add_request(request)
         return request_id
 
-    def _images(
-        self, prompt_ids: list[int], images: list[Any]
-    ) -> tuple[list[int], list[ImageInput]]:
-        """The prompt with each image's placeholders expanded, and the images encoded."""
+    @property
+    def image_token_id(self) -> int | None:
+        """The placeholder token of a vision chat model's images (None: text only)."""
+        vision = getattr(getattr(self.runner, "loaded", None), "vision", None)
+        return None if vision is None else int(vision.config.image_token_id)
+
+    def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """[n, 3, size, size] pixels of images (PIL, bytes, paths; preprocessed tensors pass)
+        for this model's vision tower; thread-safe (the server calls it in its workers)."""
         from kvforge.clip.image import Preprocess
 
         vision = getattr(getattr(self.runner, "loaded", None), "vision", None)
         if vision is None:
             raise InvalidRequestError("this model does not take images", "images")
         config = vision.config
-        length = config.tokens_per_image
-        ids, offsets = expand_placeholders(prompt_ids, config.image_token_id, length, len(images))
-        preprocess = Preprocess(config.tower.image_size, config.image_mean, config.image_std)
         size = config.tower.image_size
-        pixels = torch.stack(
+        preprocess = Preprocess(size, config.image_mean, config.image_std)
+        return torch.stack(
             [
                 image
                 if isinstance(image, torch.Tensor) and tuple(image.shape) == (3, size, size)
@@ -256,6 +259,15 @@ class LLMEngine:
                 for image in images
             ]
         )
+
+    def _images(
+        self, prompt_ids: list[int], images: Sequence[Any]
+    ) -> tuple[list[int], list[ImageInput]]:
+        """The prompt with each image's placeholders expanded, and the images encoded."""
+        pixels = self.preprocess_images(images)
+        config = self.runner.loaded.vision.config  # type: ignore[attr-defined, union-attr]
+        length = config.tokens_per_image
+        ids, offsets = expand_placeholders(prompt_ids, config.image_token_id, length, len(images))
         if not torch.isfinite(pixels).all():
             raise InvalidRequestError("image pixels must be finite", "images")
         embeds = self.runner.encode_images(pixels)

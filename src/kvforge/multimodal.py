@@ -75,3 +75,31 @@ def whole_images(images: list[ImageInput], start: int, num_new: int) -> int:
         if first < end < last:
             end = first if first > start else last
     return end - start
+
+
+# Stands for an image in rendered chat text until the prompt is tokenized (then: placeholders).
+IMAGE_MARKER = "<|kvforge:image|>"
+
+
+def chat_images(message: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A chat message whose content parts are text and ``image_url`` parts, as one text with
+    an :data:`IMAGE_MARKER` per image (parts joined by newlines), and the images' URLs."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message, []
+    texts: list[str] = []
+    urls: list[str] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise InvalidRequestError("an image_url part needs image_url.url", "messages")
+            texts.append(IMAGE_MARKER)
+            urls.append(url)
+        else:
+            raise InvalidRequestError(f"unsupported content part type {kind!r}", "messages")
+    return {**message, "content": "\n".join(texts)}, urls

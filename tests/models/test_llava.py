@@ -199,3 +199,72 @@ def test_bad_image_requests(llava):
         )
     # the engine goes on
     assert llm.generate([[1, 5, 6]], params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def _data_url(image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_chat_image_parts_in_process_and_over_http(llava, tmp_path):
+    """image_url parts (data URLs) in LLM.chat and /v1/chat/completions give the tokens of the
+    prompt built by hand; remote URLs and images for a text-only model are refused."""
+    import httpx
+
+    from kvforge import LLM, SamplingParams
+    from tests.server.conftest import start_server, stop_server
+
+    folder, _ = llava
+    llm = LLM(str(folder), kv_cache_memory="16MiB", show_progress=False)
+    red = _image((200, 60, 60))
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "w7 w8"},
+                {"type": "image_url", "image_url": {"url": _data_url(red)}},
+                {"type": "text", "text": "w9"},
+            ],
+        }
+    ]
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    via_chat = llm.chat(messages, greedy, use_tqdm=False)[0]
+    by_hand = llm.generate(
+        [{"prompt_token_ids": via_chat.prompt_token_ids, "multi_modal_data": {"image": red}}],
+        greedy,
+        use_tqdm=False,
+    )[0]
+    assert via_chat.outputs[0].token_ids == by_hand.outputs[0].token_ids
+    assert via_chat.prompt_token_ids.count(IMAGE_TOKEN) == 16
+    handle = start_server(tmp_path, "-m", str(folder))
+    try:
+        body = {"messages": messages, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(f"{handle.url}/v1/chat/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == via_chat.outputs[0].text
+        remote = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}],
+            }
+        ]
+        bad = httpx.post(f"{handle.url}/v1/chat/completions", json={**body, "messages": remote})
+        assert bad.status_code == 400 and "not fetched" in bad.json()["error"]["message"]
+        junk = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}
+                ],
+            }
+        ]
+        bad = httpx.post(f"{handle.url}/v1/chat/completions", json={**body, "messages": junk})
+        assert bad.status_code == 400 and "not an image" in bad.json()["error"]["message"]
+        again = httpx.post(f"{handle.url}/v1/chat/completions", json=body, timeout=60)
+        assert again.json()["choices"][0]["message"]["content"] == via_chat.outputs[0].text
+    finally:
+        stop_server(handle)

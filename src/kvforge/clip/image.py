@@ -42,6 +42,17 @@ def decode_data_url(url: str) -> bytes:
         raise ImageError(f"the image is not valid base64: {exc}", "image_url") from exc
 
 
+def image_url_bytes(url: str) -> bytes:
+    """The bytes of a chat image URL: a data URL or bare base64 (remote URLs are not
+    fetched: a server must not make requests on a client's behalf)."""
+    if url.startswith(("http://", "https://", "file:", "ftp:")):
+        raise ImageError(
+            "image URLs are not fetched: send the image as a data URL (data:image/png;base64,...)",
+            "messages",
+        )
+    return decode_data_url(url)
+
+
 def open_image(source: object, what: str = "image") -> object:
     """An RGB ``PIL.Image`` from bytes, a file path or a PIL image, decoded within limits."""
     from PIL import Image, UnidentifiedImageError

@@ -7,11 +7,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from kvforge.clip.image import image_url_bytes
 from kvforge.config import EngineConfig
 from kvforge.engine import LLMEngine
 from kvforge.engine_args import EngineArgs
 from kvforge.errors import InvalidRequestError
 from kvforge.lora.request import LoRARequest
+from kvforge.multimodal import chat_images
 from kvforge.outputs import RequestOutput
 from kvforge.sampling_params import SamplingParams
 from kvforge.tokenizer import Tokenizer
@@ -101,16 +103,26 @@ class LLM:
     ) -> list[RequestOutput]:
         """Reply to one conversation or a list of them, rendered with the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
-            self.engine.tokenizer.encode_chat(
-                list(conv),  # type: ignore[arg-type]
+        prompts: list[Any] = []
+        for conv in conversations:
+            rendered, urls = [], []
+            for message in conv:  # image_url parts (data URLs) of a vision chat model
+                text, found = chat_images(dict(message))  # type: ignore[arg-type]
+                rendered.append(text)
+                urls += found
+            ids = self.engine.tokenizer.encode_chat(
+                rendered,
+                self.engine.image_token_id if urls else None,
                 add_generation_prompt=add_generation_prompt,
                 chat_template=chat_template,
                 tools=tools,
                 **(chat_template_kwargs or {}),
             )
-            for conv in conversations
-        ]
+            if urls:
+                images = [image_url_bytes(url) for url in urls]
+                prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}})
+            else:
+                prompts.append(ids)
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     @staticmethod

@@ -9,6 +9,7 @@ from typing import Any
 from tokenizers import Tokenizer as BackendTokenizer
 
 from kvforge.errors import InvalidRequestError, ModelNotFoundError
+from kvforge.multimodal import IMAGE_MARKER
 from kvforge.tokenizer.chat_template import RESERVED_TEMPLATE_NAMES, render_chat_template
 
 
@@ -119,10 +120,20 @@ class Tokenizer:
             text = text[: cut + len(final)]
         return text
 
-    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
-        """Token ids of a rendered conversation (the template supplies BOS if it wants one)."""
+    def encode_chat(
+        self, messages: list[dict[str, Any]], image_token_id: int | None = None, **kwargs: Any
+    ) -> list[int]:
+        """Token ids of a rendered conversation (the template supplies BOS if it wants one);
+        each image marker of the text becomes one ``image_token_id``."""
         text = self.apply_chat_template(messages, **kwargs)
-        ids = self.encode(text, add_special_tokens=False)
+        if image_token_id is not None and IMAGE_MARKER in text:
+            ids: list[int] = []
+            for index, piece in enumerate(text.split(IMAGE_MARKER)):
+                if index:
+                    ids.append(image_token_id)
+                ids.extend(self.encode(piece, add_special_tokens=False) if piece else [])
+        else:
+            ids = self.encode(text, add_special_tokens=False)
         if (
             self.add_bos_token
             and self.bos_token_id is not None

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvforge.errors import InvalidRequestError
+from kvforge.multimodal import chat_images
 from kvforge.sampling_params import SamplingParams, StructuredOutputsParams
 from kvforge.tokenizer.chat_template import RESERVED_TEMPLATE_NAMES
 
@@ -242,15 +243,10 @@ class ChatMessage(APIModel):
     def as_template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it: text content parts joined."""
         message = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):
-            texts = []
-            for part in self.content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise InvalidRequestError(
-                        f"unsupported content part type {part.get('type')!r}", "messages"
-                    )
-                texts.append(part["text"])
-            message["content"] = "\n".join(texts)
+        if isinstance(self.content, list):  # image parts become markers, their URLs "images"
+            message, urls = chat_images(message)
+            if urls:
+                message["images"] = urls
         elif self.content is None:
             message["content"] = ""
         return message

@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel
 
 from kvforge.async_engine import AsyncLLM
+from kvforge.clip.image import image_url_bytes
 from kvforge.engine import LLMEngine
 from kvforge.entrypoints.openai.metrics import RequestTracker, ServerMetrics
 from kvforge.entrypoints.openai.protocol import (
@@ -150,6 +151,7 @@ class OpenAIServing:
         request_id: str,
         body: SamplingFields | None,
         lora: LoRARequest | None = None,
+        images: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         """Engine outputs of one request (under ``body.model``'s adapter, or ``lora``), with
         metrics and one log line at the end."""
@@ -161,6 +163,8 @@ class OpenAIServing:
         lora = lora or (self.loras.get(model) if isinstance(model, str) else None)
         if lora is not None:
             kwargs["lora_request"] = lora
+        if images is not None:
+            kwargs["images"] = images
         last: RequestOutput | None = None
         async for output in self.llm.generate(prompt, params, request_id, **kwargs):
             tracker.observe(output)
@@ -398,11 +402,15 @@ class ChatServing(OpenAIServing):
     """Chat completions, embeddings, tokenization and the native /generate endpoint."""
 
     def chat_prompt(
-        self, body: ChatCompletionRequest | Any, messages: list[dict[str, Any]] | None = None
+        self,
+        body: ChatCompletionRequest | Any,
+        messages: list[dict[str, Any]] | None = None,
+        image_token_id: int | None = None,
     ) -> list[int]:
-        """Token ids of the rendered conversation."""
+        """Token ids of the rendered conversation (images as ``image_token_id``)."""
         return self.tokenizer.encode_chat(
             messages if messages is not None else [m.as_template_dict() for m in body.messages],
+            image_token_id,
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=getattr(body, "continue_final_message", False),
             chat_template=getattr(body, "chat_template", None),
@@ -442,15 +450,23 @@ class ChatServing(OpenAIServing):
         )
         params = body.sampling_params(body.effective_max_tokens, body.num_logprobs)
 
-        def render() -> list[int]:
+        def render() -> tuple[list[int], Any]:
+            dicts = [m.as_template_dict() for m in body.messages]
+            urls = [url for d in dicts for url in d.pop("images", [])]
             messages = render_messages(
-                [m.as_template_dict() for m in body.messages],
+                dicts,
                 tools if mode != "none" else {},
                 body.chat_template or self.tokenizer.chat_template,
             )
-            return self.chat_prompt(body, messages)
+            if not urls:
+                return self.chat_prompt(body, messages), None
+            engine = self.llm.engine
+            if engine.image_token_id is None:
+                raise InvalidRequestError("this model does not take images", "messages")
+            pixels = engine.preprocess_images([image_url_bytes(url) for url in urls])
+            return self.chat_prompt(body, messages, engine.image_token_id), pixels
 
-        prompt = await self.llm.offload(render)
+        prompt, pixels = await self.llm.offload(render)
         if mode in ("required", "named"):
             if params.use_beam_search:
                 raise InvalidRequestError(
@@ -465,7 +481,7 @@ class ChatServing(OpenAIServing):
             parallel = body.parallel_tool_calls and mode == "required"
             params.structured_outputs = call_constraint(tools, names, parallel)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = self.run(prompt, params, request_id, body)
+        stream = self.run(prompt, params, request_id, body, images=pixels)
         created = int(time.time())
         if body.stream:
             if mode != "none":  # calls are only known once the text is complete
