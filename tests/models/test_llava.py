@@ -268,3 +268,27 @@ def test_chat_image_parts_in_process_and_over_http(llava, tmp_path):
         assert again.json()["choices"][0]["message"]["content"] == via_chat.outputs[0].text
     finally:
         stop_server(handle)
+
+
+def test_mmproj_round_trip(llava, tmp_path):
+    """An adapter written as llama.cpp's mmproj GGUF reads back with the same image
+    embeddings (the file keeps the tower's layers up to the one the projector reads)."""
+    from kvforge.config import ModelConfig
+    from kvforge.errors import ModelFileError
+    from kvforge.loader.mmproj import read_mmproj, write_mmproj
+
+    folder, _ = llava
+    loaded = load_model(ModelConfig(model=str(folder)), create_attention_backend(), False)
+    adapter = loaded.vision
+    path = tmp_path / "mmproj.gguf"
+    write_mmproj(adapter, path, IMAGE_TOKEN)
+    back = read_mmproj(path, loaded.config.hidden_size, image_token_id=0)
+    assert back.config.image_token_id == IMAGE_TOKEN
+    assert len(back.vision_tower.encoder.layers) == 2  # layer -2 of 3
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(back.encode(pixels), adapter.encode(pixels), atol=1e-6, rtol=0)
+    with pytest.raises(ModelFileError, match="hidden"):  # a projector for another model
+        read_mmproj(path, 32, 0)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ModelFileError):
+        read_mmproj(path, loaded.config.hidden_size, 0)
