@@ -122,6 +122,8 @@ class ModelConfig:
     # Packed weights: quantize activations to 8 bits per block of 32 (llama.cpp's way; faster,
     # less exact: see layers/quantization.create_quant_method)
     quantize_activations: bool = False
+    # llama.cpp mmproj GGUF (CLIP tower + LLaVA projector): makes the model a vision chat model
+    mmproj: str | None = None
 
     @property
     def model_path(self) -> str:
@@ -132,6 +134,8 @@ class ModelConfig:
         """Raise a typed error if the model path does not exist."""
         if not Path(self.model_path).exists():
             raise ModelNotFoundError(f"model not found: {self.model_path}")
+        if self.mmproj is not None and not Path(self.mmproj).is_file():
+            raise ModelNotFoundError(f"mmproj file not found: {self.mmproj}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise InvalidRequestError(f"unsupported dtype {self.dtype!r}", "dtype")
         if self.quantization not in (None, "int8", "int4"):

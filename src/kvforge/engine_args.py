@@ -225,6 +225,10 @@ class EngineArgs:
     chat_template: str | None = field(
         default=None, metadata=_opt("a Jinja chat template: its text, or a file holding it")
     )
+    mmproj: str | None = field(
+        default=None,
+        metadata=_opt("llama.cpp mmproj GGUF (CLIP tower + LLaVA projector): images in chat"),
+    )
     show_progress: bool = field(default=True, metadata={"cli": False})
 
     # ------------------------------------------------------------------- CLI
@@ -283,6 +287,7 @@ class EngineArgs:
                 quantization_symmetric=self.quantization_symmetric,
                 attention_backend=self.attention_backend,
                 quantize_activations=self.quantize_activations,
+                mmproj=self.mmproj,
             ),
             cache_config=CacheConfig(
                 block_size=self.block_size,

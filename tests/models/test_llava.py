@@ -292,3 +292,45 @@ def test_mmproj_round_trip(llava, tmp_path):
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(ModelFileError):
         read_mmproj(path, loaded.config.hidden_size, 0)
+
+
+def test_mmproj_with_the_language_model(llava, tmp_path):
+    """--mmproj next to a text model: the same tokens as the HF LLaVA directory."""
+    from kvforge import LLM, SamplingParams
+    from kvforge.loader.mmproj import write_mmproj
+
+    folder, _ = llava
+    full = LLM(str(folder), kv_cache_memory="16MiB", show_progress=False)
+    path = tmp_path / "mmproj.gguf"
+    write_mmproj(full.engine.runner.loaded.vision, path, IMAGE_TOKEN)
+    text_only = tmp_path / "text"
+    text_only.mkdir()
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    hf = json.loads((folder / "config.json").read_text())
+    (text_only / "config.json").write_text(
+        json.dumps({**hf["text_config"], "architectures": ["LlamaForCausalLM"]})
+    )
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file(
+        {
+            k.removeprefix("language_model."): v
+            for k, v in weights.items()
+            if k.startswith("language_model.")
+        },
+        str(text_only / "model.safetensors"),
+    )
+    write_tokenizer(text_only)
+    paired = LLM(str(text_only), mmproj=str(path), kv_cache_memory="16MiB", show_progress=False)
+    assert paired.engine.image_token_id == IMAGE_TOKEN
+    request = {
+        "prompt_token_ids": [1, 7, IMAGE_TOKEN, 9],
+        "multi_modal_data": {"image": _image((9, 200, 9))},
+    }
+    greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    assert (
+        paired.generate([request], greedy, use_tqdm=False)[0].outputs[0].token_ids
+        == full.generate([request], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    )

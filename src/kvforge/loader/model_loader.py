@@ -26,6 +26,7 @@ from kvforge.layers.quantization import QuantGemmMethod
 from kvforge.loader.gguf_check import open_gguf
 from kvforge.loader.gguf_loader import iter_gguf_weights, read_metadata
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config, safetensors_files
+from kvforge.loader.mmproj import read_mmproj
 from kvforge.models.clip import CLIP_MEAN, CLIP_STD
 from kvforge.models.common import DecoderLM
 from kvforge.models.llava import VisionAdapter, VisionAdapterConfig
@@ -238,6 +239,12 @@ def load_model(
     vision = None
     if path.is_dir() and vision_weights:
         vision = _vision_adapter(path, vision_hf, cfg, vision_weights, device)
+    if model_config.mmproj is not None:
+        if vision is not None:
+            raise ModelFileError(path, "the model has its own vision tower; drop --mmproj")
+        # the placeholder: the file's own choice, else the last id of the vocabulary (in
+        # practice a reserved token no text produces)
+        vision = read_mmproj(model_config.mmproj, cfg.hidden_size, cfg.vocab_size - 1).to(device)
     dtype = resolve_dtype(model_config)
     if dtype != torch.float32:  # float32 keeps the packed weights' bf16 scales as they are
         _convert_floats(model, dtype)
