@@ -11,7 +11,7 @@ from kvforge.layers.attention import create_attention_backend
 from kvforge.layers.forward_batch import ForwardBatch
 from kvforge.loader.model_loader import load_model
 from tests.models.test_moe import kv_caches
-from tests.models.tiny_checkpoints import VOCAB, write_tokenizer
+from tests.models.tiny_checkpoints import VOCAB, _common, write_tokenizer
 
 IMAGE_TOKEN = VOCAB - 1
 
@@ -33,15 +33,7 @@ def write_tiny_llava(folder, strategy: str = "default", layer: int = -2, seed: i
         image_size=32,
         patch_size=8,
     )
-    text = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    text = LlamaConfig(**_common())
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
