@@ -66,7 +66,7 @@ class TrainableLoRA(nn.Module):
         super().__init__()
         self.model = _check_model(model)
         unknown = sorted(set(targets) - set(TARGETS))
-        if unknown or not targets:
+        if unknown:
             raise InvalidRequestError(f"LoRA targets must be among {TARGETS}", "target_modules")
         if not (1 <= rank <= 1024 and math.isfinite(alpha) and 0 <= dropout < 1):
             raise InvalidRequestError("need 1 <= rank <= 1024, finite alpha, 0 <= dropout < 1")
@@ -85,7 +85,7 @@ class TrainableLoRA(nn.Module):
             for target in self.targets
             if not (isinstance(layer.mlp, SparseMoE) and target in _MLP_TARGETS)
         ]
-        if not self.pairs:
+        if targets and not self.pairs:
             raise InvalidRequestError(
                 "no LoRA targets in this model: mixture-of-experts layers have no gate/up/down "
                 "projection (target q_proj, k_proj, v_proj or o_proj)",
@@ -135,10 +135,18 @@ class TrainableLoRA(nn.Module):
                 parts[shard] = parts[shard] + (dropped @ a.t() @ b.t()) * self.scaling
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
-    def forward(self, input_ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Logits [B, L, V] (float32) of right-padded token ids [B, L]; with a boolean
         ``rows`` [B, L], only those positions' logits [N, V] (the LM head over a 49k vocabulary
-        costs a fifth of a small model's forward: training needs it where labels are)."""
+        costs a fifth of a small model's forward: training needs it where labels are).
+        ``images``: (boolean [B, L] of image placeholders, their embeddings [N, E]), which
+        replace the placeholders' token embeddings (gradients reach them: projector training).
+        With no targets the model is a frozen differentiable forward."""
         model, cfg = self.model, self.model.config
         batch, length = input_ids.shape
         emb = model.embed_tokens
@@ -148,6 +156,9 @@ class TrainableLoRA(nn.Module):
             else emb(input_ids.flatten()).view(batch, length, -1)
         )
         x = x.float() * cfg.embed_scale
+        if images is not None:
+            where, vectors = images
+            x = x.masked_scatter(where[..., None], vectors.float())
         positions = torch.arange(length, device=input_ids.device)
         cos, sin = model.rope_global.cos_sin(positions)  # [L, 1, D]
         for i, layer in enumerate(model.layers):
