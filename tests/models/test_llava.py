@@ -326,3 +326,57 @@ def test_mmproj_with_the_language_model(llava, tmp_path):
         paired.generate([request], greedy, use_tqdm=False)[0].outputs[0].token_ids
         == full.generate([request], greedy, use_tqdm=False)[0].outputs[0].token_ids
     )
+
+
+def test_projector_training_learns_and_writes_a_loadable_mmproj(llava, tmp_path):
+    """A few steps of projector training on a tiny text model and a tiny CLIP: the loss
+    falls, and the mmproj it writes serves images next to the text model."""
+    import json
+
+    from kvforge import LLM, SamplingParams
+    from kvforge.tools.vision_train import ProjectorOptions, train_projector
+    from tests.clip_util import write_tiny_clip
+
+    folder, _ = llava
+    text_only = tmp_path / "text"
+    text_only.mkdir()
+    from safetensors.torch import load_file, save_file
+
+    hf = json.loads((folder / "config.json").read_text())
+    (text_only / "config.json").write_text(
+        json.dumps({**hf["text_config"], "architectures": ["LlamaForCausalLM"]})
+    )
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file(
+        {
+            k.removeprefix("language_model."): v
+            for k, v in weights.items()
+            if "language_model." in k
+        },
+        str(text_only / "model.safetensors"),
+    )
+    write_tokenizer(text_only)
+    clip_dir = write_tiny_clip(tmp_path / "clip")
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i, (colour, word) in enumerate([((220, 30, 30), "w20"), ((30, 30, 220), "w21")] * 3):
+        _image(colour, i).save(data / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": "w7 w8", "answer": f"w9 {word}"})
+    (data / "conversations.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "mmproj.gguf"
+    options = ProjectorOptions(steps=1, batch_size=6, image_token_id=IMAGE_TOKEN, lr=1e-2)
+    first = train_projector(str(text_only), clip_dir, data, out, options, progress=False)
+    options.steps = 40
+    later = train_projector(str(text_only), clip_dir, data, out, options, progress=False)
+    assert later["loss"] < first["loss"]
+    llm = LLM(str(text_only), mmproj=str(out), kv_cache_memory="16MiB", show_progress=False)
+    request = {
+        "prompt_token_ids": [1, IMAGE_TOKEN, 7, 8],
+        "multi_modal_data": {"image": _image((220, 30, 30))},
+    }
+    assert (
+        llm.generate([request], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+        .outputs[0]
+        .token_ids
+    )
