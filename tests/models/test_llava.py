@@ -380,3 +380,78 @@ def test_projector_training_learns_and_writes_a_loadable_mmproj(llava, tmp_path)
         .outputs[0]
         .token_ids
     )
+
+
+def test_mmproj_in_the_legacy_converter_layout(llava, tmp_path):
+    """A file laid out as llama.cpp's legacy LLaVA converter writes it (fc1 named ffn_down and
+    fc2 ffn_up, 2-D and 4-D weights in float16, CLIP's projection_dim, feature_layer as a
+    non-negative hidden-state index, no post-norm, no placeholder key) reads back with the
+    HF model's image embeddings."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from kvforge.config import ModelConfig
+    from kvforge.loader.mmproj import read_mmproj
+
+    folder, reference = llava
+    loaded = load_model(ModelConfig(model=str(folder)), create_attention_backend(), False)
+    tower = reference.model.vision_tower.state_dict()
+    state = {k.removeprefix("vision_model."): v for k, v in tower.items()}
+    projector = reference.model.multi_modal_projector.state_dict()
+    path = tmp_path / "mmproj-model-f16.gguf"
+    writer = GGUFWriter(str(path), arch="clip")
+    writer.add_bool("clip.has_text_encoder", False)
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.has_llava_projector", True)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.add_uint32("clip.vision.image_size", 32)
+    writer.add_uint32("clip.vision.patch_size", 8)
+    writer.add_uint32("clip.vision.embedding_length", 32)
+    writer.add_uint32("clip.vision.feed_forward_length", 64)
+    writer.add_uint32("clip.vision.projection_dim", 16)
+    writer.add_uint32("clip.vision.attention.head_count", 4)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    writer.add_uint32("clip.vision.block_count", 2)  # feature layer -2 of 3 = hidden state 2
+    writer.add_array("clip.vision.feature_layer", [2])
+    writer.add_array("clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    writer.add_array("clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+    writer.add_bool("clip.use_gelu", False)  # quick_gelu
+    renames = {
+        "embeddings.class_embedding": "v.class_embd",
+        "embeddings.patch_embedding.weight": "v.patch_embd.weight",
+        "embeddings.position_embedding.weight": "v.position_embd.weight",
+        "pre_layrnorm.weight": "v.pre_ln.weight",
+        "pre_layrnorm.bias": "v.pre_ln.bias",
+    }
+    block = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+    }
+    block |= {"self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2"}
+    block |= {"mlp.fc1": "ffn_down", "mlp.fc2": "ffn_up"}  # the legacy swap
+    for name, value in state.items():
+        if name.startswith("post_layernorm") or name.endswith("position_ids"):
+            continue
+        if name.startswith("encoder.layers."):
+            index, rest = name.removeprefix("encoder.layers.").split(".", 1)
+            if int(index) >= 2:
+                continue
+            module, kind = rest.rsplit(".", 1)
+            gguf_name = f"v.blk.{index}.{block[module]}.{kind}"
+        else:
+            gguf_name = renames[name]
+        data = value.squeeze().numpy()
+        writer.add_tensor(gguf_name, data.astype(np.float16 if data.ndim in (2, 4) else np.float32))
+    for name, value in projector.items():
+        gguf_name = name.replace("linear_1", "mm.0").replace("linear_2", "mm.2")
+        data = value.numpy()
+        writer.add_tensor(gguf_name, data.astype(np.float16 if data.ndim == 2 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    adapter = read_mmproj(path, loaded.config.hidden_size, IMAGE_TOKEN)
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = loaded.vision.encode(pixels)
+    torch.testing.assert_close(adapter.encode(pixels), expected, atol=2e-2, rtol=2e-2)

@@ -1,11 +1,13 @@
 """llama.cpp's ``mmproj`` GGUF files: a CLIP vision tower plus a LLaVA MLP projector
 (``clip.projector_type`` "mlp"), read into a :class:`VisionAdapter` and written from one.
 
-The file holds the tower's layers up to the one the projector reads (llama.cpp runs all the
+The file holds the tower's layers up to the one the projector reads (llama.cpp's converter
+keeps ``max(clip.vision.feature_layer)`` blocks, or all but the last; llama.cpp runs all the
 layers it finds and projects the patch tokens), so an adapter reading layer -2 of a 24-layer
 tower is written with 23 blocks and read back with feature layer -1. ``v.post_ln`` is
 optional (the projector never reads it). The two MLP tensors of a block are told apart by
-their shapes, as older converters named fc1 ``ffn_down``.
+their shapes, as llama.cpp's legacy converter names fc1 ``ffn_down`` and fc2 ``ffn_up``.
+``clip.vision.projection_dim`` is CLIP's own projection (unused here).
 """
 
 from __future__ import annotations
@@ -50,11 +52,19 @@ def read_mmproj(path: str | Path, text_hidden_size: int, image_token_id: int) ->
         kind = meta.get("clip.projector_type", "mlp")
         if kind != "mlp" or not meta.get("clip.has_vision_encoder", True):
             raise ValueError(f"projector type {kind!r} is not supported (only LLaVA's mlp)")
-        projection = int(meta.get("clip.vision.projection_dim", text_hidden_size))
-        if projection != text_hidden_size:
+        tensors = {t.name: t for t in reader.tensors}
+        if "mm.2.weight" not in tensors:
+            raise ValueError("no projector tensors (mm.0, mm.2): not a LLaVA mmproj file")
+        made = int(dequantize_tensor(tensors["mm.2.weight"]).shape[0])
+        if made != text_hidden_size:  # (clip.vision.projection_dim is CLIP's own, not this)
             raise ValueError(
-                f"the projector makes {projection}-wide embeddings; the language model's "
-                f"hidden size is {text_hidden_size}"
+                f"the projector makes {made}-wide embeddings; the language model's hidden "
+                f"size is {text_hidden_size}"
+            )
+        layers = meta.get("clip.vision.feature_layer")
+        if layers is not None and len(list(layers)) > 1:
+            raise ValueError(
+                "projectors reading several tower layers (LLaVA-NeXT) are not supported"
             )
         width = int(meta["clip.vision.embedding_length"])
         tower = TowerConfig.from_dict(
@@ -80,7 +90,6 @@ def read_mmproj(path: str | Path, text_hidden_size: int, image_token_id: int) ->
             tuple(float(v) for v in meta.get("clip.vision.image_mean", CLIP_MEAN)),
             tuple(float(v) for v in meta.get("clip.vision.image_std", CLIP_STD)),
         )
-        tensors = {t.name: t for t in reader.tensors}
         adapter = VisionAdapter(config)
         state = {}
         for name, param in adapter.state_dict().items():
