@@ -370,6 +370,12 @@ def test_projector_training_learns_and_writes_a_loadable_mmproj(llava, tmp_path)
     options.steps = 40
     later = train_projector(str(text_only), clip_dir, data, out, options, progress=False)
     assert later["loss"] < first["loss"]
+    from kvforge.entrypoints.cli import main
+
+    command = ["clip", "train-projector", "--clip", str(clip_dir), "--data", str(data)]
+    command += ["--out", str(out), "-m", str(text_only), "--steps", "2", "--batch-size", "2"]
+    assert main([*command, "--image-token-id", str(IMAGE_TOKEN)]) == 0
+    assert main([*command[:4], "--data", str(tmp_path / "none"), *command[6:]]) == 2
     llm = LLM(str(text_only), mmproj=str(out), kv_cache_memory="16MiB", show_progress=False)
     request = {
         "prompt_token_ids": [1, IMAGE_TOKEN, 7, 8],

@@ -113,6 +113,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_projector(args: argparse.Namespace) -> int:
+    from kvforge.tools.vision_train import ProjectorOptions, train_projector
+
+    options = ProjectorOptions(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        feature_layer=args.feature_layer,
+        image_token_id=args.image_token_id,
+        seed=args.seed,
+    )
+    result = train_projector(args.model, args.clip, args.data, args.out, options)
+    print(
+        f"projector trained in {result['seconds']:.0f} s, final loss {result['loss']:.3f}; "
+        f"serve it with: kvforge serve --mmproj {args.out}"
+    )
+    return 0
+
+
 def add_clip_parser(sub: Any) -> None:
     clip = sub.add_parser("clip", help="CLIP: zero-shot, index, search, probe, train")
     tools = clip.add_subparsers(dest="clip_command", required=True)
@@ -163,6 +182,24 @@ def add_clip_parser(sub: Any) -> None:
     tr.add_argument("--checkpoint-every", type=int, default=0)
     tr.add_argument("--bf16", action="store_true", help="bfloat16 autocast (AVX-512 BF16 CPUs)")
     tr.set_defaults(func=_guarded(cmd_train))
+
+    tp = tools.add_parser(
+        "train-projector",
+        help="train a LLaVA projector from a CLIP tower into a language model (mmproj GGUF)",
+    )
+    tp.add_argument("--clip", required=True, help="CLIP checkpoint directory (its vision tower)")
+    tp.add_argument("--data", required=True, help="folder with conversations.jsonl")
+    tp.add_argument("--out", required=True, help="mmproj GGUF file to write")
+    tp.add_argument("-m", "--model", default=None, help="the language model (default: embedded)")
+    tp.add_argument("--steps", type=int, default=300)
+    tp.add_argument("--batch-size", type=int, default=8)
+    tp.add_argument("--lr", type=float, default=2e-3)
+    tp.add_argument("--feature-layer", type=int, default=-1, help="tower layer to project")
+    tp.add_argument(
+        "--image-token-id", type=int, default=16, help="placeholder token (SmolLM2: 16)"
+    )
+    tp.add_argument("--seed", type=int, default=0)
+    tp.set_defaults(func=_guarded(cmd_train_projector))
 
 
 def _guarded(command: Any) -> Any:
