@@ -461,3 +461,62 @@ def test_mmproj_in_the_legacy_converter_layout(llava, tmp_path):
     pixels = torch.randn(2, 3, 32, 32)
     expected = loaded.vision.encode(pixels)
     torch.testing.assert_close(adapter.encode(pixels), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_hostile_image_requests(llava, tmp_path):
+    """Too many images for the context, beam search with images, n > 1 samples sharing the
+    image, bad images in a chat and a text-only model given an image: typed errors or the
+    right answer, and the engine goes on with no blocks held."""
+    import base64
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from kvforge import LLM, SamplingParams
+    from kvforge.errors import ContextLengthError, InvalidRequestError
+
+    folder, _ = llava
+    llm = LLM(str(folder), kv_cache_memory="16MiB", show_progress=False, max_model_len=128)
+    red = _image((200, 60, 60))
+    many = {
+        "prompt_token_ids": [1] + [IMAGE_TOKEN, 5] * 9,
+        "multi_modal_data": {"image": [red] * 9},
+    }
+    with pytest.raises(ContextLengthError):
+        llm.generate([many], SamplingParams(max_tokens=2), use_tqdm=False)
+    one = {"prompt_token_ids": [1, IMAGE_TOKEN, 5], "multi_modal_data": {"image": red}}
+    with pytest.raises(InvalidRequestError, match="beam search"):
+        llm.generate([one], SamplingParams(max_tokens=2, n=2, use_beam_search=True), use_tqdm=False)
+    samples = llm.generate([one], SamplingParams(max_tokens=3, n=3, temperature=0), use_tqdm=False)
+    assert len({tuple(c.token_ids) for c in samples[0].outputs}) == 1  # greedy samples agree
+
+    def png_url(data: bytes) -> str:
+        return "data:image/png;base64," + base64.b64encode(data).decode()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+    huge = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, "PNG", compress_level=0)
+    truncated = buffer.getvalue()[:200]
+    for data, message in ((huge, "more than"), (truncated, "truncated"), (b"x", "not an image")):
+        part = {"type": "image_url", "image_url": {"url": png_url(data)}}
+        with pytest.raises(InvalidRequestError, match=message):
+            llm.chat(
+                [{"role": "user", "content": [part]}], SamplingParams(max_tokens=2), use_tqdm=False
+            )
+    scheduler = llm.engine.scheduler
+    assert not scheduler.running and not scheduler.waiting
+    assert llm.engine.kv_cache_manager.pool.num_in_use == 0
+    text_only = LLM(kv_cache_memory="64MiB", show_progress=False)
+    part = {"type": "image_url", "image_url": {"url": png_url(buffer.getvalue())}}
+    with pytest.raises(InvalidRequestError, match="does not take images"):
+        text_only.chat(
+            [{"role": "user", "content": [part]}], SamplingParams(max_tokens=2), use_tqdm=False
+        )
