@@ -286,6 +286,24 @@ def test_mmproj_round_trip(llava, tmp_path):
         read_mmproj(path, loaded.config.hidden_size, 0)
 
 
+def _text_only(folder, out):
+    """The language model of a LLaVA directory as a plain Llama checkpoint."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    hf = json.loads((folder / "config.json").read_text())
+    text_config = {**hf["text_config"], "architectures": ["LlamaForCausalLM"]}
+    (out / "config.json").write_text(json.dumps(text_config))
+    weights = load_file(str(folder / "model.safetensors"))
+    prefix = "language_model."
+    text = {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+    save_file(text, str(out / "model.safetensors"))
+    write_tokenizer(out)
+    return out
+
+
 def test_mmproj_with_the_language_model(llava, tmp_path):
     """--mmproj next to a text model: the same tokens as the HF LLaVA directory."""
     from kvforge import LLM, SamplingParams
@@ -295,26 +313,7 @@ def test_mmproj_with_the_language_model(llava, tmp_path):
     full = LLM(str(folder), kv_cache_memory="16MiB", show_progress=False)
     path = tmp_path / "mmproj.gguf"
     write_mmproj(full.engine.runner.loaded.vision, path, IMAGE_TOKEN)
-    text_only = tmp_path / "text"
-    text_only.mkdir()
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    hf = json.loads((folder / "config.json").read_text())
-    (text_only / "config.json").write_text(
-        json.dumps({**hf["text_config"], "architectures": ["LlamaForCausalLM"]})
-    )
-    weights = load_file(str(folder / "model.safetensors"))
-    save_file(
-        {
-            k.removeprefix("language_model."): v
-            for k, v in weights.items()
-            if k.startswith("language_model.")
-        },
-        str(text_only / "model.safetensors"),
-    )
-    write_tokenizer(text_only)
+    text_only = _text_only(folder, tmp_path / "text")
     paired = LLM(str(text_only), mmproj=str(path), kv_cache_memory="16MiB", show_progress=False)
     assert paired.engine.image_token_id == IMAGE_TOKEN
     request = {
@@ -338,24 +337,7 @@ def test_projector_training_learns_and_writes_a_loadable_mmproj(llava, tmp_path)
     from tests.clip_util import write_tiny_clip
 
     folder, _ = llava
-    text_only = tmp_path / "text"
-    text_only.mkdir()
-    from safetensors.torch import load_file, save_file
-
-    hf = json.loads((folder / "config.json").read_text())
-    (text_only / "config.json").write_text(
-        json.dumps({**hf["text_config"], "architectures": ["LlamaForCausalLM"]})
-    )
-    weights = load_file(str(folder / "model.safetensors"))
-    save_file(
-        {
-            k.removeprefix("language_model."): v
-            for k, v in weights.items()
-            if "language_model." in k
-        },
-        str(text_only / "model.safetensors"),
-    )
-    write_tokenizer(text_only)
+    text_only = _text_only(folder, tmp_path / "text")
     clip_dir = write_tiny_clip(tmp_path / "clip")
     data = tmp_path / "data"
     data.mkdir()
