@@ -179,3 +179,27 @@ def test_32_concurrent_streams_interleave(server):
     assert all(s for s in stamps)
     # Continuous batching: every stream started before any stream finished.
     assert max(s[0] for s in stamps) < min(s[-1] for s in stamps)
+
+
+def test_presets_over_http(server):
+    """A request naming a preset is answered as with the preset's values written out; an
+    unknown preset is a 400 that lists the valid ones."""
+    from kvforge.presets import SAMPLING
+
+    body = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8}
+    with_preset = httpx.post(
+        f"{server.url}/v1/chat/completions", json={**body, "preset": "factual"}, timeout=60
+    )
+    spelled = httpx.post(
+        f"{server.url}/v1/chat/completions", json={**body, **SAMPLING["factual"].values}, timeout=60
+    )
+    assert with_preset.status_code == 200
+    text = with_preset.json()["choices"][0]["message"]["content"]
+    assert text == spelled.json()["choices"][0]["message"]["content"]
+    bad = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "preset": "turbo"})
+    assert bad.status_code == 400
+    assert "valid presets: code, factual" in bad.json()["error"]["message"]
+    bad = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "preset": "turbo"}
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "preset"

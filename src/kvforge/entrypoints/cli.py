@@ -158,6 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if len({lora.lora_name for lora in loras}) < len(loras):
         raise KVForgeError("two LoRA modules share a name")
     args.enable_lora = args.enable_lora or bool(loras) or args.allow_runtime_lora
+    default_preset = _apply_preset(args, build_parser()) if args.preset else None
 
     def make_engine() -> Any:
         # Runs on the engine's own thread (see AsyncLLM): loading and stepping share one
@@ -187,10 +188,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lora_root=args.lora_root,
         admin_key=args.admin_key,
         clip_path=args.clip,
+        default_preset=default_preset,
     )
     config.check()  # before loading the model
     async_llm = AsyncLLM(make_engine, args.max_queued_requests)
     return serve(async_llm, config, args.host, args.port)
+
+
+def _apply_preset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """Apply ``--preset``: a serving preset's values to the options still at their defaults
+    (returns None), or a sampling preset's name (the server's default for requests)."""
+    from kvforge import presets
+
+    preset = presets.find(args.preset)
+    if preset.kind == "sampling":
+        return preset.name
+    defaults = parser.parse_args(["serve"])
+    for key, value in preset.values.items():
+        if getattr(args, key) == getattr(defaults, key):
+            setattr(args, key, value)
+    return None
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """Print the presets and the reason for each value."""
+    from kvforge import presets
+
+    print(presets.table(), end="")
+    return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -468,6 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="open connections and tasks beyond which new requests get 503",
     )
     srv.add_argument(
+        "--preset",
+        default=None,
+        help="a serving preset (throughput, low-latency, memory-constrained) for the options "
+        "left at their defaults, or a sampling preset (code, chat, ...) for every request that "
+        "names none; see kvforge presets",
+    )
+    srv.add_argument(
         "--clip",
         default=None,
         metavar="PATH",
@@ -502,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tool_parsers(sub)
     add_bench_parser(sub, _add_engine_args, _make_llm)
     add_clip_parser(sub)
+    sub.add_parser("presets", help="the sampling and serving presets, with reasons").set_defaults(
+        func=cmd_presets
+    )
     return parser
 
 

@@ -87,6 +87,8 @@ class ServerConfig:
     admin_key: str | None = None
     # a CLIP checkpoint directory served next to the language model (embeddings, classify)
     clip_path: str | None = None
+    # the sampling preset of requests that name none (kvforge serve --preset code)
+    default_preset: str | None = None
 
     def check(self) -> None:
         """Refuse runtime adapter loading without a root and an admin key."""
@@ -175,6 +177,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(llm)
     config.check()
     serving = ChatServing(llm, list(config.served_model_names), metrics, config.lora_modules)
+    serving.default_preset = config.default_preset
     clip = ClipServing(llm, config.clip_path) if config.clip_path else None
     app.state.llm, app.state.draining, app.state.config = llm, False, config
     # NOTE: the last middleware added is the outermost. CORS wraps the guard, so a browser's

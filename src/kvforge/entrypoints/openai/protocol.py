@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvforge.errors import InvalidRequestError
 from kvforge.multimodal import chat_images
+from kvforge.presets import sampling_preset
 from kvforge.sampling_params import SamplingParams, StructuredOutputsParams
 from kvforge.tokenizer.chat_template import RESERVED_TEMPLATE_NAMES
 
@@ -115,6 +116,9 @@ class SamplingFields(RequestBody):
     use_beam_search: bool = False
     length_penalty: float = 1.0
     speculative: bool = True  # kvforge: False opts this request out of speculative decoding
+    # kvforge: a sampling preset (code, factual, summarize, translate, chat, creative) for the
+    # sampling fields this request leaves out
+    preset: str | None = None
     priority: int = 0
     cache_salt: str | None = None
     # structured outputs (OpenAI response_format plus the names vLLM / SGLang users send)
@@ -171,16 +175,24 @@ class SamplingFields(RequestBody):
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         except ValueError as exc:
             raise InvalidRequestError("logit_bias keys must be token ids", "logit_bias") from exc
+        preset = sampling_preset(self.preset).values if self.preset is not None else {}
+
+        def pick(name: str, default: Any) -> Any:
+            """The request's own value, else the preset's, else the API default."""
+            if name in self.model_fields_set and getattr(self, name) is not None:
+                return getattr(self, name)
+            return preset.get(name, default)
+
         params = SamplingParams(
             n=self.n,
             best_of=self.best_of,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", 0),
+            min_p=pick("min_p", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0),
+            frequency_penalty=pick("frequency_penalty", 0.0),
+            presence_penalty=pick("presence_penalty", 0.0),
             logit_bias=bias or None,
             seed=self.seed,
             max_tokens=max_tokens,

@@ -99,6 +99,7 @@ class OpenAIServing:
         self.llm = llm
         self.model_names = served_model_names
         self.metrics = metrics
+        self.default_preset: str | None = None  # for requests that name no preset
         self.tokenizer = llm.engine.tokenizer
         # Adapters by served name (loaded into the engine at start; more at run time).
         self.loras: dict[str, LoRARequest] = {lora.lora_name: lora for lora in lora_modules}
@@ -291,6 +292,7 @@ class OpenAIServing:
         model = self.check_model(body.model)
         prompts = self.completion_prompts(body)
         echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        body.preset = body.preset or self.default_preset
         params = body.sampling_params(body.max_tokens, body.logprobs, echo_logprobs)
         if len(prompts) * params.num_samples > MAX_SEQUENCES_PER_REQUEST:
             raise InvalidRequestError(
@@ -448,6 +450,7 @@ class ChatServing(OpenAIServing):
         mode, names = chosen_functions(
             tools, choice.model_dump() if isinstance(choice, BaseModel) else choice
         )
+        body.preset = body.preset or self.default_preset
         params = body.sampling_params(body.effective_max_tokens, body.num_logprobs)
 
         def render() -> tuple[list[int], Any]:
