@@ -445,7 +445,10 @@ def _add_tool_parsers(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``kvforge`` command."""
+    from kvforge import __version__
+
     parser = argparse.ArgumentParser(prog="kvforge", description="kvforge LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"kvforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="complete prompts and print the results")
     _add_engine_args(gen)
