@@ -26,6 +26,7 @@ from kvforge.config import (
     master_address,
 )
 from kvforge.errors import InvalidRequestError
+from kvforge.hub import resolve as resolve_model_name
 from kvforge.utils import parse_size
 
 
@@ -276,7 +277,7 @@ class EngineArgs:
         memory = self.kv_cache_memory
         return EngineConfig(
             model_config=ModelConfig(
-                model=self.model,
+                model=resolve_model_name(self.model) if self.model else None,
                 dtype=self.dtype,
                 device=self.device,
                 max_model_len=self.max_model_len,

@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "kvforge"
 
 LAYERS = {
     0: {"config", "engine_args", "sampling_params", "request", "outputs", "errors", "utils"}
-    | {"multimodal", "presets"}
+    | {"multimodal", "presets", "hub"}
     | {"lora.__init__", "lora.request"},
     1: {"tokenizer", "core", "structured", "quant", "lang.__init__", "lang.ir"}
     | {"lang.interpreter"}

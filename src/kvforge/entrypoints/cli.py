@@ -141,10 +141,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from kvforge.async_engine import AsyncLLM
     from kvforge.entrypoints.openai import ServerConfig, serve
+    from kvforge.hub import is_model_name, resolve
     from kvforge.utils import parse_size
 
     if args.model_positional:
         args.model = args.model_positional
+    if args.model:
+        resolve(args.model)  # a name missing from the cache fails here, before anything starts
     if args.node_rank > 0:  # another machine of a split model: its ranks only, no server
         from kvforge.engine_args import EngineArgs
         from kvforge.parallel.executor import run_node
@@ -171,7 +174,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return engine
 
     names = args.served_model_name or [
-        Path(args.model).stem if args.model else kv_config.DEFAULT_MODEL_NAME
+        args.model
+        if args.model and is_model_name(args.model)  # Org/Name[:QUANT] from the HF cache
+        else Path(args.model).stem
+        if args.model
+        else kv_config.DEFAULT_MODEL_NAME
     ]
     config = ServerConfig(
         served_model_names=tuple(names),
@@ -208,6 +215,20 @@ def _apply_preset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         if getattr(args, key) == getattr(defaults, key):
             setattr(args, key, value)
     return None
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The models available without downloading: the embedded one and the HF cache's."""
+    from kvforge.hub import cached_models
+    from kvforge.utils import format_size
+
+    print(f"{kv_config.DEFAULT_MODEL_NAME}  (embedded, the default)")
+    for model in cached_models():
+        if model["kind"] == "other":
+            continue
+        quants = f"  [{', '.join(model['gguf'])}]" if model["gguf"] else ""
+        print(f"{model['name']}  ({model['kind']}, {format_size(model['bytes'])}){quants}")
+    return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -464,7 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("-v", "--verbose", action="store_true", help="print token counts per turn")
     chat.set_defaults(func=cmd_chat)
     srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    srv.add_argument("model_positional", nargs="?", default=None, metavar="MODEL")
+    srv.add_argument(
+        "model_positional",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="the model: a path, or Org/Name[:QUANT] from the local Hugging Face cache",
+    )
     _add_engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
@@ -540,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="the sampling and serving presets, with reasons").set_defaults(
         func=cmd_presets
     )
+    sub.add_parser(
+        "models", help="models available locally (embedded and in the Hugging Face cache)"
+    ).set_defaults(func=cmd_models)
     return parser
 
 
