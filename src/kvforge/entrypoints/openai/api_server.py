@@ -11,12 +11,13 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -59,7 +60,9 @@ _ERROR_TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
-PUBLIC_PATHS = {"/health"}
+# the chat page and the preset list load before a browser user has entered the API key
+PUBLIC_PATHS = {"/health", "/", "/v1/presets"}
+CHAT_PAGE = Path(__file__).with_name("static") / "index.html"
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,20 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
                 503, "the engine is not running" if not llm.is_healthy else "shutting down"
             )
         return Response(status_code=200)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(CHAT_PAGE.read_text())
+
+    @app.get("/v1/presets")
+    async def list_presets() -> dict[str, Any]:
+        from kvforge import presets
+
+        data = [
+            {"name": p.name, "kind": p.kind, "use": p.use, "values": p.values, "reasons": p.reasons}
+            for p in [*presets.SAMPLING.values(), *presets.SERVING.values()]
+        ]
+        return {"object": "list", "data": data}
 
     @app.get("/version")
     async def version() -> dict[str, str]:
