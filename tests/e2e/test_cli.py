@@ -79,3 +79,42 @@ def test_chat_reuses_the_prefix_cache_between_turns(make_engine):
 def test_parser_knows_the_subcommands():
     args = build_parser().parse_args(["generate", "-p", "x", "-n", "2", "--temperature", "0.5"])
     assert args.n == 2 and args.temperature == 0.5 and args.model is None
+
+
+def test_chat_commands(make_engine, tmp_path):
+    """/system, /preset, /save, /help and multi-line input in the chat loop."""
+    import json
+
+    engine = make_engine()
+    saved = tmp_path / "chat.json"
+    lines = iter(
+        [
+            "/help",
+            "/system You answer in one word.",
+            "/preset turbo",
+            "/preset factual",
+            "Name a colour \\",
+            "of the sky.",
+            f"/save {saved}",
+            "/save",
+        ]
+    )
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    written: list[str] = []
+    turns = run_chat(
+        engine, SamplingParams(temperature=1.0, max_tokens=8), read=read, write=written.append
+    )
+    text = "".join(written)
+    assert "/preset NAME" in text and "system prompt set" in text
+    assert "unknown preset 'turbo'" in text and "preset factual" in text
+    assert len(turns) == 1
+    conversation = json.loads(saved.read_text())
+    assert conversation[0] == {"role": "system", "content": "You answer in one word."}
+    assert conversation[1] == {"role": "user", "content": "Name a colour \nof the sky."}
+    assert conversation[2]["role"] == "assistant" and "usage: /save FILE" in text

@@ -79,12 +79,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = """commands:
+  /system TEXT   set the system prompt (and start over)
+  /preset NAME   sampling preset for the next replies (code, factual, chat, ...; /preset off)
+  /save FILE     write the conversation as JSON (OpenAI messages)
+  /reset         start over
+  /help          this list
+  a line ending in \\ continues on the next line; Ctrl-D quits"""
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive multi-turn chat, streamed token by token; the prefix cache keeps past turns."""
     llm = _make_llm(args)
-    print("kvforge chat: type a message, /reset to start over, Ctrl-D to quit.", file=sys.stderr)
+    print("kvforge chat: type a message, /help for commands, Ctrl-D to quit.", file=sys.stderr)
     run_chat(llm.engine, _sampling_params(args), system=args.system, verbose=args.verbose)
     return 0
+
+
+def _read_message(read: Callable[[str], str]) -> str:
+    """One message: lines ending in a backslash continue on the next."""
+    lines = [read("> ")]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(read(". "))
+    return "\n".join(lines)
 
 
 def run_chat(
@@ -97,22 +115,61 @@ def run_chat(
     write: Callable[[str], None] = lambda text: print(text, end="", flush=True),
 ) -> list[Any]:
     """The chat loop over an engine; returns the final RequestOutput of every turn."""
+    import dataclasses
+
+    from kvforge import presets
+
     base: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     messages = list(base)
     turns: list[Any] = []
+    current = params
     while True:
         try:
-            line = read("> ")
+            line = _read_message(read)
         except EOFError:
             write("\n")
             return turns
         if not line.strip():
             continue
-        if line.strip() == "/reset":
+        command, _, rest = line.strip().partition(" ")
+        if command == "/reset":
             messages = list(base)
             continue
+        if command == "/help":
+            write(CHAT_HELP + "\n")
+            continue
+        if command == "/system":
+            base = [{"role": "system", "content": rest.strip()}] if rest.strip() else []
+            messages = list(base)
+            write("system prompt set; the conversation starts over\n")
+            continue
+        if command == "/preset":
+            name = rest.strip()
+            if name in ("", "off"):
+                current = params
+                write("no preset\n")
+                continue
+            try:
+                current = dataclasses.replace(params, **presets.sampling_preset(name).values)
+            except KVForgeError as exc:
+                write(f"{exc}\n")
+                continue
+            write(f"preset {name}: {presets.SAMPLING[name].values}\n")
+            continue
+        if command == "/save":
+            if not rest.strip():
+                write("usage: /save FILE\n")
+                continue
+            try:
+                with open(rest.strip(), "w") as out:
+                    json.dump(messages, out, indent=2)
+            except OSError as exc:
+                write(f"cannot save: {exc}\n")
+                continue
+            write(f"saved {len(messages)} messages to {rest.strip()}\n")
+            continue
         messages.append({"role": "user", "content": line})
-        request_id = engine.add_request(engine.tokenizer.encode_chat(messages), params)
+        request_id = engine.add_request(engine.tokenizer.encode_chat(messages), current)
         shown = 0
         final = None
         while engine.has_unfinished_requests():
