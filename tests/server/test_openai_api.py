@@ -203,3 +203,23 @@ def test_presets_over_http(server):
         f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2, "preset": "turbo"}
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "preset"
+
+
+def test_json_access_log(tmp_path):
+    """--json-access-log: one JSON object per request on stderr, refused ones included."""
+    from tests.server.conftest import start_server, stop_server
+
+    handle = start_server(tmp_path, "--json-access-log", "--api-key", "k")
+    try:
+        ok = httpx.get(f"{handle.url}/v1/models", headers={"Authorization": "Bearer k"})
+        refused = httpx.get(f"{handle.url}/v1/models")
+        assert (ok.status_code, refused.status_code) == (200, 401)
+    finally:
+        stop_server(handle)
+    entries = []
+    for line in handle.log().splitlines():
+        if line.startswith("{"):
+            entries.append(json.loads(line))
+    models = [e for e in entries if e["path"] == "/v1/models"]
+    assert [e["status"] for e in models] == [200, 401]
+    assert all(e["method"] == "GET" and e["duration_ms"] >= 0 and e["bytes"] > 0 for e in models)

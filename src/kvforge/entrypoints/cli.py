@@ -253,6 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin_key=args.admin_key,
         clip_path=args.clip,
         default_preset=default_preset,
+        json_access_log=args.json_access_log,
     )
     config.check()  # before loading the model
     async_llm = AsyncLLM(make_engine, args.max_queued_requests)
@@ -585,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a serving preset (throughput, low-latency, memory-constrained) for the options "
         "left at their defaults, or a sampling preset (code, chat, ...) for every request that "
         "names none; see kvforge presets",
+    )
+    srv.add_argument(
+        "--json-access-log",
+        action="store_true",
+        help="one JSON object per HTTP request on stderr (method, path, status, bytes, duration)",
     )
     srv.add_argument(
         "--clip",

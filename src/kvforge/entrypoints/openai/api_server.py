@@ -92,6 +92,8 @@ class ServerConfig:
     clip_path: str | None = None
     # the sampling preset of requests that name none (kvforge serve --preset code)
     default_preset: str | None = None
+    # one JSON object per HTTP request on stderr (method, path, status, duration, client)
+    json_access_log: bool = False
 
     def check(self) -> None:
         """Refuse runtime adapter loading without a root and an admin key."""
@@ -174,6 +176,49 @@ class GuardMiddleware:
         return replay, None
 
 
+class AccessLogMiddleware:
+    """One JSON line per HTTP request on stderr, written when its response has been sent."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.log = logging.getLogger("kvforge.access")
+        if not self.log.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            self.log.addHandler(handler)
+            self.log.propagate = False
+            self.log.setLevel(logging.INFO)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500, "bytes": 0}
+
+        async def watch(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            elif message["type"] == "http.response.body":
+                status["bytes"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            client = scope.get("client") or ("", 0)
+            entry = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "method": scope.get("method"),
+                "path": scope.get("path"),
+                "status": status["code"],
+                "bytes": status["bytes"],
+                "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                "client": client[0],
+            }
+            self.log.info(json.dumps(entry))
+
+
 def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     """The FastAPI application serving ``llm``."""
     app = FastAPI(title="kvforge", version=kvforge.__version__)
@@ -193,6 +238,8 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    if config.json_access_log:  # outermost: refused requests are logged too
+        app.add_middleware(AccessLogMiddleware)
 
     @app.exception_handler(KVForgeError)
     async def kvforge_error(_: Request, exc: KVForgeError) -> JSONResponse:
