@@ -7,6 +7,7 @@ that is not there is a one-line :class:`ModelNotFoundError` that says how to fet
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,15 @@ from typing import Any
 from kvforge.errors import ModelNotFoundError
 
 _NAME = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<quant>[\w.-]+))?$")
+
+
+def cache_dir() -> str | None:
+    """The cache the environment names now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None  # the library's default
 
 
 def is_model_name(spec: str) -> bool:
@@ -34,7 +44,7 @@ def resolve(spec: str) -> str:
     except ImportError as exc:  # pragma: no cover - a dependency
         raise ModelNotFoundError(f"{spec}: huggingface_hub is not installed") from exc
     try:
-        folder = Path(snapshot_download(repo, local_files_only=True))
+        folder = Path(snapshot_download(repo, local_files_only=True, cache_dir=cache_dir()))
     except (LocalEntryNotFoundError, OSError, ValueError) as exc:
         raise ModelNotFoundError(f"{repo} is not in the local Hugging Face cache; {fetch}") from exc
     ggufs = sorted(folder.rglob("*.gguf"))
@@ -65,7 +75,7 @@ def cached_models() -> list[dict[str, Any]]:
     except ImportError:  # pragma: no cover
         return []
     try:
-        info = scan_cache_dir()
+        info = scan_cache_dir(cache_dir())
     except Exception:  # noqa: BLE001 - no cache yet, or one that cannot be read
         return []
     models = []
