@@ -56,3 +56,18 @@ def test_every_value_has_a_reason():
     for preset in [*presets.SAMPLING.values(), *presets.SERVING.values()]:
         assert preset.values.keys() == preset.reasons.keys()
         assert preset.name in text
+
+
+def test_generate_takes_a_preset():
+    from kvforge.entrypoints.openai.protocol import GenerateRequest
+
+    body = GenerateRequest.model_validate(
+        {"text": "hi", "sampling_params": {"preset": "chat", "temperature": 0.2}}
+    )
+    params = body.to_sampling_params()
+    assert params.temperature == 0.2  # explicit wins
+    assert params.top_p == presets.SAMPLING["chat"].values["top_p"]
+    with pytest.raises(InvalidRequestError, match="valid presets"):
+        GenerateRequest.model_validate(
+            {"text": "hi", "sampling_params": {"preset": "nope"}}
+        ).to_sampling_params()

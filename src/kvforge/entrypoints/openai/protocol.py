@@ -402,6 +402,12 @@ class GenerateRequest(RequestBody):
     def to_sampling_params(self) -> SamplingParams:
         """SGLang names (max_new_tokens, stop, ...) to SamplingParams."""
         sp = dict(self.sampling_params)
+        preset = sp.pop("preset", None)  # kvforge: a sampling preset for the fields left out
+        if preset is not None:
+            if not isinstance(preset, str):
+                raise InvalidRequestError("sampling_params.preset must be a name", "preset")
+            for key, value in sampling_preset(preset).values.items():
+                sp.setdefault(key, value)
         known = {
             "max_new_tokens": "max_tokens",
             "temperature": "temperature",
