@@ -55,15 +55,22 @@ def test_generate_command_reports_bad_input():
     assert "top_p" in result.stderr
 
 
-def test_chat_reuses_the_prefix_cache_between_turns(make_engine):
-    engine = make_engine()
-    lines = iter(["What is the capital of France?", "And of Italy?"])
+def _reader(lines: list[str]):  # type: ignore[no-untyped-def]
+    """A ``read`` for the chat loop that gives ``lines`` in turn, then end of input."""
+    remaining = iter(lines)
 
     def read(_prompt: str) -> str:
         try:
-            return next(lines)
+            return next(remaining)
         except StopIteration:
             raise EOFError from None
+
+    return read
+
+
+def test_chat_reuses_the_prefix_cache_between_turns(make_engine):
+    engine = make_engine()
+    read = _reader(["What is the capital of France?", "And of Italy?"])
 
     written: list[str] = []
     turns = run_chat(
@@ -87,7 +94,7 @@ def test_chat_commands(make_engine, tmp_path):
 
     engine = make_engine()
     saved = tmp_path / "chat.json"
-    lines = iter(
+    read = _reader(
         [
             "/help",
             "/system You answer in one word.",
@@ -99,12 +106,6 @@ def test_chat_commands(make_engine, tmp_path):
             "/save",
         ]
     )
-
-    def read(_prompt: str) -> str:
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
 
     written: list[str] = []
     turns = run_chat(
