@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 
 from kvforge.errors import ModelFileError, UnsupportedModelError
 from kvforge.models.registry import ModelFamily
-from kvforge.quant.formats import FLOAT_TYPES, Unpacked, dequantize, unpack_rows
+from kvforge.quant.formats import QUANT_TYPES, Unpacked, dequantize, unpack_rows
 
 SUPPORTED_TYPES = {
     GGMLQuantizationType[name]
@@ -37,6 +37,15 @@ SUPPORTED_TYPES = {
             "Q5_K",
             "Q6_K",
             "IQ4_NL",
+            # no kernel here: read dequantized by the gguf package's reference code
+            "IQ4_XS",
+            "IQ3_S",
+            "IQ3_XXS",
+            "IQ2_S",
+            "IQ2_XS",
+            "IQ2_XXS",
+            "IQ1_S",
+            "IQ1_M",
         ]
     )
 }
@@ -132,11 +141,6 @@ def dequantize_tensor(tensor: Any) -> torch.Tensor:
     return dequantize(_raw(tensor), tensor.tensor_type, _tensor_shape(tensor))
 
 
-def is_quantized(tensor: Any) -> bool:
-    """Whether a reader tensor holds a block-quantized type."""
-    return tensor.tensor_type not in FLOAT_TYPES
-
-
 def _permute_rows(value: torch.Tensor | Unpacked, num_heads: int) -> torch.Tensor | Unpacked:
     if isinstance(value, Unpacked):
         mins = None if value.mins is None else unpermute_qk(value.mins, num_heads)
@@ -179,7 +183,8 @@ def iter_gguf_weights(
         value: torch.Tensor | Unpacked
         shape = _tensor_shape(tensor)
         try:
-            if packed and is_quantized(tensor) and len(shape) in (2, 3):
+            kernel = tensor.tensor_type in QUANT_TYPES  # the others load dequantized
+            if packed and kernel and len(shape) in (2, 3):
                 value = unpack_rows(_raw(tensor), tensor.tensor_type, shape)
             else:
                 value = dequantize_tensor(tensor)

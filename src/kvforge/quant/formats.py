@@ -214,6 +214,20 @@ def dequantize(
     if qtype in FLOAT_TYPES:
         dtype = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}[qtype]
         return data.contiguous().view(torch.uint8).view(dtype).float().reshape(shape)
+    if qtype not in QUANT_TYPES:
+        # Types with no kernel here (the IQ family but IQ4_NL): the gguf package's reference
+        # dequantization, so such files load as float weights
+        import gguf.quants
+
+        block, size = block_shape(qtype)
+        if shape[-1] % block:
+            raise ValueError(f"{qtype.name} needs rows of a multiple of {block}, got {shape[-1]}")
+        raw = data.contiguous().view(torch.uint8).reshape(-1, shape[-1] // block * size)
+        try:
+            values = gguf.quants.dequantize(raw.numpy(), qtype)
+        except NotImplementedError as exc:
+            raise ValueError(f"{qtype.name} tensors cannot be read") from exc
+        return torch.from_numpy(values.copy()).float().reshape(shape)
     rows = unpack_rows(data, qtype, shape)
     return rows.dequantize().reshape(shape)
 
