@@ -14,7 +14,13 @@ import torch
 from tqdm import tqdm
 
 from kvforge.config import ModelConfig, TransformerConfig
-from kvforge.errors import InvalidRequestError, KVForgeError, ModelFileError, ModelNotFoundError
+from kvforge.errors import (
+    InvalidRequestError,
+    KVForgeError,
+    ModelFileError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
 from kvforge.layers.attention import (
     BaseAttentionBackend,
     create_attention_backend,
@@ -203,6 +209,7 @@ def load_model(
         if architecture in _VISION_CHAT:
             hf, vision_hf = _text_config(hf, path), hf
             architecture = hf["architectures"][0]
+        _check_quantization_config(hf, path)
         family = family_for_hf(architecture)
         cfg = family.config_from_hf(hf)
         tokenizer = Tokenizer.from_hf_dir(model_config.tokenizer or path)
@@ -290,6 +297,22 @@ def _text_config(hf: dict[str, Any], path: Path) -> dict[str, Any]:
         text["architectures"] = [_TEXT_ARCHITECTURES[model_type]]
     text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
     return text
+
+
+def _check_quantization_config(hf: dict[str, Any], path: Path) -> None:
+    """A checkpoint stored quantized by another tool (``quantization_config``) is refused in
+    one line naming its method: its packed tensors (GPTQ's qweight, AWQ's qzeros, ...) would
+    otherwise fail as unknown weights."""
+    quant = hf.get("quantization_config")
+    if quant is None:
+        return
+    if not isinstance(quant, dict):
+        raise ModelFileError(path / "config.json", "quantization_config must be an object")
+    method = quant.get("quant_method", "unknown")
+    raise UnsupportedModelError(
+        f"{path}: quantization_config.quant_method {method!r} checkpoints are not supported yet "
+        "(load the float checkpoint; kvforge quantizes it with --quantization int8 / int4)"
+    )
 
 
 def _split_vision(weights: Weights, vision: dict[str, torch.Tensor]) -> Weights:
