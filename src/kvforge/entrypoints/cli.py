@@ -203,8 +203,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.model_positional:
         args.model = args.model_positional
-    if args.model:
-        resolve(args.model)  # a name missing from the cache fails here, before anything starts
+    served_name = args.model
+    if args.model:  # a name missing from the cache fails here, before anything starts
+        args.model = resolve(args.model)
     if args.node_rank > 0:  # another machine of a split model: its ranks only, no server
         from kvforge.engine_args import EngineArgs
         from kvforge.parallel.executor import run_node
@@ -231,10 +232,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return engine
 
     names = args.served_model_name or [
-        args.model
-        if args.model and is_model_name(args.model)  # Org/Name[:QUANT] from the HF cache
-        else Path(args.model).stem
-        if args.model
+        served_name
+        if served_name and is_model_name(served_name)  # Org/Name[:QUANT] from the HF cache
+        else Path(served_name).stem
+        if served_name
         else kv_config.DEFAULT_MODEL_NAME
     ]
     config = ServerConfig(

@@ -85,12 +85,14 @@ class VisionAdapter(nn.Module):
         self.vision_tower = VisionTower(config.tower)
         self.multi_modal_projector = Projector(config)
 
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The tower's output the projector reads: [images, tokens_per_image, tower width]."""
+        hidden = self.vision_tower.hidden_states(pixels, self.config.feature_layer)
+        return hidden if self.config.keep_class_token else hidden[:, 1:]
+
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        hidden = self.vision_tower.hidden_states(pixels, self.config.feature_layer)
-        if not self.config.keep_class_token:
-            hidden = hidden[:, 1:]
-        return self.multi_modal_projector(hidden)
+        return self.multi_modal_projector(self.features(pixels))
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """``vision_tower.*`` (with or without ``vision_model.``) and

@@ -96,7 +96,7 @@ def train_projector(
     # the frozen tower's features, once per image
     pixels = torch.stack([preprocess(folder / row["image"]) for row in rows])
     with torch.no_grad():
-        features = adapter.vision_tower.hidden_states(pixels, opts.feature_layer)[:, 1:]
+        features = adapter.features(pixels)
     examples = []
     end_of_turn = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
     for row in rows:

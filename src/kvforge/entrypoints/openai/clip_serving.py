@@ -60,11 +60,14 @@ class ClipServing:
                 )
         pixels = await self._pixels([url for _, url in images]) if images else None
         clip = self.clip
+        ids, mask = await self.llm.offload(clip.tokenize, [t for _, t in texts])
 
         def embed(_: Any) -> torch.Tensor:
             out = torch.zeros(len(raw), clip.config.projection_dim)
             if texts:
-                out[[i for i, _ in texts]] = clip.encode_text([t for _, t in texts])
+                with torch.inference_mode():
+                    vectors = clip.model.encode_text(ids, mask, normalize=True)
+                out[[i for i, _ in texts]] = vectors
             if pixels is not None:
                 out[[i for i, _ in images]] = clip.encode_image(pixels)
             return out
@@ -76,11 +79,7 @@ class ClipServing:
             ]
         else:
             data = vectors.tolist()
-        tokens = (
-            sum(len(ids) for ids in clip.tokenize([t for _, t in texts])[1].tolist())
-            if texts
-            else 0
-        )
+        tokens = int(mask.sum())
         return {
             "object": "list",
             "model": self.name,
