@@ -502,3 +502,32 @@ def test_hostile_image_requests(llava, tmp_path):
         text_only.chat(
             [{"role": "user", "content": [part]}], SamplingParams(max_tokens=2), use_tqdm=False
         )
+
+
+def test_a_draft_model_next_to_images(llava, tmp_path):
+    """Speculative decoding with a narrower draft model: image placeholders reach the draft as
+    plain tokens (it has no vision tower), and the greedy tokens are the plain engine's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvforge import LLM, SamplingParams
+
+    folder, _ = llava
+    draft = tmp_path / "draft"
+    config = LlamaConfig(**_common(hidden_size=32, intermediate_size=64, num_hidden_layers=1))
+    LlamaForCausalLM(config).save_pretrained(draft)
+    write_tokenizer(draft)
+    request = {
+        "prompt_token_ids": [1, 7, IMAGE_TOKEN, 9],
+        "multi_modal_data": {"image": _image((9, 9, 200))},
+    }
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    plain = LLM(str(folder), kv_cache_memory="16MiB", show_progress=False)
+    drafted = LLM(
+        str(folder),
+        kv_cache_memory="16MiB",
+        show_progress=False,
+        speculative_model=str(draft),
+        num_speculative_tokens=2,
+    )
+    expected = plain.generate([request], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    assert drafted.generate([request], greedy, use_tqdm=False)[0].outputs[0].token_ids == expected

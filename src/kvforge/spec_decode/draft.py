@@ -20,6 +20,7 @@ output.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -82,7 +83,10 @@ class DraftModel:
         ]
 
     def mirror(self, batch: ForwardBatch) -> None:
-        """Run a batch of the target's tokens through the draft, writing their KV."""
+        """Run a batch of the target's tokens through the draft, writing their KV. Image
+        placeholders run as plain tokens: the draft has no vision tower (and its own width)."""
+        if batch.mm_embeds is not None:
+            batch = dataclasses.replace(batch, mm_embeds=None)
         self.model(batch, self.kv_caches)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
