@@ -531,3 +531,27 @@ def test_a_draft_model_next_to_images(llava, tmp_path):
     )
     expected = plain.generate([request], greedy, use_tqdm=False)[0].outputs[0].token_ids
     assert drafted.generate([request], greedy, use_tqdm=False)[0].outputs[0].token_ids == expected
+
+
+def test_images_under_tight_kv_memory(llava):
+    """Six image requests at once in a cache too small for them all (preemption resends the
+    images with the request): each gets the tokens it gets alone, and no block stays held."""
+    from kvforge import LLM, SamplingParams
+
+    folder, _ = llava
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    requests = [
+        {
+            "prompt_token_ids": [1, 7 + i, IMAGE_TOKEN, 9, IMAGE_TOKEN],
+            "multi_modal_data": {"image": [_image((40 * i, 90, 200 - 30 * i), i)] * 2},
+        }
+        for i in range(6)
+    ]
+    solo = LLM(str(folder), kv_cache_memory="16MiB", show_progress=False)
+    expected = [
+        solo.generate([r], greedy, use_tqdm=False)[0].outputs[0].token_ids for r in requests
+    ]
+    tight = LLM(str(folder), num_blocks=14, block_size=4, show_progress=False)
+    outputs = tight.generate(requests, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert tight.engine.kv_cache_manager.pool.num_in_use == 0
