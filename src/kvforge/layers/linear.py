@@ -14,6 +14,7 @@ from kvforge.layers.lora import LoRABatch, LoRASlots
 from kvforge.layers.quantization import (
     BaseQuantMethod,
     BlockInt8Method,
+    Fp8Method,
     QuantGemmMethod,
     create_embedding_method,
     create_fused_quant_method,
@@ -40,7 +41,9 @@ def narrow(loaded: Loaded, dim: int, start: int, length: int) -> Loaded:
     if dim == 0:
         part = slice(start, start + length)
         mins = None if loaded.mins is None else loaded.mins[part]
-        return Unpacked(loaded.codes[part], loaded.scales[part], mins, loaded.group)
+        return Unpacked(loaded.codes[part], loaded.scales[part], mins, loaded.group, loaded.perm)
+    if loaded.perm is not None:
+        raise ValueError("act-order (column-permuted) weights cannot be split by input columns")
     group = loaded.group
     if start % group or length % group:
         raise ValueError(f"a shard of {length} columns splits blocks of {group}")
@@ -255,7 +258,7 @@ class VocabEmbedding(nn.Module):
             )
         self.num_embeddings = num_embeddings
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
-        self.quant: BlockInt8Method | QuantGemmMethod | None = None
+        self.quant: BlockInt8Method | QuantGemmMethod | Fp8Method | None = None
         self.quantize_activations = False  # as in Linear: the tied LM head's activations
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -233,6 +233,73 @@ class QuantGemmMethod(BaseQuantMethod):
         return w.reshape(*index.shape, self.in_features)
 
 
+class Fp8Method(BaseQuantMethod):
+    """FP8 (e4m3) weights with float32 scales per group of columns (per tensor and per channel
+    are one group a row). The CPU has no FP8 matmul: each tile of output rows is widened to
+    the activations' dtype (exact: every e4m3 value is a bfloat16) and scaled, then a dense
+    matmul; per-row scales are applied to the output instead, one multiply per output."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, weights: Unpacked) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weights.codes.shape
+        self.group = weights.group
+        self.register_buffer("codes", weights.codes.contiguous())
+        self.register_buffer("scales", weights.scales.float().contiguous())
+
+    def _tile(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        w = self.codes[start:stop].to(dtype)
+        if self.group == self.in_features:
+            return w
+        rows = stop - start
+        w = w.view(rows, -1, self.group) * self.scales[start:stop, :, None].to(dtype)
+        return w.view(rows, self.in_features)
+
+    def forward(self, x: torch.Tensor, precise: bool = False) -> torch.Tensor:
+        """See :meth:`BaseQuantMethod.forward`."""
+        flat = x.reshape(-1, self.in_features)
+        dtype = torch.float32 if precise or flat.dtype == torch.float32 else torch.bfloat16
+        flat = flat.to(dtype)
+        tiles = range(0, self.out_features, _TILE_ROWS)
+        y = torch.cat(
+            [
+                F.linear(flat, self._tile(s, min(s + _TILE_ROWS, self.out_features), dtype))
+                for s in tiles
+            ],
+            dim=-1,
+        )
+        if self.group == self.in_features:
+            y = y * self.scales[:, 0].to(dtype)
+        return y.to(torch.float32 if precise else x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows ``W[index]`` (embedding lookup), float32."""
+        flat = index.reshape(-1)
+        w = self.codes[flat].float().view(flat.shape[0], -1, self.group)
+        w = w * self.scales[flat, :, None]
+        return w.reshape(*index.shape, self.in_features)
+
+
+class PermutedMethod(BaseQuantMethod):
+    """Act-order weights stored with their columns sorted by group: the input's columns are
+    gathered in the same order (``perm``) before the inner method runs."""
+
+    perm: torch.Tensor
+
+    def __init__(self, inner: BaseQuantMethod, perm: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+        self.register_buffer("perm", perm.long())
+
+    def forward(self, x: torch.Tensor, precise: bool = False) -> torch.Tensor:
+        """See :meth:`BaseQuantMethod.forward`."""
+        gathered = x.index_select(-1, self.perm)
+        return self.inner(gathered, precise) if precise else self.inner(gathered)
+
+
 class ConcatMethod(BaseQuantMethod):
     """Shards of a fused layer whose formats differ (e.g. Q4_K q/k with a Q6_K v)."""
 
@@ -279,6 +346,11 @@ def create_quant_method(
     (``quantize_activations``) gain a further 5-25% but cost top-1 agreement with the float32
     reference on the embedded model (96.8% against the 98% floor), so they are opt-in.
     """
+    if weights.perm is not None:
+        inner = create_quant_method(weights._replace(perm=None), device, quantize_activations)
+        return PermutedMethod(inner, weights.perm).to(device)
+    if weights.codes.dtype == torch.float8_e4m3fn:
+        return Fp8Method(weights).to(device)
     ops = _quant_gemm_ops(weights, device)
     if ops is not None:
         return QuantGemmMethod(weights, ops, 8 if quantize_activations else 16)
@@ -289,9 +361,13 @@ def create_quant_method(
 
 def create_embedding_method(
     weights: Unpacked, device: torch.device, quantize_activations: bool = False
-) -> BlockInt8Method | QuantGemmMethod:
+) -> BlockInt8Method | QuantGemmMethod | Fp8Method:
     """Packed embedding rows that also serve as the tied LM head (both have ``rows()``); see
     :func:`create_quant_method` for ``quantize_activations``."""
+    if weights.perm is not None:
+        raise ValueError("an embedding cannot hold act-order (column-permuted) codes")
+    if weights.codes.dtype == torch.float8_e4m3fn:
+        return Fp8Method(weights).to(device)
     ops = _quant_gemm_ops(weights, device)
     if ops is not None:
         return QuantGemmMethod(weights, ops, 8 if quantize_activations else 16)
@@ -313,9 +389,15 @@ def concat_unpacked(parts: list[Unpacked]) -> Unpacked | None:
     first = parts[0]
     same_group = all(p.group == first.group for p in parts)
     same_mins = all((p.mins is None) == (first.mins is None) for p in parts)
-    if not (same_group and same_mins):
+    same_codes = all(p.codes.dtype == first.codes.dtype for p in parts)
+    same_perm = all(
+        p.perm is None
+        if first.perm is None
+        else p.perm is not None and torch.equal(p.perm, first.perm)
+        for p in parts
+    )
+    if not (same_group and same_mins and same_codes and same_perm):
         return None
     mins = None if first.mins is None else torch.cat([p.mins for p in parts])  # type: ignore[misc]
-    return Unpacked(
-        torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins, first.group
-    )
+    codes, scales = torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts])
+    return Unpacked(codes, scales, mins, first.group, first.perm)

@@ -41,10 +41,16 @@ def iter_hf_weights(path: str | Path, family: ModelFamily) -> Iterator[tuple[str
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                 tensor = handle.get_tensor(name).float()
-                # LLaVA-style wrappers: the language model's tensors under their own names
-                name = name.removeprefix("language_model.")
-                if name.startswith("model.language_model."):
-                    name = "model." + name.removeprefix("model.language_model.")
+                name = hf_tensor_name(name)
                 if family.fix_hf_tensor is not None:
                     tensor = family.fix_hf_tensor(name, tensor)
                 yield name, tensor
+
+
+def hf_tensor_name(name: str) -> str:
+    """The language model's name of a checkpoint tensor (LLaVA-style wrappers store it under
+    ``language_model.``)."""
+    name = name.removeprefix("language_model.")
+    if name.startswith("model.language_model."):
+        name = "model." + name.removeprefix("model.language_model.")
+    return name

@@ -19,7 +19,6 @@ from kvforge.errors import (
     KVForgeError,
     ModelFileError,
     ModelNotFoundError,
-    UnsupportedModelError,
 )
 from kvforge.layers.attention import (
     BaseAttentionBackend,
@@ -33,6 +32,7 @@ from kvforge.loader.gguf_check import open_gguf
 from kvforge.loader.gguf_loader import iter_gguf_weights, read_metadata
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config, safetensors_files
 from kvforge.loader.mmproj import read_mmproj
+from kvforge.loader.quantized import iter_quantized_weights, parse_quantization_config
 from kvforge.models.clip import CLIP_MEAN, CLIP_STD
 from kvforge.models.common import DecoderLM
 from kvforge.models.llava import VisionAdapter, VisionAdapterConfig
@@ -209,11 +209,18 @@ def load_model(
         if architecture in _VISION_CHAT:
             hf, vision_hf = _text_config(hf, path), hf
             architecture = hf["architectures"][0]
-        _check_quantization_config(hf, path)
+        scheme = parse_quantization_config(hf, path)
         family = family_for_hf(architecture)
         cfg = family.config_from_hf(hf)
         tokenizer = Tokenizer.from_hf_dir(model_config.tokenizer or path)
-        weights = _split_vision(iter_hf_weights(path, family), vision_weights)
+        if scheme is None:
+            hf_weights: Weights = iter_hf_weights(path, family)
+        else:
+            logger.info("%s: %s checkpoint", path.name, scheme.describe())
+            hf_weights = iter_quantized_weights(path, scheme, family.fix_hf_tensor)
+            if not keeps_packed(model_config):  # --dtype float32: the dequantized reference
+                hf_weights = _dequantized(hf_weights)
+        weights = _split_vision(hf_weights, vision_weights)
         num_tensors = sum(1 for _ in safetensors_files(path))
     else:
         raise ModelNotFoundError(f"{path} is neither a .gguf file nor a model directory")
@@ -299,20 +306,9 @@ def _text_config(hf: dict[str, Any], path: Path) -> dict[str, Any]:
     return text
 
 
-def _check_quantization_config(hf: dict[str, Any], path: Path) -> None:
-    """A checkpoint stored quantized by another tool (``quantization_config``) is refused in
-    one line naming its method: its packed tensors (GPTQ's qweight, AWQ's qzeros, ...) would
-    otherwise fail as unknown weights."""
-    quant = hf.get("quantization_config")
-    if quant is None:
-        return
-    if not isinstance(quant, dict):
-        raise ModelFileError(path / "config.json", "quantization_config must be an object")
-    method = quant.get("quant_method", "unknown")
-    raise UnsupportedModelError(
-        f"{path}: quantization_config.quant_method {method!r} checkpoints are not supported yet "
-        "(load the float checkpoint; kvforge quantizes it with --quantization int8 / int4)"
-    )
+def _dequantized(weights: Weights) -> Weights:
+    for name, value in weights:
+        yield name, value.dequantize() if isinstance(value, Unpacked) else value
 
 
 def _split_vision(weights: Weights, vision: dict[str, torch.Tensor]) -> Weights:

@@ -46,20 +46,28 @@ QUANT_TYPES = {
 
 
 class Unpacked(NamedTuple):
-    """``w = codes * scales + mins`` per group; codes [rows, cols], scales/mins [rows, groups]."""
+    """``w = codes * scales + mins`` per group; codes [rows, cols], scales/mins [rows, groups].
 
-    codes: torch.Tensor  # int8
+    ``codes`` are int8, or float8_e4m3fn for FP8 checkpoints. ``perm`` (act-order GPTQ) says
+    the columns are stored sorted by group: stored column ``i`` is input column ``perm[i]``.
+    """
+
+    codes: torch.Tensor  # int8 or float8_e4m3fn
     scales: torch.Tensor  # float32
     mins: torch.Tensor | None
     group: int
+    perm: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
-        """Float32 weights [rows, cols]."""
+        """Float32 weights [rows, cols], in input column order."""
         rows, cols = self.codes.shape
-        w = self.codes.view(rows, -1, self.group).float() * self.scales[..., None]
+        w = self.codes.reshape(rows, -1, self.group).float() * self.scales[..., None]
         if self.mins is not None:
             w = w + self.mins[..., None]
-        return w.view(rows, cols)
+        w = w.view(rows, cols)
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w
 
 
 def block_shape(qtype: GGMLQuantizationType) -> tuple[int, int]:
