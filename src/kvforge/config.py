@@ -114,7 +114,7 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     chat_template: str | None = None
-    quantization: str | None = None  # "int8" / "int4": quantize float weights on load
+    quantization: str | None = None  # "int8" / "int4" / "fp8": quantize float weights on load
     quantization_group_size: int | None = None  # None: int4 128, int8 per channel; -1 per row
     quantization_symmetric: bool = True
     # "auto": the fastest attention backend that runs on the device (see layers/attention)
@@ -138,9 +138,10 @@ class ModelConfig:
             raise ModelNotFoundError(f"mmproj file not found: {self.mmproj}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise InvalidRequestError(f"unsupported dtype {self.dtype!r}", "dtype")
-        if self.quantization not in (None, "int8", "int4"):
+        if self.quantization not in (None, "int8", "int4", "fp8"):
             raise InvalidRequestError(
-                f"unknown quantization {self.quantization!r}; use int8 or int4", "quantization"
+                f"unknown quantization {self.quantization!r}; use int8, int4 or fp8",
+                "quantization",
             )
 
 

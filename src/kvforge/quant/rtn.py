@@ -3,7 +3,8 @@
 Like BitsAndBytes in vLLM: a float matrix becomes the common block form as it streams in.
 int4 uses groups of 32..256 columns (the int4 kernel's sizes); int8 defaults to one group per
 output channel. Symmetric: ``w = s * q`` with q in [-8, 7] / [-127, 127]. Asymmetric:
-``w = s * q + m`` with the group's minimum ``m``.
+``w = s * q + m`` with the group's minimum ``m``. fp8: float8_e4m3fn codes with a scale per
+output channel (the group's largest magnitude maps to 448), run by ``Fp8Method``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from kvforge.errors import InvalidRequestError
 from kvforge.quant.formats import Unpacked
 
-DEFAULT_GROUP_SIZE = {"int4": 128, "int8": -1}
+DEFAULT_GROUP_SIZE = {"int4": 128, "int8": -1, "fp8": -1}
+FP8_MAX = 448.0  # the largest float8_e4m3fn value
 
 
 def quantize_rtn(
@@ -22,7 +24,7 @@ def quantize_rtn(
     """Quantize a float [rows, cols] matrix; ``group_size`` -1 means one group per row."""
     if method not in DEFAULT_GROUP_SIZE:
         raise InvalidRequestError(
-            f"unknown quantization {method!r}; use int8 or int4", "quantization"
+            f"unknown quantization {method!r}; use int8, int4 or fp8", "quantization"
         )
     rows, cols = weight.shape
     group = DEFAULT_GROUP_SIZE[method] if group_size is None else group_size
@@ -32,8 +34,13 @@ def quantize_rtn(
             f"quantization group size {group} does not divide rows of {cols} values",
             "quantization_group_size",
         )
-    bits_max = 7 if method == "int4" else 127
     x = weight.float().reshape(rows, cols // group, group)
+    if method == "fp8":  # dynamic FP8 (e4m3) with a scale per group, as vLLM's fp8 on load
+        scale = x.abs().amax(-1) / FP8_MAX
+        inv = torch.where(scale > 0, 1 / scale.clamp_min(1e-30), torch.zeros_like(scale))
+        codes = (x * inv[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return Unpacked(codes.reshape(rows, cols), scale, None, group)
+    bits_max = 7 if method == "int4" else 127
     if symmetric:
         scale = x.abs().amax(-1) / bits_max
         inv = torch.where(scale > 0, 1 / scale.clamp_min(1e-30), torch.zeros_like(scale))
