@@ -54,7 +54,8 @@ class EngineArgs:
     )
     device: str = field(default="cpu", metadata=_opt("cpu, cuda or cuda:N"))
     quantization: str | None = field(
-        default=None, metadata=_opt("quantize float weights on load", choices=("int8", "int4", "fp8"))
+        default=None,
+        metadata=_opt("quantize float weights on load", choices=("int8", "int4", "fp8")),
     )
     quantization_group_size: int | None = field(
         default=None,

@@ -195,3 +195,27 @@ def test_float_checkpoints_are_unchanged(tmp_path):
         ModelConfig(model=str(tmp_path / "float")), create_attention_backend(), False
     )
     assert not loaded.is_packed
+
+
+# Written by GPTQModel and AutoAWQ themselves (make_gptq_fixtures.py); reference.safetensors
+# holds the logits of the tool's own loader on CPU. AutoAWQ's layers compute in float16
+# (inputs and weights rounded), hence its wider tolerance.
+TOOL_FIXTURES = {"gptq-v1-desc-act": 1e-4, "gptq-v1-asym-8bit": 1e-4, "awq-gemm": 2e-2}
+
+
+@pytest.mark.parametrize("name", list(TOOL_FIXTURES))
+def test_gptq_and_awq_checkpoints_match_their_tools(name):
+    reference = load_file(DATA / f"{name}.reference.safetensors")
+    ids = reference["input_ids"][0].tolist()
+    expected = reference["logits"][0]
+    dequantized = logits(DATA / name, ids, dtype="float32")
+    assert (dequantized - expected).abs().max().item() <= TOOL_FIXTURES[name]
+    packed = logits(DATA / name, ids)
+    assert (packed - expected).abs().max().item() <= TOOL_FIXTURES[name] + PACKED_TOLERANCE
+
+
+def test_act_order_checkpoint_keeps_its_permutation():
+    loaded = load_model(
+        ModelConfig(model=str(DATA / "gptq-v1-desc-act")), create_attention_backend(), False
+    )
+    assert isinstance(loaded.model.layers[0].self_attn.qkv_proj.quant, PermutedMethod)

@@ -299,7 +299,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    """Requantize a GGUF file (llama.cpp's llama-quantize)."""
+    """Requantize a GGUF file (llama.cpp's llama-quantize), or quantize a float model with
+    GPTQ / AWQ / round-to-nearest into a Hugging Face directory (``--method``)."""
+    if args.method is not None:
+        return _quantize_calibrated(args)
+    if args.type is None:
+        raise KVForgeError("give a GGUF type (Q4_K_M, Q8_0, ...) or --method gptq|awq|rtn")
     from gguf import GGMLQuantizationType
 
     from kvforge.quant.mixes import MixOptions
@@ -318,6 +323,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     counts = quantize_file(args.input, args.output, args.type, args.imatrix, options)
     print(f"{args.output}: " + ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())))
+    return 0
+
+
+def _quantize_calibrated(args: argparse.Namespace) -> int:
+    from kvforge.tools.calibrated import quantize_calibrated
+
+    if args.type is not None:
+        raise KVForgeError("--method writes a Hugging Face directory: drop the GGUF type")
+    if args.method != "rtn" and args.calibration is None:
+        raise KVForgeError(f"--method {args.method} needs --calibration FILE (text)")
+    text = _read_text(args.calibration) if args.calibration else ""
+    config = quantize_calibrated(
+        args.input,
+        args.output,
+        args.method,
+        text,
+        bits=args.bits,
+        group_size=args.group_size,
+        symmetric=args.sym,
+        act_order=args.act_order,
+        damp=args.damp,
+        ctx=args.ctx,
+        max_chunks=args.chunks,
+    )
+    print(f"{args.output}: {json.dumps(config)}")
     return 0
 
 
@@ -487,11 +517,30 @@ def _add_tool_parsers(sub: Any) -> None:
     quant = sub.add_parser("quantize", help="requantize a GGUF file (F16, Q8_0, Q4_K_M, ...)")
     quant.add_argument("input")
     quant.add_argument("output")
-    quant.add_argument("type", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S/M/L ...")
+    quant.add_argument(
+        "type", nargs="?", help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S/M/L ..."
+    )
     quant.add_argument("--imatrix", default=None, help="importance matrix (imatrix.gguf)")
     quant.add_argument("--pure", action="store_true", help="one type for all matrices")
     quant.add_argument("--output-tensor-type", default=None)
     quant.add_argument("--token-embedding-type", default=None)
+    calibrated = quant.add_argument_group(
+        "calibrated", "a float Llama model to a GPTQ / AWQ Hugging Face directory"
+    )
+    calibrated.add_argument("--method", choices=["gptq", "awq", "rtn"], default=None)
+    calibrated.add_argument("--calibration", default=None, help="calibration text file")
+    calibrated.add_argument("--bits", type=int, default=4, choices=[2, 4, 8])
+    calibrated.add_argument("--group-size", type=int, default=128, help="-1: one per row")
+    calibrated.add_argument(
+        "--sym",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="symmetric groups (default: yes, except AWQ)",
+    )
+    calibrated.add_argument("--act-order", action="store_true", help="GPTQ: columns by Hessian")
+    calibrated.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping")
+    calibrated.add_argument("--ctx", type=int, default=512, help="tokens per calibration chunk")
+    calibrated.add_argument("--chunks", type=int, default=16, help="calibration chunks")
     quant.set_defaults(func=cmd_quantize)
     for name, helptext, func in (
         ("imatrix", "collect an importance matrix over calibration text", cmd_imatrix),

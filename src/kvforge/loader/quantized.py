@@ -380,9 +380,10 @@ def _decode_gptq(tensors: dict[str, torch.Tensor], scheme: QuantizedCheckpoint) 
     out, cols = codes.shape
     if scales.dim() != 2 or scales.shape[1] != out:
         raise ValueError(f"scales {tuple(scales.shape)} do not match {out} outputs")
+    if scheme.zeros_minus_one:  # one was taken from the whole word (a zero of 0 borrowed)
+        ones = sum(1 << shift for shift in range(0, 32, bits))
+        qzeros = ((qzeros.to(torch.int64) + ones) & 0xFFFFFFFF).to(torch.int64)
     zeros = _unpack_words(qzeros, bits, 1)[:, :out]
-    if scheme.zeros_minus_one:
-        zeros = zeros + 1
     g_idx = tensors.get("g_idx")
     if scheme.symmetric and scheme.method == "gptq":
         mid = 1 << (bits - 1)

@@ -142,6 +142,22 @@ class Tokenizer:
             ids = [self.bos_token_id, *ids]
         return ids
 
+    def save_hf_dir(self, path: str | Path) -> None:
+        """Write ``tokenizer.json``, ``tokenizer_config.json`` and the EOS ids in
+        ``generation_config.json``: :meth:`from_hf_dir` reads back this tokenizer."""
+        root = Path(path)
+        self.backend.save(str(root / "tokenizer.json"))
+        config: dict[str, Any] = {"add_bos_token": self.add_bos_token}
+        if self.bos_token_id is not None:
+            config["bos_token"] = self.token_text(self.bos_token_id)
+        if self.eos_token_id is not None:
+            config["eos_token"] = self.token_text(self.eos_token_id)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (root / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        generation = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_ids}
+        (root / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer:
         """Load ``tokenizer.json`` and ``tokenizer_config.json`` from a model directory."""
