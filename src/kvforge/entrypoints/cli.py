@@ -450,6 +450,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         resume=args.resume,
         router_aux_loss_coef=args.router_aux_loss_coef,
         router_z_loss_coef=args.router_z_loss_coef,
+        qat=args.qat,
+        qat_group_size=args.qat_group_size,
     )
     metrics = finetune(config)
     print(json.dumps(metrics, indent=2))
@@ -459,7 +461,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _add_tool_parsers(sub: Any) -> None:
     tune = sub.add_parser("finetune", help="train a LoRA adapter on chat JSONL (CPU)")
     tune.add_argument("model", help="GGUF file or Hugging Face directory (the frozen base)")
-    tune.add_argument("data", help='JSON Lines of {"messages": [...]}')
+    tune.add_argument("data", help='JSON Lines of {"messages": [...]} or {"text": "..."}')
     tune.add_argument("output", help="the PEFT adapter directory to write")
     tune.add_argument(
         "--target-modules",
@@ -493,6 +495,13 @@ def _add_tool_parsers(sub: Any) -> None:
         default=0.0,
         help="mixture of experts: weight of the router z-loss (e.g. 0.001)",
     )
+    tune.add_argument(
+        "--qat",
+        choices=["int4", "int8"],
+        default=None,
+        help="quantization-aware: train through rounded weights, write OUTPUT/quantized",
+    )
+    tune.add_argument("--qat-group-size", type=int, default=128, help="columns per scale")
     tune.set_defaults(func=cmd_finetune)
     lora = sub.add_parser("lora", help="LoRA adapter tools").add_subparsers(
         dest="lora_command", required=True

@@ -25,6 +25,7 @@ from kvforge.layers.moe import SparseMoE, load_balancing_loss, router_z_loss
 from kvforge.layers.rotary import apply_rotary
 from kvforge.lora.adapter import TARGETS, module_path
 from kvforge.models.common import DecoderLayer, DecoderLM
+from kvforge.quant.gptq import Grid, quantize_rtn_grid
 
 _MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
@@ -71,6 +72,8 @@ class TrainableLoRA(nn.Module):
         if not (1 <= rank <= 1024 and math.isfinite(alpha) and 0 <= dropout < 1):
             raise InvalidRequestError("need 1 <= rank <= 1024, finite alpha, 0 <= dropout < 1")
         self.targets, self.rank, self.alpha = tuple(targets), rank, float(alpha)
+        # quantization-aware training: linear layers run on fake-quantized merged weights
+        self.fake_quant: Grid | None = None
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout)
         for p in self.model.parameters():
@@ -121,8 +124,31 @@ class TrainableLoRA(nn.Module):
         return balance, torch.stack([router_z_loss(x) for x in logits]).mean()
 
     # ----------------------------------------------------------------- forward
+    def _fake_quantized(
+        self, layer_idx: int, linear: Linear, names: tuple[str, ...]
+    ) -> torch.Tensor:
+        """QAT: the layer's weight with its adapters merged, rounded to the grid in the forward
+        and passed straight through in the backward (``W + (Q(W) - W).detach()``)."""
+        assert linear.weight is not None and self.fake_quant is not None
+        w = linear.weight.float()
+        deltas = []
+        for shard, name in enumerate(names):
+            key = self._key(layer_idx, name)
+            rows = linear.shard_sizes[shard]
+            if name in self.targets and key in self.a:
+                deltas.append((self.b[key] @ self.a[key]) * self.scaling)
+            else:
+                deltas.append(w.new_zeros(rows, w.shape[1]))
+        merged = w + torch.cat(deltas)
+        with torch.no_grad():
+            rounded = quantize_rtn_grid(merged, self.fake_quant).dequantize()
+        return merged + (rounded - merged).detach()
+
     def _linear(self, layer_idx: int, linear: Linear, names: tuple[str, ...], x: torch.Tensor):
         assert linear.weight is not None
+        if self.fake_quant is not None:
+            weight = self._fake_quantized(layer_idx, linear, names)
+            return F.linear(x, weight.to(x.dtype), linear.bias)
         y = F.linear(x, linear.weight.to(x.dtype), linear.bias)
         if not any(n in self.targets for n in names):
             return y
@@ -216,6 +242,18 @@ class TrainableLoRA(nn.Module):
         if cfg.final_logit_softcap:
             logits = torch.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
         return logits
+
+    @torch.no_grad()
+    def merge_into_model(self) -> None:
+        """Add every adapter's ``scaling * B A`` to its base weight (export after QAT)."""
+        for i, target in self.pairs:
+            linear, shard = self.model.lora_target(module_path(i, target))
+            assert linear.weight is not None
+            start = sum(linear.shard_sizes[:shard])
+            rows = slice(start, start + linear.shard_sizes[shard])
+            key = self._key(i, target)
+            delta = (self.b[key] @ self.a[key]) * self.scaling
+            linear.weight[rows] += delta.to(linear.weight.dtype)
 
     # -------------------------------------------------------------- PEFT files
     def save_peft(self, directory: str | Path, base_model: str) -> None:

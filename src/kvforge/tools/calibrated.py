@@ -216,20 +216,43 @@ def quantize_calibrated(
     out = Path(dst)
     check_output_path(out)
     runner = make_runner(src, "float32")
-    model, cfg = runner.loaded.model, runner.loaded.config
     if runner.loaded.is_packed:
         raise InvalidRequestError("the source must load as float weights", "model")
-    hf_config = _hf_config(cfg)
+    grid = check_grid(runner.loaded.config, bits, group_size, symmetric)
+    stats: dict[str, _Stats] = {}
+    if method != "rtn":
+        chunks = text_chunks(runner, text, ctx, max_chunks)
+        stats = collect_statistics(runner, chunks, method == "gptq", method == "awq", show_progress)
+    return write_quantized(runner.loaded, out, method, grid, stats, damp, act_order, show_progress)
+
+
+def check_grid(cfg: TransformerConfig, bits: int, group_size: int, symmetric: bool) -> Grid:
+    """The grid, once every linear layer's input width is a whole number of groups."""
+    _hf_config(cfg)
     for cols in (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim):
         if group_size != -1 and (group_size <= 0 or cols % group_size):
             raise InvalidRequestError(
                 f"group size {group_size} does not divide rows of {cols} values", "group_size"
             )
-    grid = Grid(bits, group_size, symmetric)
-    stats: dict[str, _Stats] = {}
-    if method != "rtn":
-        chunks = text_chunks(runner, text, ctx, max_chunks)
-        stats = collect_statistics(runner, chunks, method == "gptq", method == "awq", show_progress)
+    return Grid(bits, group_size, symmetric)
+
+
+def write_quantized(
+    loaded: Any,
+    out: Path,
+    method: str,
+    grid: Grid,
+    stats: dict[str, _Stats] | None = None,
+    damp: float = 0.01,
+    act_order: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Quantize a loaded float model's linear layers (``stats``: its calibration statistics
+    for GPTQ / AWQ) and write the Hugging Face directory ``out``."""
+    model, cfg = loaded.model, loaded.config
+    hf_config = _hf_config(cfg)
+    bits, group_size, symmetric = grid.bits, grid.group, grid.symmetric
+    stats = stats or {}
     params = dict(model.named_parameters())
     tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": params["embed_tokens.weight"]}
     tensors["model.norm.weight"] = params["norm.weight"]
@@ -292,7 +315,7 @@ def quantize_calibrated(
     contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
     save_file(contiguous, str(out / "model.safetensors"), {"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    runner.loaded.tokenizer.save_hf_dir(out)
+    loaded.tokenizer.save_hf_dir(out)
     logger.info("wrote %s (%s)", out, quant_config)
     return quant_config
 

@@ -69,6 +69,10 @@ class FinetuneConfig:
     # added to the language-model loss (Switch Transformer uses 0.01, ST-MoE 0.001 for z)
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
+    # Quantization-aware training: "int4" / "int8" trains the adapters through weights rounded
+    # to that grid, then writes the merged model quantized to ``output/quantized``
+    qat: str | None = None
+    qat_group_size: int = 128
 
     def check(self) -> None:
         """Refuse settings that cannot train."""
@@ -85,6 +89,8 @@ class FinetuneConfig:
             raise InvalidRequestError(
                 f"LoRA targets must be among {', '.join(TARGETS)}", "target_modules"
             )
+        if self.qat not in (None, "int4", "int8"):
+            raise InvalidRequestError(f"qat must be int4 or int8, got {self.qat!r}", "qat")
         if not (1 <= self.rank <= 1024 and math.isfinite(self.alpha) and 0 <= self.dropout < 1):
             raise InvalidRequestError("need 1 <= rank <= 1024, a finite alpha, 0 <= dropout < 1")
 
@@ -135,9 +141,17 @@ def load_dataset(path: str, tokenizer: Tokenizer, max_length: int) -> list[Examp
             raise InvalidRequestError(
                 f"{path} line {number}: not JSON ({exc.msg})", "data"
             ) from exc
+        if isinstance(entry, dict) and isinstance(entry.get("text"), str):  # plain text
+            ids = tokenizer.encode(entry["text"])[:max_length]
+            if len(ids) < 2:
+                raise InvalidRequestError(f"{path} line {number}: text too short", "data")
+            examples.append(Example(ids, list(ids)))
+            continue
         messages = entry.get("messages") if isinstance(entry, dict) else None
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise InvalidRequestError(f"{path} line {number}: needs a 'messages' list", "data")
+            raise InvalidRequestError(
+                f"{path} line {number}: needs a 'messages' list or a 'text' string", "data"
+            )
         example = tokenize_conversation(tokenizer, messages, max_length)
         if all(label == IGNORE for label in example.labels[1:]):
             raise InvalidRequestError(f"{path} line {number}: no assistant tokens to learn", "data")
@@ -205,6 +219,12 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     eval_set = [examples[i] for i in order[:num_eval]]
     train_set = [examples[i] for i in order[num_eval:]]
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    grid = None
+    if config.qat is not None:
+        from kvforge.tools.calibrated import check_grid
+
+        bits = 4 if config.qat == "int4" else 8
+        grid = check_grid(loaded.config, bits, config.qat_group_size, True)
     lora = TrainableLoRA(
         loaded.model,
         tuple(config.target_modules),
@@ -213,6 +233,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         config.dropout,
         config.seed,
     )
+    lora.fake_quant = grid
     params = [p for p in lora.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     batches_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -289,6 +310,12 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         metrics.update(
             {f"eval_{k}": v for k, v in evaluate(lora, eval_set, config.batch_size, pad_id).items()}
         )
+    if grid is not None:  # the merged model on the grid it trained on
+        from kvforge.tools.calibrated import write_quantized
+
+        lora.merge_into_model()
+        metrics["quantized"] = str(output / "quantized")
+        write_quantized(loaded, output / "quantized", "rtn", grid, show_progress=False)
     (output / "finetune_metrics.json").write_text(
         json.dumps({**metrics, "config": asdict(config)}, indent=2)
     )
