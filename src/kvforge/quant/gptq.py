@@ -163,14 +163,16 @@ def awq_scales(
     group = _check(w, grid)
     wg = w.abs().reshape(w.shape[0], -1, group)
     w_mean = (wg / wg.amax(-1, keepdim=True).clamp_min(1e-12)).reshape_as(w).mean(0)
-    reference = x @ w.T
+    # the output error ||x (W - W')^T||^2 = sum((D G) * D) with D = W - W' and G = x^T x:
+    # [out, in] x [in, in] instead of [n, in] x [in, out] per candidate
+    gram = x.T @ x
     best = (float("inf"), torch.ones_like(x_mean), 0.0)
     for step in range(steps):
         alpha = step / steps
         s = (x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp_min(1e-4)).clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        fake = quantize_rtn_grid(w * s, grid).dequantize() / s
-        loss = float((x @ fake.T - reference).pow(2).mean())
+        diff = w - quantize_rtn_grid(w * s, grid).dequantize() / s
+        loss = float(((diff @ gram) * diff).sum())
         if loss < best[0]:
             best = (loss, s, alpha)
     return best[1], best[2]
