@@ -355,7 +355,7 @@ def _read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as handle:
             return handle.read()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise KVForgeError(f"cannot read {path}: {exc}") from exc
 
 

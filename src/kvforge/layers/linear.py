@@ -45,6 +45,9 @@ def narrow(loaded: Loaded, dim: int, start: int, length: int) -> Loaded:
     if loaded.perm is not None:
         raise ValueError("act-order (column-permuted) weights cannot be split by input columns")
     group = loaded.group
+    if group == loaded.codes.shape[1]:  # one scale per row holds for any part of the row
+        mins = None if loaded.mins is None else loaded.mins
+        return Unpacked(loaded.codes[:, start : start + length], loaded.scales, mins, length)
     if start % group or length % group:
         raise ValueError(f"a shard of {length} columns splits blocks of {group}")
     groups = slice(start // group, (start + length) // group)

@@ -106,9 +106,16 @@ def _bool(config: dict[str, Any], path: Path, name: str, default: bool) -> bool:
 
 
 def _names(config: dict[str, Any], path: Path, name: str) -> list[str]:
+    """A list of module names or ``re:`` patterns (each pattern must compile)."""
     value = config.get(name) or []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _field(path, name, f"must be a list of module names, got {value!r}")
+    for pattern in value:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise _field(path, name, f"pattern {pattern!r} does not compile: {exc}") from exc
     return value
 
 
@@ -121,6 +128,7 @@ def parse_quantization_config(hf: dict[str, Any], path: Path) -> QuantizedCheckp
     if not isinstance(config, dict):
         raise ModelFileError(path / "config.json", "quantization_config must be an object")
     method = config.get("quant_method")
+    method = method.lower() if isinstance(method, str) else method
     if method == "gptq":
         return _parse_gptq(config, path)
     if method == "awq":
@@ -208,9 +216,9 @@ def _parse_compressed_tensors(config: dict[str, Any], path: Path) -> QuantizedCh
         group_size = weights.get("group_size")
         if strategy == "group" and (not isinstance(group_size, int) or group_size <= 0):
             raise _field(path, f"{where}.weights.group_size", f"{group_size!r} is not positive")
-        targets = group.get("targets")
-        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        if not isinstance(group.get("targets"), list):
             raise _field(path, f"{where}.targets", "must be a list of names")
+        targets = _names(group, path, "targets")
         groups.append(
             CTGroup(
                 targets,
@@ -249,7 +257,8 @@ def iter_quantized_weights(
     fix: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor | Unpacked]]:
     """(name, tensor) like ``iter_hf_weights``, each quantized linear layer's tensors read
-    together into one ``<module>.weight`` of codes."""
+    together into one ``<module>.weight`` of codes. Every tensor is checked (dtype, shape,
+    finite scales, code ranges): a bad one is a :class:`ModelFileError` naming the module."""
     index = _tensor_index(path)
     parts = _CT_PARTS if scheme.method == "compressed-tensors" else _GPTQ_PARTS
     with ExitStack() as stack:
@@ -270,7 +279,13 @@ def iter_quantized_weights(
                 suffix == "weight" and f"{module}.weight_scale" in index
             )
             if not quantized:
-                tensor = get(raw_name).float()
+                tensor = get(raw_name)
+                codes = not tensor.is_floating_point() or tensor.dtype in FP8_DTYPES
+                if codes:  # codes without their scales would load as another model's weights
+                    raise ModelFileError(
+                        path, f"{raw_name}: {tensor.dtype} values without weight_scale"
+                    )
+                tensor = tensor.float()
                 name = hf_tensor_name(raw_name)
                 yield name, (fix(name, tensor) if fix is not None else tensor)
                 continue
@@ -290,13 +305,20 @@ def iter_quantized_weights(
 def _decode(
     module: str, tensors: dict[str, torch.Tensor], scheme: QuantizedCheckpoint
 ) -> torch.Tensor | Unpacked:
-    if scheme.method == "gptq":
-        return _decode_gptq(tensors, scheme)
-    if scheme.method == "awq":
-        return _decode_awq(tensors, scheme)
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0:
+            raise ValueError(f"{name} is empty")
+    if scheme.method in ("gptq", "awq"):
+        if "weight" in tensors:
+            raise ValueError("has both a float weight and qweight: which one is meant?")
+        if scheme.method == "gptq":
+            return _decode_gptq(tensors, scheme)
+        return _decode_awq(tensors)
     group = next((g for g in scheme.groups if any(_matches(t, module) for t in g.targets)), None)
     if group is None or any(_matches(pattern, module) for pattern in scheme.ignore):
         raise ValueError("has quantization tensors but no config group targets it")
+    if "weight" in tensors and "weight_packed" in tensors:
+        raise ValueError("has both weight and weight_packed: which one is meant?")
     return _decode_compressed(tensors, group)
 
 
@@ -305,6 +327,33 @@ def _need(tensors: dict[str, torch.Tensor], *names: str) -> list[torch.Tensor]:
     if missing:
         raise ValueError(f"tensor(s) {', '.join(missing)} missing")
     return [tensors[n] for n in names]
+
+
+def _packed(name: str, words: torch.Tensor, dims: int = 2) -> torch.Tensor:
+    if words.dtype != torch.int32 or words.dim() != dims:
+        raise ValueError(
+            f"{name} must be a {dims}-D int32 tensor, got {words.dtype} {tuple(words.shape)}"
+        )
+    return words
+
+
+def _scale_values(name: str, scale: torch.Tensor) -> torch.Tensor:
+    if not scale.is_floating_point() or scale.dtype in FP8_DTYPES:
+        raise ValueError(f"{name} must be float, got {scale.dtype}")
+    scale = scale.float()
+    if not torch.isfinite(scale).all():
+        raise ValueError(f"{name} holds non-finite values")
+    return scale
+
+
+def _integers(name: str, values: torch.Tensor) -> torch.Tensor:
+    """Integer-valued codes, zero points or group indices (floats must hold whole numbers)."""
+    if values.is_floating_point():
+        if values.dtype in FP8_DTYPES or not torch.equal(values, values.round()):
+            raise ValueError(f"{name} must hold integers, got {values.dtype} values")
+    elif values.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers, got booleans")
+    return values.to(torch.int64)
 
 
 def _unpack_words(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -332,28 +381,32 @@ def _grouped(
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
     g_idx: torch.Tensor | None,
+    g_idx_name: str = "g_idx",
 ) -> Unpacked:
     """``W[o, j] = s[o, g(j)] * (q[o, j] - z[o, g(j)])`` as Unpacked: codes [out, in] (any
     integer range), scales / zeros [out, groups]; contiguous groups unless ``g_idx`` says
     otherwise (then the columns are sorted by group and the permutation kept)."""
     out, cols = codes.shape
+    if scales.dim() != 2 or scales.shape[0] != out or scales.shape[1] == 0:
+        raise ValueError(f"scales {tuple(scales.shape)} do not match {out} outputs")
     groups = scales.shape[1]
     if cols % groups:
         raise ValueError(f"{groups} scale groups do not divide {cols} input columns")
+    if zeros is not None and tuple(zeros.shape) != (out, groups):
+        raise ValueError(f"zero points {tuple(zeros.shape)} do not match scales {(out, groups)}")
     size = cols // groups
     perm = None
     if g_idx is not None:
-        g_idx = g_idx.long()
+        g_idx = _integers(g_idx_name, g_idx)
         if g_idx.shape != (cols,) or g_idx.min() < 0 or g_idx.max() >= groups:
-            raise ValueError(f"g_idx does not map {cols} columns into {groups} groups")
+            raise ValueError(f"{g_idx_name} does not map {cols} columns into {groups} groups")
         if not torch.equal(g_idx, torch.arange(cols) // size):
             perm = torch.argsort(g_idx, stable=True)
             if not torch.equal(
                 torch.bincount(g_idx, minlength=groups), torch.full((groups,), size)
             ):
-                raise ValueError("g_idx groups are of unequal sizes")
+                raise ValueError(f"{g_idx_name} groups are of unequal sizes")
             codes = codes[:, perm]
-    scales = scales.float()
     low, high = int(codes.min()), int(codes.max())
     if zeros is None:
         if low < -128 or high > 127:
@@ -361,13 +414,11 @@ def _grouped(
         return Unpacked(codes.to(torch.int8), scales, None, size, perm)
     # w = s * (q - z) = s * q' + m: codes moved to 0.. (4-bit codes to 0..15, the int4
     # kernel's range with zeros), then 8-bit ones back to the signed range int8 holds
-    zeros = zeros.to(torch.int32)
-    if low < 0:
-        offset = 8 if low >= -8 and high <= 7 else 128
-        codes, zeros, high = codes + offset, zeros + offset, high + offset
-    if high > 255:
+    shift = 0 if low >= 0 else 8 if low >= -8 and high <= 7 else 128
+    if low + shift < 0 or high + shift > 255:
         raise ValueError(f"codes {low}..{high} do not fit 8 bits")
-    if high > 127:
+    codes, zeros = codes + shift, zeros.to(torch.int64) + shift
+    if high + shift > 127:
         codes, zeros = codes - 128, zeros - 128
     mins = -scales * zeros.float()
     return Unpacked(codes.to(torch.int8), scales, mins, size, perm)
@@ -376,86 +427,127 @@ def _grouped(
 def _decode_gptq(tensors: dict[str, torch.Tensor], scheme: QuantizedCheckpoint) -> Unpacked:
     qweight, qzeros, scales = _need(tensors, "qweight", "qzeros", "scales")
     bits = scheme.bits
-    codes = _unpack_words(qweight, bits, 0).T  # [out, in]
-    out, cols = codes.shape
+    codes = _unpack_words(_packed("qweight", qweight), bits, 0).T  # [out, in]
+    out = codes.shape[0]
+    scales = _scale_values("scales", scales)
     if scales.dim() != 2 or scales.shape[1] != out:
         raise ValueError(f"scales {tuple(scales.shape)} do not match {out} outputs")
+    if codes.shape[1] % scales.shape[0]:
+        raise ValueError(f"{scales.shape[0]} scale groups do not divide {codes.shape[1]} columns")
+    qzeros = _packed("qzeros", qzeros)
+    if qzeros.shape[0] != scales.shape[0] or qzeros.shape[1] * 32 // bits < out:
+        raise ValueError(f"qzeros {tuple(qzeros.shape)} do not match scales {tuple(scales.shape)}")
     if scheme.zeros_minus_one:  # one was taken from the whole word (a zero of 0 borrowed)
         ones = sum(1 << shift for shift in range(0, 32, bits))
-        qzeros = ((qzeros.to(torch.int64) + ones) & 0xFFFFFFFF).to(torch.int64)
+        qzeros = (qzeros.to(torch.int64) + ones) & 0xFFFFFFFF
     zeros = _unpack_words(qzeros, bits, 1)[:, :out]
     g_idx = tensors.get("g_idx")
-    if scheme.symmetric and scheme.method == "gptq":
+    if scheme.symmetric:
         mid = 1 << (bits - 1)
         if torch.all(zeros == mid):  # symmetric: signed codes, no zero points
             return _grouped(codes - mid, scales.T.contiguous(), None, g_idx)
     return _grouped(codes, scales.T.contiguous(), zeros.T.contiguous(), g_idx)
 
 
-def _decode_awq(tensors: dict[str, torch.Tensor], scheme: QuantizedCheckpoint) -> Unpacked:
+def _decode_awq(tensors: dict[str, torch.Tensor]) -> Unpacked:
     qweight, qzeros, scales = _need(tensors, "qweight", "qzeros", "scales")
     # undo the interleave: nibble p of a word holds output column 8k + order[p]
     reverse = torch.tensor(_AWQ_ORDER).argsort()
 
-    def columns(words: torch.Tensor) -> torch.Tensor:
-        nibbles = _unpack_words(words, 4, 1)  # [rows, out], in nibble order
+    def columns(name: str, words: torch.Tensor) -> torch.Tensor:
+        nibbles = _unpack_words(_packed(name, words), 4, 1)  # [rows, out], in nibble order
         rows = nibbles.shape[0]
         return nibbles.reshape(rows, -1, 8)[:, :, reverse].reshape(rows, -1)
 
-    codes = columns(qweight).T.contiguous()  # [out, in]
-    zeros = columns(qzeros).T.contiguous()
+    codes = columns("qweight", qweight).T.contiguous()  # [out, in]
+    zeros = columns("qzeros", qzeros).T.contiguous()
+    scales = _scale_values("scales", scales)
     if scales.dim() != 2 or scales.shape[1] != codes.shape[0]:
         raise ValueError(f"scales {tuple(scales.shape)} do not match {codes.shape[0]} outputs")
     return _grouped(codes, scales.T.contiguous(), zeros, None)
 
 
-def _scales_2d(scale: torch.Tensor, out: int, cols: int, group: CTGroup) -> torch.Tensor:
-    """compressed-tensors scales -> [out, groups] float32."""
+def _scales_2d(name: str, scale: torch.Tensor, out: int, cols: int, group: CTGroup) -> torch.Tensor:
+    """compressed-tensors scales (or zero points) -> [out, groups] float32."""
     scale = scale.float()
-    if group.strategy == "tensor" or scale.numel() == 1:
+    if group.strategy == "tensor":
+        if scale.numel() != 1:
+            raise ValueError(f"{name} has {scale.numel()} values; strategy tensor means one")
         return scale.reshape(1, 1).expand(out, 1).contiguous()
     if group.strategy == "block":
-        if scale.dim() != 2:
-            raise ValueError(f"block scales must be 2-D, got {tuple(scale.shape)}")
+        if (
+            scale.dim() != 2
+            or scale.shape[0] == 0
+            or -(-out // scale.shape[0]) * (scale.shape[0] - 1) >= out
+        ):
+            raise ValueError(f"block {name} {tuple(scale.shape)} do not tile {out} rows")
         block_rows = -(-out // scale.shape[0])
         return scale.repeat_interleave(block_rows, 0)[:out].contiguous()
-    return scale.reshape(out, -1)
+    if scale.dim() not in (1, 2) or scale.shape[0] != out:
+        raise ValueError(f"{name} {tuple(scale.shape)} do not match {out} outputs")
+    scale = scale.reshape(out, -1)
+    if group.strategy == "channel" and scale.shape[1] != 1:
+        raise ValueError(f"{name} {tuple(scale.shape)}: strategy channel means one per row")
+    return scale
 
 
 def _decode_compressed(tensors: dict[str, torch.Tensor], group: CTGroup) -> torch.Tensor | Unpacked:
     if group.fmt == "dense":  # stored in float (already rounded): load as is
         return _need(tensors, "weight")[0].float()
+    zeros = tensors.get("weight_zero_point")
+    if zeros is not None and group.symmetric:
+        raise ValueError("has weight_zero_point but its config group is symmetric")
+    if zeros is None and not group.symmetric:
+        raise ValueError("tensor(s) weight_zero_point missing (the config group is asymmetric)")
     if group.fmt == "pack-quantized":
         packed, scale, shape = _need(tensors, "weight_packed", "weight_scale", "weight_shape")
+        if shape.numel() != 2 or shape.is_floating_point():
+            raise ValueError(f"weight_shape must be two integers, got {shape.tolist()}")
         out, cols = (int(v) for v in shape.tolist())
-        if packed.shape[0] != out or packed.shape[1] * 32 < cols * group.bits:
-            raise ValueError(f"weight_packed {tuple(packed.shape)} cannot hold [{out}, {cols}]")
+        packed = _packed("weight_packed", packed)
+        width = -(-cols * group.bits // 32) if cols > 0 else 0
+        if out <= 0 or cols <= 0 or packed.shape != (out, width):
+            raise ValueError(
+                f"weight_packed {tuple(packed.shape)} is not [{out}, {cols}] at "
+                f"{group.bits} bits ([{out}, {width}])"
+            )
         if group.bits in (1, 2, 4, 8):
             codes = _unpack_words(packed, group.bits, 1)[:, :cols]
         else:
             codes = _unpack_stream(packed, group.bits, cols)
-        codes = codes - (1 << (group.bits - 1))  # stored with an offset to the unsigned range
-        zeros = tensors.get("weight_zero_point")
-        if zeros is not None and not group.symmetric:
-            if zeros.dtype == torch.int32:  # packed along the output dimension
-                zeros = _unpack_words(zeros, group.bits, 0)[:out] - (1 << (group.bits - 1))
-        elif not group.symmetric:
-            raise ValueError("tensor(s) weight_zero_point missing")
+        offset = 1 << (group.bits - 1)  # stored with an offset to the unsigned range
+        codes = codes - offset
+        if zeros is not None and zeros.dtype == torch.int32 and group.bits < 32:
+            # packed along the output dimension
+            rows = -(-out * group.bits // 32)
+            if zeros.dim() != 2 or zeros.shape[0] != rows:
+                raise ValueError(
+                    f"weight_zero_point {tuple(zeros.shape)} is not packed [{rows}, groups]"
+                )
+            zeros = _unpack_words(zeros, group.bits, 0)[:out] - offset
     else:
         weight, scale = _need(tensors, "weight", "weight_scale")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D, got {tuple(weight.shape)}")
         out, cols = weight.shape
-        zeros = tensors.get("weight_zero_point") if not group.symmetric else None
         if group.kind == "float":
             if weight.dtype not in FP8_DTYPES:
                 raise ValueError(f"float-quantized weight is {weight.dtype}, not float8_e4m3fn")
-            scales = _scales_2d(scale, out, cols, group)
+            scales = _scales_2d(
+                "weight_scale", _scale_values("weight_scale", scale), out, cols, group
+            )
             if cols % scales.shape[1]:
                 raise ValueError(f"{scales.shape[1]} scale groups do not divide {cols} columns")
             return Unpacked(weight, scales, None, cols // scales.shape[1])
-        if weight.dtype != torch.int8:
-            weight = weight.round().to(torch.int8)  # naive-quantized codes may sit in floats
-        codes = weight.to(torch.int32)
-    scales = _scales_2d(scale, out, cols, group)
+        if weight.dtype in FP8_DTYPES:
+            raise ValueError("an FP8 weight in an integer (type int) config group")
+        codes = _integers("weight", weight)  # naive-quantized codes may sit in floats
+        low, high = int(codes.min()), int(codes.max())
+        if low < -(1 << (group.bits - 1)) or high >= 1 << (group.bits - 1):
+            raise ValueError(f"weight codes {low}..{high} exceed {group.bits} bits")
+    scales = _scales_2d("weight_scale", _scale_values("weight_scale", scale), out, cols, group)
     if zeros is not None:
-        zeros = _scales_2d(zeros, out, cols, group).round()
-    return _grouped(codes, scales, zeros, tensors.get("weight_g_idx"))
+        zeros = _scales_2d(
+            "weight_zero_point", _integers("weight_zero_point", zeros), out, cols, group
+        )
+    return _grouped(codes, scales, zeros, tensors.get("weight_g_idx"), "weight_g_idx")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,8 +214,16 @@ def quantize_calibrated(
     symmetric = (method != "awq") if symmetric is None else symmetric
     if method == "awq" and symmetric:
         raise InvalidRequestError("AWQ stores zero points: it is asymmetric", "symmetric")
+    if ctx < 1 or (max_chunks is not None and max_chunks < 1):
+        raise InvalidRequestError(
+            f"need ctx >= 1 and chunks >= 1, got {ctx} and {max_chunks}", "chunks"
+        )
+    if not (math.isfinite(damp) and damp >= 0):
+        raise InvalidRequestError(f"damp must be a finite number >= 0, got {damp}", "damp")
     out = Path(dst)
     check_output_path(out)
+    if out.exists() and not out.is_dir():
+        raise InvalidRequestError(f"{out} is a file, not a folder to write into", "output")
     runner = make_runner(src, "float32")
     if runner.loaded.is_packed:
         raise InvalidRequestError("the source must load as float weights", "model")
@@ -275,7 +284,10 @@ def write_quantized(
             if method == "gptq":
                 hessian = stats[g.module].hessian
                 assert hessian is not None
-                codes = gptq(w, hessian, grid, damp, act_order)
+                try:
+                    codes = gptq(w, hessian, grid, damp, act_order)
+                except ValueError as exc:
+                    raise InvalidRequestError(f"{g.module}: {exc}", "damp") from exc
             else:
                 codes = quantize_rtn_grid(w, grid)
             start = 0
