@@ -11,10 +11,11 @@ LAYERS = {
     0: {"config", "engine_args", "sampling_params", "request", "outputs", "errors", "utils"}
     | {"multimodal", "presets", "hub"}
     | {"lora.__init__", "lora.request"},
-    1: {"tokenizer", "core", "structured", "quant", "lang.__init__", "lang.ir"}
+    # ops (the C++ extension's loader) needs only torch and utils: quant's searches call it
+    1: {"tokenizer", "core", "structured", "quant", "ops", "lang.__init__", "lang.ir"}
     | {"lang.interpreter"}
     | {"spec_decode.__init__", "spec_decode.ngram", "spec_decode.stats"},
-    2: {"ops", "parallel", "layers", "models", "loader", "sample", "runner", "spec_decode.draft"}
+    2: {"parallel", "layers", "models", "loader", "sample", "runner", "spec_decode.draft"}
     | {"lora.adapter", "lora.manager", "lora.train"},
     3: {"engine", "output_processor", "beam_search", "async_engine", "tools", "clip"},
     4: {"entrypoints", "__init__", "lang.runtime"},

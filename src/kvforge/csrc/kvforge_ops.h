@@ -25,4 +25,5 @@ at::Tensor paged_attention(
     const std::optional<at::Tensor>& recent_k, const std::optional<at::Tensor>& recent_v);
 
 void bind_quant_gemm(pybind11::module_& m);
+void bind_quantize(pybind11::module_& m);
 void bind_fused_ops(pybind11::module_& m);

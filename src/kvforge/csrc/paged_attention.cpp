@@ -773,7 +773,7 @@ at::Tensor paged_attention(
 // Every op releases the GIL while it runs (py::call_guard): the server's event loop thread keeps
 // streaming tokens while the engine thread computes, as it does during torch's own ops.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "kvforge CPU ops: paged attention, block-quantized GEMM, fused layer ops";
+  m.doc() = "kvforge CPU ops: paged attention, block-quantized GEMM, fused layer ops, quantizers";
   m.def("paged_attention", &paged_attention, py::call_guard<py::gil_scoped_release>(), "Attention over paged K/V blocks, read in place",
         py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
         py::arg("seq_lens"), py::arg("query_lens"), py::arg("query_start_loc"), py::arg("scale"),
@@ -784,4 +784,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("recent_k") = py::none(), py::arg("recent_v") = py::none());
   bind_quant_gemm(m);
   bind_fused_ops(m);
+  bind_quantize(m);
 }

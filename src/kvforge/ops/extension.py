@@ -1,4 +1,5 @@
-"""Build and load kvforge's C++ CPU ops (paged attention, quantized GEMM, fused layer ops),
+"""Build and load kvforge's C++ CPU ops (paged attention, quantized GEMM, fused layer ops,
+quantizer searches),
 never raising.
 
 The sources are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja and a C++
@@ -39,7 +40,12 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parents[1] / "csrc"
 # paged_attention.cpp holds the module definition; the others add their ops to it.
-SOURCES = (_CSRC / "paged_attention.cpp", _CSRC / "quant_gemm.cpp", _CSRC / "fused_ops.cpp")
+SOURCES = (
+    _CSRC / "paged_attention.cpp",
+    _CSRC / "quant_gemm.cpp",
+    _CSRC / "fused_ops.cpp",
+    _CSRC / "quantize.cpp",
+)
 HEADERS = (_CSRC / "kvforge_ops.h",)
 _NAME = "kvforge_ops"
 _REQUIRED_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]

@@ -1,11 +1,17 @@
 """Quantizers for every GGML block type, vectorised over all blocks of a tensor.
 
 The `gguf` package quantizes only the legacy types, without importance weights, so the
-K-quants, IQ4_NL and every importance-weighted variant are written here (in torch, which runs
-the candidate searches on all cores). The searches follow llama.cpp's ``make_qx_quants``
-(symmetric), ``make_qkx2/3_quants`` (scale + min) and ``make_q3_quants``: try a handful of
-candidate scales per group, re-fit scale (and min) by weighted least squares on the rounded
-codes, keep the one with the smallest weighted squared error.
+K-quants, IQ4_NL and every importance-weighted variant are written here. The searches follow
+llama.cpp's ``make_qx_quants`` (symmetric), ``make_qkx2/3_quants`` (scale + min) and
+``make_q3_quants``: try a handful of candidate scales per group, re-fit scale (and min) by
+weighted least squares on the rounded codes, keep the one with the smallest weighted squared
+error.
+
+The searches and the codes run in the C++ extension (csrc/quantize.cpp: tiles of 16 groups,
+one per SIMD lane, stay in L1 while all candidates are tried; threads across tiles) when it
+builds; the torch versions here define the same maths and are the fallback
+(``use_native=False``). Torch evaluates each candidate as a dozen passes over the whole chunk,
+which made the searches most of ``kvforge quantize``'s time.
 
 Importance weights ``w`` per element: without an imatrix the magnitude-based weights of
 llama.cpp's reference quantizers; with one, ``imatrix[col] * sqrt(sigma2 + x^2)`` where
@@ -14,7 +20,10 @@ llama.cpp's reference quantizers; with one, ``imatrix[col] * sqrt(sigma2 + x^2)`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -25,6 +34,7 @@ from kvforge.quant.formats import FLOAT_TYPES, IQ4_NL_GRID, QK_K, QT, block_shap
 
 _EPS = 1e-15
 _CHUNK_BLOCKS = 8192  # super-blocks per vectorised chunk (bounds temporary memory)
+_MIN_CHUNK_VALUES = 1 << 16  # smaller chunks cost more in Python than a thread gains
 
 
 def _round(x: torch.Tensor) -> torch.Tensor:
@@ -37,15 +47,30 @@ def _f16_round(x: torch.Tensor) -> torch.Tensor:
 
 
 def _weighted_sums(
-    x: torch.Tensor, w: torch.Tensor, q: torch.Tensor
+    x: torch.Tensor, w: torch.Tensor | None, q: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return (w * x * q).sum(-1), (w * q * q).sum(-1)
+    wq = q if w is None else w * q
+    return (wq * x).sum(-1), (wq * q).sum(-1)
+
+
+def native_ops() -> ModuleType | None:
+    """kvforge's C++ ops (the searches' fast path) when they build and load, else None."""
+    from kvforge.ops.extension import load_extension  # deferred: may build the extension
+
+    return load_extension().module
 
 
 def search_symmetric(
-    x: torch.Tensor, w: torch.Tensor, nmax: int, num_steps: int = 9
+    x: torch.Tensor,
+    w: torch.Tensor | None,
+    nmax: int,
+    num_steps: int = 9,
+    ops: ModuleType | None = None,
 ) -> torch.Tensor:
-    """Best scale per group for codes in [-nmax, nmax-1] (``make_qx_quants``). x, w: [n, g]."""
+    """Best scale per group for codes in [-nmax, nmax-1] (``make_qx_quants``). x, w: [n, g]
+    (``w`` None: uniform weights); ``ops``: the C++ ops, else torch."""
+    if ops is not None:
+        return ops.quant_search_symmetric(x, w, nmax, num_steps)
     amax_idx = x.abs().argmax(-1, keepdim=True)
     signed_max = x.gather(-1, amax_idx)[:, 0]  # [n]
     safe_max = torch.where(signed_max.abs() < _EPS, torch.ones_like(signed_max), signed_max)
@@ -65,9 +90,19 @@ def search_symmetric(
 
 
 def search_asymmetric(
-    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, num_steps: int
+    x: torch.Tensor,
+    w: torch.Tensor | None,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    num_steps: int,
+    ops: ModuleType | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best (scale, min <= 0) per group for codes in [0, nmax] (``make_qkx2_quants``)."""
+    if ops is not None:
+        return ops.quant_search_asymmetric(x, w, nmax, rmin, rdelta, num_steps)
+    if w is None:
+        w = torch.ones_like(x)
     lo = x.min(-1).values.clamp(max=0.0)
     hi = x.max(-1).values
     span = (hi - lo).clamp_min(_EPS)
@@ -103,45 +138,56 @@ def search_asymmetric(
     return best_scale, best_min
 
 
-def _codes_sym(x: torch.Tensor, scale: torch.Tensor, nmax: int) -> torch.Tensor:
-    inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale.where(scale != 0, 1.0))
-    return _round(x * inv[..., None]).clamp(-nmax, nmax - 1)
-
-
-def _codes_asym(
-    x: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, nmax: int
+def _codes(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor | None,
+    lo: int,
+    hi: int,
+    ops: ModuleType | None,
 ) -> torch.Tensor:
+    """Codes clamp(round((x - minimum) / scale), lo, hi) of groups x [n, g] (0 where scale is 0):
+    int8 from the C++ ops, float from torch."""
+    if ops is not None:
+        return ops.quant_codes(x, scale, minimum, lo, hi)
     inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale.where(scale != 0, 1.0))
-    return _round((x - minimum[..., None]) * inv[..., None]).clamp(0, nmax)
+    shifted = x if minimum is None else x - minimum[..., None]
+    return _round(shifted * inv[..., None]).clamp(lo, hi)
 
 
 # ------------------------------------------------------------------ per-type block quantizers
-# Each takes blocks x [n, block] and weights w [n, block] (float32), returns packed bytes.
+# Each takes blocks x [n, block], weights w [n, block] (float32; None: uniform) and the C++ ops
+# (None: torch), returns packed bytes.
+Quantizer = Callable[[torch.Tensor, torch.Tensor | None, ModuleType | None], torch.Tensor]
 
 
-def _q8_0(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    d = _f16_round(x.abs().max(-1).values / 127)
-    return pack_blocks(QT.Q8_0, d=d, q=_codes_sym(x, d, 128).clamp(-127, 127))
+def _q8_0(x: torch.Tensor, w: torch.Tensor | None, ops: ModuleType | None) -> torch.Tensor:
+    lo, hi = torch.aminmax(x, dim=-1)  # one pass, where abs().max() takes two
+    d = _f16_round(torch.maximum(-lo, hi) / 127)
+    return pack_blocks(QT.Q8_0, d=d, q=_codes(x, d, None, -127, 127, ops))
 
 
-def _legacy_sym(qtype: GGMLQuantizationType, nmax: int) -> Callable[..., torch.Tensor]:
-    def quantize(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        d = _f16_round(search_symmetric(x, w, nmax))
-        return pack_blocks(qtype, d=d, q=_codes_sym(x, d, nmax) + nmax)
+def _legacy_sym(qtype: GGMLQuantizationType, nmax: int) -> Quantizer:
+    def quantize(x: torch.Tensor, w: torch.Tensor | None, ops: ModuleType | None) -> torch.Tensor:
+        d = _f16_round(search_symmetric(x, w, nmax, ops=ops))
+        return pack_blocks(qtype, d=d, q=_codes(x, d, None, -nmax, nmax - 1, ops) + nmax)
 
     return quantize
 
 
-def _legacy_asym(qtype: GGMLQuantizationType, nmax: int) -> Callable[..., torch.Tensor]:
-    def quantize(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        scale, minimum = search_asymmetric(x, w, nmax, -0.9, 0.05, 36)
+def _legacy_asym(qtype: GGMLQuantizationType, nmax: int) -> Quantizer:
+    def quantize(x: torch.Tensor, w: torch.Tensor | None, ops: ModuleType | None) -> torch.Tensor:
+        scale, minimum = search_asymmetric(x, w, nmax, -0.9, 0.05, 36, ops)
         d, m = _f16_round(scale), _f16_round(minimum)
-        return pack_blocks(qtype, d=d, m=m, q=_codes_asym(x, d, m, nmax))
+        return pack_blocks(qtype, d=d, m=m, q=_codes(x, d, m, 0, nmax, ops))
 
     return quantize
 
 
-def _iq4_nl(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _iq4_nl(x: torch.Tensor, w: torch.Tensor | None, ops: ModuleType | None) -> torch.Tensor:
+    """IQ4_NL (torch only: a fallback type of Q2_K / Q3_K mixes, off the common paths)."""
+    if w is None:
+        w = torch.ones_like(x)
     grid = torch.tensor(IQ4_NL_GRID, dtype=torch.float32)
     mids = (grid[1:] + grid[:-1]) / 2
 
@@ -179,32 +225,30 @@ def _k_scale_min(
     nmax: int,
     levels: int,
     search: tuple[float, float, int],
-) -> Callable[..., torch.Tensor]:
+) -> Quantizer:
     """Q2_K / Q4_K / Q5_K: per-group scale and min, each quantized against a super-block scale."""
 
-    def quantize(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def quantize(x: torch.Tensor, w: torch.Tensor | None, ops: ModuleType | None) -> torch.Tensor:
         n = x.shape[0]
-        xg, wg = x.view(-1, group), w.view(-1, group)
-        scale, minimum = search_asymmetric(xg, wg, nmax, *search)
+        xg, wg = x.view(-1, group), None if w is None else w.view(-1, group)
+        scale, minimum = search_asymmetric(xg, wg, nmax, *search, ops=ops)
         d, sc = _super_scales(scale.view(n, -1).clamp_min(0), levels)
         dmin, m = _super_scales((-minimum).view(n, -1), levels)
         eff_scale = (d[:, None] * sc).view(-1)
         eff_min = -(dmin[:, None] * m).view(-1)
-        q = _codes_asym(xg, eff_scale, eff_min, nmax).view(n, QK_K)
+        q = _codes(xg, eff_scale, eff_min, 0, nmax, ops).view(n, QK_K)
         return pack_blocks(qtype, d=d, dmin=dmin, sc=sc, m=m, q=q)
 
     return quantize
 
 
-def _k_symmetric(
-    qtype: GGMLQuantizationType, nmax: int, levels: int
-) -> Callable[..., torch.Tensor]:
+def _k_symmetric(qtype: GGMLQuantizationType, nmax: int, levels: int) -> Quantizer:
     """Q3_K / Q6_K: signed per-16 scales quantized against one f16 super-block scale."""
 
-    def quantize(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def quantize(x: torch.Tensor, w: torch.Tensor | None, ops: ModuleType | None) -> torch.Tensor:
         n = x.shape[0]
-        xg, wg = x.view(-1, 16), w.view(-1, 16)
-        scales = search_symmetric(xg, wg, nmax).view(n, 16)
+        xg, wg = x.view(-1, 16), None if w is None else w.view(-1, 16)
+        scales = search_symmetric(xg, wg, nmax, ops=ops).view(n, 16)
         idx = scales.abs().argmax(-1, keepdim=True)
         signed_max = scales.gather(-1, idx)[:, 0]
         safe = signed_max.abs() > _EPS
@@ -213,13 +257,13 @@ def _k_symmetric(
         )
         sc = _round(iscale[:, None] * scales).clamp(-levels, levels - 1)
         d = _f16_round(torch.where(safe, 1 / iscale.where(safe, 1.0), torch.zeros_like(iscale)))
-        q = _codes_sym(xg, (d[:, None] * sc).view(-1), nmax).view(n, QK_K)
+        q = _codes(xg, (d[:, None] * sc).view(-1), None, -nmax, nmax - 1, ops).view(n, QK_K)
         return pack_blocks(qtype, d=d, sc=sc, q=q)
 
     return quantize
 
 
-_QUANTIZERS: dict[GGMLQuantizationType, Callable[..., torch.Tensor]] = {
+_QUANTIZERS: dict[GGMLQuantizationType, Quantizer] = {
     QT.Q8_0: _q8_0,
     QT.Q4_0: _legacy_sym(QT.Q4_0, 8),
     QT.Q5_0: _legacy_sym(QT.Q5_0, 16),
@@ -237,14 +281,17 @@ _SYMMETRIC_WEIGHTED = {QT.Q8_0, QT.Q3_K, QT.Q6_K, QT.IQ4_NL}
 
 def _weights(
     x: torch.Tensor, qtype: GGMLQuantizationType, imatrix: torch.Tensor | None
-) -> torch.Tensor:
-    """Importance of each element of blocks x [n, block] (imatrix: [n, block] per-column)."""
+) -> torch.Tensor | None:
+    """Importance of each element of blocks x [n, block] (imatrix: [n, block] per-column);
+    None for uniform weights, and for Q8_0, whose scale is no search."""
     sub = 16 if qtype in (QT.Q2_K, QT.Q3_K, QT.Q6_K) else 32
-    sigma2 = (x * x).view(x.shape[0], -1).mean(-1, keepdim=True)
+    if qtype == QT.Q8_0:
+        return None
     if imatrix is not None:
+        sigma2 = (x * x).mean(-1, keepdim=True)
         return imatrix * torch.sqrt(sigma2 + x * x)
     if qtype in (QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q5_1):
-        return torch.ones_like(x)
+        return None
     if qtype in _SYMMETRIC_WEIGHTED:
         return x * x + 1e-12
     if qtype == QT.Q2_K:
@@ -254,22 +301,44 @@ def _weights(
     return (rms + x.view(x.shape[0], -1, sub).abs()).view_as(x)
 
 
+@contextmanager
+def _serial_torch_ops() -> Iterator[int]:
+    """Torch's intra-op threads off for the block (yields how many there were).
+
+    Each torch op is a parallel region whose threads meet at a barrier; on cores shared with
+    other processes every barrier waits out a descheduled thread, and the quantizers' many small
+    ops ran 5-10x slower on 2 threads than on one. Chunks run in a thread pool instead.
+    NOTE: the setting is process-wide: meant for the offline tools (quantize, convert, merge)."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield num_threads
+    finally:
+        torch.set_num_threads(num_threads)
+
+
 def quantize(
     data: np.ndarray | torch.Tensor,
     qtype: GGMLQuantizationType,
     imatrix: np.ndarray | torch.Tensor | None = None,
+    use_native: bool = True,
 ) -> np.ndarray:
     """Quantize a float tensor [..., cols] to ``qtype``: uint8 [..., row bytes] (or float data).
 
     ``imatrix`` holds one importance value per column (llama.cpp's in_sum2 / counts).
+    ``use_native=False`` runs the torch searches even where the C++ extension loads.
     """
-    x = torch.as_tensor(np.array(data, dtype=np.float32))
     if qtype in FLOAT_TYPES:
+        x = torch.as_tensor(np.array(data, dtype=np.float32))  # a copy: never alias ``data``
         if qtype == QT.BF16:
             return gguf_quants.quantize(x.numpy(), qtype)
         return x.to(torch.float16 if qtype == QT.F16 else torch.float32).numpy()
     if qtype not in _QUANTIZERS:
         raise ValueError(f"quantization to {qtype.name} is not supported")
+    array = np.asarray(data, dtype=np.float32)
+    if not (array.flags.writeable and array.flags.c_contiguous):
+        array = np.array(array)  # torch.from_numpy needs writable memory (a file's memmap is not)
+    x = torch.from_numpy(array)  # read only: the quantizers never write to x
     block, size = block_shape(qtype)
     cols = x.shape[-1]
     if cols % block:
@@ -279,12 +348,27 @@ def quantize(
     if imatrix is not None:
         imp = torch.as_tensor(np.asarray(imatrix, dtype=np.float32)).reshape(1, cols)
     out = torch.empty(rows.shape[0], cols // block * size, dtype=torch.uint8)
-    rows_per_chunk = max(1, _CHUNK_BLOCKS * QK_K // cols)
     fn = _QUANTIZERS[qtype]
-    for start in range(0, rows.shape[0], rows_per_chunk):
-        chunk = rows[start : start + rows_per_chunk]
-        blocks = chunk.reshape(-1, block)
-        chunk_imp = None if imp is None else imp.expand(chunk.shape[0], cols).reshape(-1, block)
-        packed = fn(blocks, _weights(blocks, qtype, chunk_imp))
-        out[start : start + chunk.shape[0]] = packed.view(chunk.shape[0], -1)
+    ops = native_ops() if use_native else None
+
+    def run(start: int, stop: int) -> None:
+        blocks = rows[start:stop].reshape(-1, block)
+        chunk_imp = None if imp is None else imp.expand(stop - start, cols).reshape(-1, block)
+        packed = fn(blocks, _weights(blocks, qtype, chunk_imp), ops)
+        out[start:stop] = packed.view(stop - start, -1)
+
+    with _serial_torch_ops() as num_threads:
+        # at least one chunk per thread (tensors of 64k values and more), ops serial within
+        rows_per_chunk = max(
+            1,
+            min(_CHUNK_BLOCKS * QK_K, max(_MIN_CHUNK_VALUES, rows.numel() // num_threads)) // cols,
+        )
+        starts = range(0, rows.shape[0], rows_per_chunk)
+        bounds = [(start, min(start + rows_per_chunk, rows.shape[0])) for start in starts]
+        if num_threads == 1 or len(bounds) == 1:
+            for start, stop in bounds:
+                run(start, stop)
+        else:
+            with ThreadPoolExecutor(min(num_threads, len(bounds))) as pool:
+                list(pool.map(lambda bound: run(*bound), bounds))
     return out.reshape(*x.shape[:-1], -1).numpy()
