@@ -26,9 +26,8 @@ from safetensors.torch import save_file
 
 from kvforge.config import TransformerConfig
 from kvforge.errors import InvalidRequestError, UnsupportedModelError
-from kvforge.layers.linear import Linear, MergedLinear
 from kvforge.quant.gptq import Grid, GroupCodes, awq_scales, gptq, quantize_rtn_grid
-from kvforge.tools.perplexity import make_runner, text_chunks
+from kvforge.tools.perplexity import make_runner, score_with_input_hooks, text_chunks
 from kvforge.utils import check_output_path
 
 logger = logging.getLogger(__name__)
@@ -54,35 +53,16 @@ def collect_statistics(
     stats: dict[str, _Stats] = {}
     generator = torch.Generator().manual_seed(0)
 
-    def hook(name: str) -> Any:
-        def record(_: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            entry = stats.setdefault(name, _Stats())
-            if hessians:
-                xtx = (x.T @ x).double()
-                entry.hessian = xtx if entry.hessian is None else entry.hessian + xtx
-            if samples:
-                rows = torch.randperm(x.shape[0], generator=generator)[:_SAMPLE_ROWS]
-                entry.samples.append(x[rows].clone())
+    def record(name: str, x: torch.Tensor) -> None:
+        entry = stats.setdefault(name, _Stats())
+        if hessians:
+            xtx = (x.T @ x).double()
+            entry.hessian = xtx if entry.hessian is None else entry.hessian + xtx
+        if samples:
+            rows = torch.randperm(x.shape[0], generator=generator)[:_SAMPLE_ROWS]
+            entry.samples.append(x[rows].clone())
 
-        return record
-
-    handles = [
-        module.register_forward_pre_hook(hook(name))
-        for name, module in runner.model.named_modules()
-        if isinstance(module, (Linear, MergedLinear)) and name.startswith("layers.")
-    ]
-    try:
-        for i, chunk in enumerate(chunks):
-            runner.score(chunk)
-            if show:
-                sys.stderr.write(f"\rcalibration: {i + 1}/{len(chunks)} chunks")
-                sys.stderr.flush()
-    finally:
-        for handle in handles:
-            handle.remove()
-    if show:
-        sys.stderr.write("\n")
+    score_with_input_hooks(runner, chunks, record, "calibration", show)
     return stats
 
 

@@ -14,7 +14,7 @@ import json
 import math
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -176,39 +176,54 @@ _GGUF_NAMES = {
 }
 
 
-def collect_imatrix(
-    runner: ModelRunner, chunks: list[list[int]], show_progress: bool = True
-) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Per GGUF weight name: sum over tokens of squared input activations, and token count."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
+def score_with_input_hooks(
+    runner: ModelRunner,
+    chunks: list[list[int]],
+    record: Callable[[str, torch.Tensor], None],
+    label: str,
+    show_progress: bool = True,
+) -> None:
+    """Teacher-forced passes over ``chunks`` calling ``record(module name, inputs [T, in])``
+    for the input of every linear layer of every decoder layer (``layers.3.mlp.down_proj``)."""
 
-    def hook(names: tuple[str, ...]) -> Any:
-        def accumulate(_: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            squares = (x * x).sum(0)
-            for name in names:
-                sums[name] = sums.get(name, 0) + squares  # type: ignore[assignment]
-                counts[name] = counts.get(name, 0) + x.shape[0]
+    def hook(name: str) -> Any:
+        def call(_: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            record(name, inputs[0].reshape(-1, inputs[0].shape[-1]).float())
 
-        return accumulate
+        return call
 
-    for module_name, module in runner.model.named_modules():
-        if not isinstance(module, (Linear, MergedLinear)) or not module_name.startswith("layers."):
-            continue
-        _, layer, part = module_name.split(".", 2)
-        names = tuple(f"blk.{layer}.{n}.weight" for n in _GGUF_NAMES[part])
-        handles.append(module.register_forward_pre_hook(hook(names)))
+    handles = [
+        module.register_forward_pre_hook(hook(name))
+        for name, module in runner.model.named_modules()
+        if isinstance(module, (Linear, MergedLinear)) and name.startswith("layers.")
+    ]
     try:
         for i, chunk in enumerate(chunks):
             runner.score(chunk)
             if show_progress:
-                sys.stderr.write(f"\rimatrix: {i + 1}/{len(chunks)} chunks")
+                sys.stderr.write(f"\r{label}: {i + 1}/{len(chunks)} chunks")
                 sys.stderr.flush()
     finally:
         for handle in handles:
             handle.remove()
     if show_progress:
         sys.stderr.write("\n")
+
+
+def collect_imatrix(
+    runner: ModelRunner, chunks: list[list[int]], show_progress: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Per GGUF weight name: sum over tokens of squared input activations, and token count."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def accumulate(module_name: str, x: torch.Tensor) -> None:
+        _, layer, part = module_name.split(".", 2)
+        squares = (x * x).sum(0)
+        for n in _GGUF_NAMES[part]:
+            name = f"blk.{layer}.{n}.weight"
+            sums[name] = sums.get(name, 0) + squares  # type: ignore[assignment]
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+    score_with_input_hooks(runner, chunks, accumulate, "imatrix", show_progress)
     return {k: v.numpy() for k, v in sums.items()}, counts
