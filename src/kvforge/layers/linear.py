@@ -46,8 +46,7 @@ def narrow(loaded: Loaded, dim: int, start: int, length: int) -> Loaded:
         raise ValueError("act-order (column-permuted) weights cannot be split by input columns")
     group = loaded.group
     if group == loaded.codes.shape[1]:  # one scale per row holds for any part of the row
-        mins = None if loaded.mins is None else loaded.mins
-        return Unpacked(loaded.codes[:, start : start + length], loaded.scales, mins, length)
+        return Unpacked(loaded.codes[:, start : start + length], loaded.scales, loaded.mins, length)
     if start % group or length % group:
         raise ValueError(f"a shard of {length} columns splits blocks of {group}")
     groups = slice(start // group, (start + length) // group)
