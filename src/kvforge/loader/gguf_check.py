@@ -25,7 +25,7 @@ import os
 import struct
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFReader
 from gguf import GGUFValueType as VT
@@ -58,6 +58,25 @@ _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # empty name, n_dims = 0, type, offset
 _RESERVED_KEYS = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
 
 
+class MetadataSpan(NamedTuple):
+    """Where one key/value pair lies in the file (absolute byte offsets)."""
+
+    start: int  # the key's length field: [start, end) is the whole pair, to copy it as it is
+    value_start: int  # the value, after its type field
+    end: int
+    vtype: VT
+
+
+class TensorInfo(NamedTuple):
+    """One tensor's header entry."""
+
+    name: str
+    shape: tuple[int, ...]  # row-major (numpy) order: GGUF's dims reversed
+    qtype: GGMLQuantizationType
+    offset: int  # relative to the data section
+    num_bytes: int
+
+
 class GGUFHeader(NamedTuple):
     """What the pre-pass learned about a sound GGUF file."""
 
@@ -66,6 +85,9 @@ class GGUFHeader(NamedTuple):
     num_kv: int
     alignment: int
     data_start: int  # absolute byte offset of the tensor data section
+    byte_order: str  # struct's "<" or ">"
+    metadata: dict[str, MetadataSpan]  # in file order
+    tensors: tuple[TensorInfo, ...]  # in file order
 
 
 def _quote(name: str) -> str:
@@ -163,30 +185,32 @@ def _skip_value(walker: _Walker, vtype: VT, where: str, depth: int = 0) -> VT | 
     return element
 
 
-def _read_metadata(walker: _Walker, num_kv: int) -> int:
-    """Walk the key/value section; returns the alignment (``general.alignment`` or 32)."""
-    keys = set(_RESERVED_KEYS)
+def _read_metadata(walker: _Walker, num_kv: int) -> tuple[int, dict[str, MetadataSpan]]:
+    """Walk the key/value section; returns the alignment (``general.alignment`` or 32) and
+    where each pair lies."""
+    spans: dict[str, MetadataSpan] = {}
     alignment = GGUF_DEFAULT_ALIGNMENT
     for index in range(num_kv):
+        start = walker.pos
         key = walker.string(f"metadata key #{index}", MAX_NAME_BYTES)
-        if key in keys:
+        if key in spans or key in _RESERVED_KEYS:
             raise walker.fail(f"duplicate metadata key {_quote(key)}")
-        keys.add(key)
         where = f"metadata key {_quote(key)}"
         vtype = _value_type(walker, where)
         value_pos = walker.pos
         _skip_value(walker, vtype, where)
+        spans[key] = MetadataSpan(start, value_pos, walker.pos, vtype)
         if key == "general.alignment":
             if vtype != VT.UINT32:
                 raise walker.fail(f"general.alignment has type {vtype.name}, expected UINT32")
             (alignment,) = struct.unpack_from(walker.order + "I", walker.buf, value_pos)
             if alignment == 0 or alignment & (alignment - 1):
                 raise walker.fail(f"general.alignment {alignment} is not a power of two")
-    return alignment
+    return alignment, spans
 
 
-def _read_tensor_info(walker: _Walker, index: int, names: set[str]) -> _TensorSpan:
-    """Walk one tensor info; returns its data span (offset relative to the data section)."""
+def _read_tensor_info(walker: _Walker, index: int, names: set[str]) -> TensorInfo:
+    """Walk one tensor info (its offset is relative to the data section)."""
     name = walker.string(f"tensor #{index} name", MAX_NAME_BYTES)
     if name in names:
         raise walker.fail(f"duplicate tensor {_quote(name)}")
@@ -216,7 +240,7 @@ def _read_tensor_info(walker: _Walker, index: int, names: set[str]) -> _TensorSp
             f"{where}: row length {dims[0]} is not a multiple of the {qtype.name} "
             f"block size {block_size}"
         )
-    return _TensorSpan(offset, offset + num_bytes, _quote(name))
+    return TensorInfo(name, tuple(reversed(dims)), qtype, offset, num_bytes)
 
 
 def _check_spans(
@@ -265,12 +289,57 @@ def _walk(walker: _Walker) -> GGUFHeader:
     if num_tensors * _MIN_TENSOR_INFO_BYTES > walker.size:
         raise walker.fail(f"tensor count {num_tensors} exceeds file size")
     walker.need(num_kv * _MIN_KV_BYTES + num_tensors * _MIN_TENSOR_INFO_BYTES, "tensor infos")
-    alignment = _read_metadata(walker, num_kv)
+    alignment, metadata = _read_metadata(walker, num_kv)
     names: set[str] = set()
-    spans = [_read_tensor_info(walker, i, names) for i in range(num_tensors)]
+    tensors = tuple(_read_tensor_info(walker, i, names) for i in range(num_tensors))
     data_start = -(-walker.pos // alignment) * alignment
+    spans = [_TensorSpan(t.offset, t.offset + t.num_bytes, _quote(t.name)) for t in tensors]
     _check_spans(walker, spans, alignment, data_start)
-    return GGUFHeader(version, num_tensors, num_kv, alignment, data_start)
+    return GGUFHeader(
+        version, num_tensors, num_kv, alignment, data_start, walker.order, metadata, tensors
+    )
+
+
+_FORMATS = {
+    VT.UINT8: "B",
+    VT.INT8: "b",
+    VT.BOOL: "?",
+    VT.UINT16: "H",
+    VT.INT16: "h",
+    VT.UINT32: "I",
+    VT.INT32: "i",
+    VT.FLOAT32: "f",
+    VT.UINT64: "Q",
+    VT.INT64: "q",
+    VT.FLOAT64: "d",
+}
+
+
+def _decode(buf: bytes | mmap.mmap, pos: int, vtype: VT, order: str) -> tuple[Any, int]:
+    if vtype in _FORMATS:
+        return struct.unpack_from(order + _FORMATS[vtype], buf, pos)[0], pos + _SCALAR_SIZES[vtype]
+    (length,) = struct.unpack_from(order + "Q", buf, pos + (4 if vtype == VT.ARRAY else 0))
+    if vtype == VT.STRING:
+        return str(buf[pos + 8 : pos + 8 + length], "utf-8"), pos + 8 + length
+    (element,) = struct.unpack_from(order + "I", buf, pos)
+    pos += 12
+    if element in _FORMATS:
+        values = struct.unpack_from(f"{order}{length}{_FORMATS[VT(element)]}", buf, pos)
+        return list(values), pos + length * _SCALAR_SIZES[VT(element)]
+    items = []
+    for _ in range(length):
+        item, pos = _decode(buf, pos, VT(element), order)
+        items.append(item)
+    return items, pos
+
+
+def metadata_value(buf: bytes | mmap.mmap, header: GGUFHeader, key: str) -> Any:
+    """The value of ``key`` in the file ``header`` was read from (``buf``: its bytes or map), as
+    Python values (lists for arrays); None when the key is absent."""
+    span = header.metadata.get(key)
+    if span is None:
+        return None
+    return _decode(buf, span.value_start, span.vtype, header.byte_order)[0]
 
 
 def check_gguf_file(path: str | os.PathLike[str]) -> GGUFHeader:

@@ -1,16 +1,20 @@
-"""Build the C++ ops ahead of time: ``python -m kvforge.ops.build`` (exit 1 if it cannot)."""
+"""Build the native code ahead of time: ``python -m kvforge.ops.build`` (exit 1 if the C++ ops
+extension cannot build; the GGUF block library is reported but optional)."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
+from kvforge.ops.blocks import load_library
 from kvforge.ops.extension import load_extension
 
 
 def main() -> int:
-    """Build (or find) the C++ ops extension and print where it lives."""
+    """Build (or find) the C++ ops extension and the block library and print where they live."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    library = load_library()
+    print(f"GGUF block library: {library._name if library else 'unavailable (portable path)'}")
     result = load_extension()
     if result.module is None:
         print(f"C++ ops extension not built: {result.error}", file=sys.stderr)

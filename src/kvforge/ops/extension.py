@@ -20,13 +20,10 @@ a one-line ``error``; the result is cached per process.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import logging
-import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -34,26 +31,30 @@ from typing import NamedTuple
 
 import torch
 
+from kvforge.ops.compiler import (
+    CSRC,
+    REQUIRED_FLAGS,
+    accepts,
+    build_lock,
+    cache_root,
+    cpu_identity,
+    cxx,
+    with_optional_flags,
+)
 from kvforge.utils import one_line
 
 logger = logging.getLogger(__name__)
 
-_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 # paged_attention.cpp holds the module definition; the others add their ops to it.
 SOURCES = (
-    _CSRC / "paged_attention.cpp",
-    _CSRC / "quant_gemm.cpp",
-    _CSRC / "fused_ops.cpp",
-    _CSRC / "quantize.cpp",
+    CSRC / "paged_attention.cpp",
+    CSRC / "quant_gemm.cpp",
+    CSRC / "fused_ops.cpp",
+    CSRC / "quantize.cpp",
 )
-HEADERS = (_CSRC / "kvforge_ops.h",)
+HEADERS = (CSRC / "kvforge_ops.h", CSRC / "quant_search.h")
 _NAME = "kvforge_ops"
-_REQUIRED_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
-# Each group is added when the compiler accepts it.
-_OPTIONAL_FLAGS = [
-    ["-march=native"],
-    ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"],
-]
+_REQUIRED_FLAGS = [*REQUIRED_FLAGS, "-fopenmp"]
 
 
 class ExtensionLoad(NamedTuple):
@@ -64,43 +65,9 @@ class ExtensionLoad(NamedTuple):
     build_dir: Path | None
 
 
-def _compiler() -> str:
-    # The compiler torch's extension builder itself uses on Linux / macOS.
-    return os.environ.get("CXX", "c++")
-
-
-def _accepts(compiler: str, flags: list[str]) -> bool:
-    """Whether ``compiler`` compiles an empty program with ``flags``."""
-    try:
-        done = subprocess.run(
-            [compiler, *flags, "-x", "c++", "-c", "-", "-o", os.devnull],
-            input="int main() { return 0; }\n",
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
-
-
 def compiler_flags(compiler: str) -> list[str]:
     """The required flags plus the optional flag groups ``compiler`` accepts."""
-    flags = list(_REQUIRED_FLAGS)
-    for group in _OPTIONAL_FLAGS:
-        if _accepts(compiler, group):
-            flags += group
-    return flags
-
-
-def _cpu_identity() -> str:
-    """CPU model and feature flags, for builds tuned with -march=native."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    keys = ("model name", "flags", "Features", "CPU part")
-    return "\n".join(sorted({line for line in lines if line.startswith(keys)}))
+    return with_optional_flags(compiler, _REQUIRED_FLAGS)
 
 
 def build_dir(flags: list[str]) -> Path:
@@ -114,14 +81,13 @@ def build_dir(flags: list[str]) -> Path:
     digest.update(str(SOURCES[0].resolve().parent).encode())
     digest.update(" ".join(flags).encode())
     if "-march=native" in flags:
-        digest.update(_cpu_identity().encode())
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "kvforge" / "ext" / digest.hexdigest()[:16]
+        digest.update(cpu_identity().encode())
+    return cache_root() / digest.hexdigest()[:16]
 
 
 def _build_and_load() -> tuple[ModuleType, Path]:
-    compiler = _compiler()
-    if not _accepts(compiler, _REQUIRED_FLAGS):
+    compiler = cxx()
+    if not accepts(compiler, _REQUIRED_FLAGS):
         raise RuntimeError(f"C++ compiler {compiler!r} is missing or rejects {_REQUIRED_FLAGS}")
     flags = compiler_flags(compiler)
     directory = build_dir(flags)
@@ -133,8 +99,7 @@ def _build_and_load() -> tuple[ModuleType, Path]:
     # torch's own build lock is a file that stays when its holder is killed (every later load
     # would wait forever). An flock dies with its process: whoever holds it is the only
     # builder, so a torch lock file found then is stale.
-    with open(directory / "kvforge.flock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with build_lock(directory):
         (directory / "lock").unlink(missing_ok=True)
         module = cpp_extension.load(
             name=_NAME,

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gguf import GGMLQuantizationType, LlamaFileType
+from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType, LlamaFileType
+from gguf import GGMLQuantizationType as QT
 
 from kvforge.errors import InvalidRequestError
-from kvforge.quant.formats import QK_K, QT, block_shape
 
 # file type name -> base tensor type
 BASE_TYPES: dict[str, GGMLQuantizationType] = {
@@ -109,7 +109,7 @@ def tensor_type(
         chosen = _ffn_down(file_type, base, layer, num_layers)
     elif kind == "attn_output":
         chosen = {"Q2_K": QT.Q3_K, "Q3_K_M": QT.Q4_K, "Q3_K_L": QT.Q5_K}.get(file_type, base)
-    block, _ = block_shape(chosen) if chosen not in (QT.F32, QT.F16, QT.BF16) else (1, 0)
+    block, _ = GGML_QUANT_SIZES[chosen] if chosen not in (QT.F32, QT.F16, QT.BF16) else (1, 0)
     if num_columns % block:
         chosen = _FALLBACK.get(chosen, QT.F16) if block == QK_K else QT.F16
         if num_columns % 32:

@@ -163,7 +163,7 @@ Quantizer = Callable[[torch.Tensor, torch.Tensor | None, ModuleType | None], tor
 
 def _q8_0(x: torch.Tensor, w: torch.Tensor | None, ops: ModuleType | None) -> torch.Tensor:
     lo, hi = torch.aminmax(x, dim=-1)  # one pass, where abs().max() takes two
-    d = _f16_round(torch.maximum(-lo, hi) / 127)
+    d = _f16_round(torch.maximum(-lo, hi) / 127) + 0.0  # + 0: scale +0 for zeros of any sign
     return pack_blocks(QT.Q8_0, d=d, q=_codes(x, d, None, -127, 127, ops))
 
 

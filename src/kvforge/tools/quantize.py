@@ -1,25 +1,32 @@
 """``kvforge quantize``: requantize a GGUF file to another type, tensor by tensor.
 
-Metadata, tokenizer and chat template are copied; every weight matrix is dequantized to
-float32 and quantized to the type the file type's mix gives it (optionally weighted by an
-importance matrix); norms and other vectors stay float32.
+Metadata, tokenizer and chat template are copied as the source file holds them (raw bytes);
+every weight matrix is dequantized to float32 and quantized to the type the file type's mix
+gives it (optionally weighted by an importance matrix); norms and other vectors stay float32.
+The output is written front to back as tensors are done, so memory holds one tensor at a time.
+
+Speed: the legacy types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) go through the torch-free block library
+both ways (``kvforge.ops.blocks``), so such a run never imports torch; K-quants and imatrix runs
+use the torch quantizers and the C++ searches.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
-from gguf.quants import dequantize
+from gguf.quants import dequantize as gguf_dequantize
 from tqdm import tqdm
 
 from kvforge.errors import ModelFileError, ModelNotFoundError, UnsupportedModelError
-from kvforge.loader.gguf_check import check_gguf_file, open_gguf
-from kvforge.quant.gguf_file import add_tensor, finish
+from kvforge.loader.gguf_check import GGUFHeader, TensorInfo, check_gguf_file, metadata_value
+from kvforge.ops import blocks
+from kvforge.quant.gguf_file import GGUFStreamWriter, encode_kv, quantize_tensor
 from kvforge.quant.imatrix import read_imatrix
 from kvforge.quant.mixes import MixOptions, file_type_id, parse_file_type, tensor_type
 
@@ -30,24 +37,44 @@ _SKIPPED_KEYS = (
     "general.architecture",
     "general.file_type",
     "general.quantization_version",
+    "quantize.",
 )
+_VT = GGUFValueType
 
 
 def copy_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:
     """Every key/value field of ``reader`` except those the writer sets itself."""
     for key, field in reader.fields.items():
-        if key.startswith(_SKIPPED_KEYS) or key.startswith("quantize."):
+        if key.startswith(_SKIPPED_KEYS):
             continue
         vtype = field.types[0]
         sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), vtype, sub_type)
 
 
-def _contents(reader: GGUFReader, path: str | Path, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        raise ModelFileError(path, f"metadata key {key!r} is missing")
-    return field.contents()
+def _read_values(mapped: mmap.mmap, header: GGUFHeader, tensor: TensorInfo, src: Any) -> np.ndarray:
+    """The float32 values of one tensor of the mapped source file."""
+    start = header.data_start + tensor.offset
+    raw = np.frombuffer(mapped, dtype=np.uint8, count=tensor.num_bytes, offset=start)
+    values = blocks.dequantize(raw, tensor.qtype, tensor.shape)
+    if values is not None:
+        return values
+    try:
+        return gguf_dequantize(raw, tensor.qtype).reshape(tensor.shape).astype(np.float32)
+    except NotImplementedError:
+        raise UnsupportedModelError(
+            f"{src}: tensor {tensor.name} has type {tensor.qtype.name}, which cannot be dequantized"
+        ) from None
+
+
+def _integer(mapped: mmap.mmap, header: GGUFHeader, key: str, src: Any) -> int | None:
+    """An integer key (the largest entry of a per-layer array); None when absent."""
+    value = metadata_value(mapped, header, key)
+    if isinstance(value, list):
+        value = max(value, default=None)
+    if value is not None and not isinstance(value, int):
+        raise ModelFileError(src, f"metadata key {key!r} is not an integer")
+    return value
 
 
 def quantize_file(
@@ -65,54 +92,68 @@ def quantize_file(
     options = options or MixOptions()
     if not Path(src).is_file():
         raise ModelNotFoundError(f"no GGUF file at {src}")
-    reader = open_gguf(src)
+    header = check_gguf_file(src)  # one-line ModelFileError
+    if header.byte_order != "<":
+        raise UnsupportedModelError(f"{src}: big-endian GGUF files cannot be requantized")
+    importance: dict[str, np.ndarray] = {}
+    extra_keys = [
+        encode_kv("general.file_type", _VT.UINT32, file_type_id(file_type)),
+        encode_kv("general.quantization_version", _VT.UINT32, 2),
+    ]
     if imatrix is not None:
         check_gguf_file(imatrix)  # read_imatrix sits below the loader and cannot check it
-    arch = str(_contents(reader, src, "general.architecture"))
-    importance: dict[str, np.ndarray] = {}
-    writer = GGUFWriter(str(dst), arch=arch)
-    copy_metadata(reader, writer)
-    writer.add_file_type(file_type_id(file_type))
-    writer.add_quantization_version(2)
-    if imatrix is not None:
         importance, meta = read_imatrix(imatrix)
-        writer.add_string("quantize.imatrix.file", str(imatrix))
-        writer.add_int32("quantize.imatrix.entries_count", len(importance))
+        extra_keys.append(encode_kv("quantize.imatrix.file", _VT.STRING, str(imatrix)))
+        extra_keys.append(encode_kv("quantize.imatrix.entries_count", _VT.INT32, len(importance)))
         if "imatrix.chunk_count" in meta:
-            writer.add_int32("quantize.imatrix.chunks_count", int(meta["imatrix.chunk_count"]))  # type: ignore[call-overload]
-    names = {t.name for t in reader.tensors}
-    num_layers = int(_contents(reader, src, f"{arch}.block_count"))
-    heads = reader.fields.get(f"{arch}.attention.head_count")
-    kv_heads = reader.fields.get(f"{arch}.attention.head_count_kv")
-    gqa = int(heads.contents()) // int(kv_heads.contents()) if heads and kv_heads else 1
-    counts: dict[str, int] = {}
-    for tensor in tqdm(
-        reader.tensors, desc=f"Quantizing to {file_type}", disable=not show_progress
-    ):
-        shape = tuple(int(d) for d in reversed(tensor.shape))
+            chunks = int(meta["imatrix.chunk_count"])  # type: ignore[call-overload]
+            extra_keys.append(encode_kv("quantize.imatrix.chunks_count", _VT.INT32, chunks))
+    with open(src, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        arch = metadata_value(m, header, "general.architecture")
+        if not isinstance(arch, str):
+            raise ModelFileError(src, "metadata key 'general.architecture' is missing")
+        num_layers = _integer(m, header, f"{arch}.block_count", src)
+        if num_layers is None:
+            raise ModelFileError(src, f"metadata key '{arch}.block_count' is missing")
+        heads = _integer(m, header, f"{arch}.attention.head_count", src)
+        kv_heads = _integer(m, header, f"{arch}.attention.head_count_kv", src)
+        gqa = heads // kv_heads if heads and kv_heads else 1
+        has_output = any(t.name == "output.weight" for t in header.tensors)
+        plan = []
+        for tensor in header.tensors:
+            if len(tensor.shape) < 2:
+                qtype = tensor_type(tensor.name, tensor.shape[-1], "F32", num_layers, True)
+            else:
+                qtype = tensor_type(
+                    tensor.name, tensor.shape[-1], file_type, num_layers, has_output, gqa, options
+                )
+            plan.append((tensor, qtype))
+        metadata = [encode_kv("general.architecture", _VT.STRING, arch)]
+        metadata += [
+            m[span.start : span.end]
+            for key, span in header.metadata.items()
+            if not key.startswith(_SKIPPED_KEYS)
+        ]
+        writer = GGUFStreamWriter(
+            dst,
+            metadata + extra_keys,
+            [(t.name, t.shape, qtype) for t, qtype in plan],
+            header.alignment,
+        )
+        counts: dict[str, int] = {}
         try:
-            values = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-        except NotImplementedError:
-            raise UnsupportedModelError(
-                f"{src}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
-                "which cannot be dequantized"
-            ) from None
-        if adjust is not None:
-            values = adjust(tensor.name, values)
-        if len(shape) < 2:
-            qtype = tensor_type(tensor.name, shape[-1], "F32", num_layers, True)
-        else:
-            qtype = tensor_type(
-                tensor.name,
-                shape[-1],
-                file_type,
-                num_layers,
-                "output.weight" in names,
-                gqa,
-                options,
-            )
-        add_tensor(writer, tensor.name, values, qtype, importance.get(tensor.name))
-        counts[qtype.name] = counts.get(qtype.name, 0) + 1
-    finish(writer)
+            for tensor, qtype in tqdm(
+                plan, desc=f"Quantizing to {file_type}", disable=not show_progress
+            ):
+                values = _read_values(m, header, tensor, src)
+                if adjust is not None:
+                    values = adjust(tensor.name, values)
+                data = quantize_tensor(values, qtype, importance.get(tensor.name))
+                writer.write(tensor.name, data)
+                counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
     logger.info("wrote %s (%s): %s", dst, file_type, counts)
     return counts

@@ -1,0 +1,155 @@
+"""GGUF's legacy block types to and from float32 in native code, without torch.
+
+``csrc/gguf_blocks.cpp`` is compiled with the C++ compiler into a plain shared library (cached
+beside the ops extension, keyed by its sources, flags and CPU) and called through ctypes, which
+releases the GIL: tensors are cut into row chunks run on a thread per core. Used by
+``kvforge quantize``, whose legacy types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) then need neither torch
+nor numpy's full-tensor passes. Both functions return None where the library does not build or
+the type is not one of these; the caller takes its portable path then.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from kvforge.ops.compiler import (
+    CSRC,
+    REQUIRED_FLAGS,
+    accepts,
+    build_lock,
+    cache_root,
+    cpu_identity,
+    cxx,
+    with_optional_flags,
+)
+from kvforge.utils import one_line
+
+logger = logging.getLogger(__name__)
+
+SOURCE = CSRC / "gguf_blocks.cpp"
+HEADERS = (CSRC / "quant_search.h",)
+_LIBRARY = "libkvforge_blocks.so"
+TYPES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q5_0: 22, QT.Q5_1: 24, QT.Q8_0: 34}  # bytes per block
+BLOCK = 32
+_CHUNK_BLOCKS = 1 << 14  # blocks per call: enough work to hide the call, many calls per core
+
+
+def _library_path(flags: list[str]) -> Path:
+    digest = hashlib.sha256()
+    for path in (SOURCE, *HEADERS):
+        digest.update(path.read_bytes())
+    digest.update(f"{platform.machine()} {' '.join(flags)}".encode())
+    if "-march=native" in flags:
+        digest.update(cpu_identity().encode())
+    return cache_root() / f"blocks-{digest.hexdigest()[:16]}" / _LIBRARY
+
+
+def _build() -> Path:
+    compiler = cxx()
+    if not accepts(compiler, REQUIRED_FLAGS):
+        raise RuntimeError(f"C++ compiler {compiler!r} is missing or rejects {REQUIRED_FLAGS}")
+    flags = with_optional_flags(compiler, [*REQUIRED_FLAGS, "-std=c++17", "-fPIC", "-shared"])
+    path = _library_path(flags)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(path.parent):
+        if not path.exists():
+            logger.info("building the GGUF block library in %s (once, seconds)", path.parent)
+            staged = path.with_suffix(f".{os.getpid()}.tmp")
+            done = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", str(staged)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"compile failed: {done.stderr.strip()[-400:]}")
+            staged.replace(path)  # a half-written library is never loaded
+    return path
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL | None:
+    """The block library, built on first use; None (logged once) where it cannot build."""
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except Exception as exc:  # noqa: BLE001 - any failure means "use the portable path"
+        logger.info("GGUF block library unavailable: %s", one_line(str(exc), limit=300))
+        return None
+    for name in ("kvf_dequantize", "kvf_quantize"):
+        function = getattr(library, name)
+        function.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        function.restype = ctypes.c_int32
+    return library
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _run_chunked(
+    function: ctypes._CFuncPtr,  # type: ignore[name-defined]
+    qtype: QT,
+    src: np.ndarray,
+    dst: np.ndarray,
+    src_block: int,
+    dst_block: int,
+) -> None:
+    """``function`` over all blocks of the flat buffers, in chunks spread over the cores."""
+    num_blocks = src.nbytes // src_block
+    src_ptr, dst_ptr = src.ctypes.data, dst.ctypes.data
+
+    def run(first: int) -> None:
+        count = min(_CHUNK_BLOCKS, num_blocks - first)
+        status = function(
+            int(qtype), src_ptr + first * src_block, dst_ptr + first * dst_block, count
+        )
+        if status != 0:
+            raise ValueError(f"the block library does not handle {qtype.name}")
+
+    starts = range(0, num_blocks, _CHUNK_BLOCKS)
+    if len(starts) <= 1 or _threads() == 1:
+        for first in starts:
+            run(first)
+        return
+    with ThreadPoolExecutor(min(_threads(), len(starts))) as pool:
+        list(pool.map(run, starts))
+
+
+def dequantize(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> np.ndarray | None:
+    """float32 ``shape`` from the blocks in ``raw`` (bytes); None when not handled here."""
+    library = load_library()
+    if library is None or qtype not in TYPES:
+        return None
+    src = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    count = int(np.prod(shape))
+    if src.nbytes != count // BLOCK * TYPES[qtype] or count % BLOCK:
+        raise ValueError(f"{src.nbytes} bytes do not hold {qtype.name} values of shape {shape}")
+    out = np.empty(shape, dtype=np.float32)
+    _run_chunked(library.kvf_dequantize, qtype, src, out, TYPES[qtype], BLOCK * 4)
+    return out
+
+
+def quantize(values: np.ndarray, qtype: QT) -> np.ndarray | None:
+    """uint8 [..., row bytes] of float ``values`` [..., cols] as ``qtype``, the same bytes as
+    ``kvforge.quant.quantizers.quantize`` without an imatrix; None when not handled here."""
+    library = load_library()
+    if library is None or qtype not in TYPES:
+        return None
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    cols = src.shape[-1]
+    if cols % BLOCK:
+        raise ValueError(f"{qtype.name} needs rows of a multiple of {BLOCK} values, got {cols}")
+    out = np.empty((*src.shape[:-1], cols // BLOCK * TYPES[qtype]), dtype=np.uint8)
+    _run_chunked(library.kvf_quantize, qtype, src.reshape(-1), out, BLOCK * 4, TYPES[qtype])
+    return out
