@@ -11,12 +11,14 @@ from gguf import GGUFReader
 from kvforge.layers.linear import MergedLinear, VocabEmbedding
 from kvforge.layers.quantization import (
     BlockInt8Method,
+    Fp8Method,
     Int4PackedMethod,
     QuantGemmMethod,
     create_quant_method,
 )
 from kvforge.ops import extension
 from kvforge.quant import QT, quantize, unpack_rows
+from kvforge.quant.formats import Unpacked
 from kvforge.quant.rtn import quantize_rtn
 
 CPU = torch.device("cpu")
@@ -124,3 +126,27 @@ def test_on_load_quantization(
     packed = quantize_rtn(weight, method, group, symmetric)
     assert _relative_error(packed.dequantize(), weight) < bound
     _check_method(packed, 256, 512)
+
+
+@pytest.mark.parametrize("group", [64, 32], ids=["per-row", "groups-of-32"])
+def test_fp8_weights_matmul_and_embedding_rows(group: int) -> None:
+    """FP8 (e4m3) codes with per-row or per-group scales: the matmul (bf16 and precise) and the
+    embedding lookup equal the dequantized weights."""
+    gen = torch.Generator().manual_seed(5)
+    rows, cols = 300, 64
+    dense = torch.randn(rows, cols, generator=gen)
+    scales = dense.view(rows, -1, group).abs().amax(-1) / 448
+    codes = (dense.view(rows, -1, group) / scales[..., None]).to(torch.float8_e4m3fn)
+    weights = Unpacked(codes.view(rows, cols), scales, None, group)
+    method = create_quant_method(weights, CPU)
+    assert isinstance(method, Fp8Method)
+    want_weights = weights.dequantize()
+    assert _relative_error(want_weights, dense) < 0.05  # e4m3 keeps 3 mantissa bits
+    x = torch.randn(7, cols, generator=gen)
+    torch.testing.assert_close(method(x, precise=True), x @ want_weights.T, rtol=1e-5, atol=1e-4)
+    assert _relative_error(method(x.bfloat16()), x @ want_weights.T) < 1e-2
+    ids = torch.tensor([[0, 299], [17, 17]])
+    torch.testing.assert_close(method.rows(ids), want_weights[ids])
+    embedding = VocabEmbedding(rows, cols)
+    embedding.weight_loader(embedding.weight, weights)
+    torch.testing.assert_close(embedding(ids.view(-1)), want_weights[ids.view(-1)])
