@@ -7,9 +7,9 @@ Each repeat times the whole command (process start to exit, wall clock) of kvfor
 llama-quantize (``--llama-quantize``, else found on PATH) for every type, alternating so both
 see the same machine load; the table shows medians and kvforge / llama-quantize. The source is
 the embedded model (``-m`` another GGUF); llama-quantize gets ``--allow-requantize`` as the
-embedded file is Q4_1 (both dequantize it to float32 first). The C++ extension is built (once)
-before timing. ``--kld`` adds the KL divergence of each output vs the float model on evaluation
-text (as benchmarks/quant_quality.py). Exits non-zero when a ratio passes ``--max-ratio``.
+embedded file is Q4_1 (both dequantize it to float32 first). The C++ extension and the GGUF
+block library are built (once) before timing. ``--kld`` adds the KL divergence of each output
+vs the float model on evaluation text (as benchmarks/quant_quality.py). Exits non-zero when a ratio passes ``--max-ratio``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from kvforge.config import default_model_path
 from kvforge.entrypoints.bench.report import cpu_model, markdown_table
+from kvforge.ops.blocks import load_library
 from kvforge.ops.extension import load_extension
 
 DEFAULT_TYPES = "Q4_K_M,Q4_0,Q8_0"
@@ -87,9 +88,11 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kvforge-qspeed-"))
     work.mkdir(parents=True, exist_ok=True)
     loaded = load_extension()  # a first build takes minutes: never inside a timing
+    library = load_library()
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs)")
     print(f"source: {source}")
     print(f"C++ extension: {'loaded' if loaded.module else f'unavailable ({loaded.error})'}")
+    print(f"GGUF block library: {'loaded' if library else 'unavailable (numpy and torch path)'}")
     print(f"llama-quantize: {llama or 'not found (pass --llama-quantize)'}\n")
     types = args.types.split(",")
     times: dict[tuple[str, str], list[float]] = {}

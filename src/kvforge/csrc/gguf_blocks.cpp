@@ -179,6 +179,15 @@ void quantize_tile(int32_t type, const float* x, int64_t count, uint8_t* out, in
   }
 }
 
+// Up to kLanes blocks of any handled type.
+void quantize_blocks(int32_t type, const float* x, int64_t count, uint8_t* out, int64_t size) {
+  if (type == kQ8_0) {
+    for (int64_t b = 0; b < count; ++b) quantize_q8_0(x + b * kBlock, out + b * size);
+  } else {
+    quantize_tile(type, x, count, out, size);
+  }
+}
+
 int64_t type_size(int32_t type) {
   switch (type) {
     case kQ4_0: return 18;
@@ -194,9 +203,6 @@ int64_t type_size(int32_t type) {
 
 extern "C" {
 
-// Bytes of one block of `type`, or -1 when this library does not handle it.
-int64_t kvf_block_bytes(int32_t type) { return type_size(type); }
-
 // Float32 values of num_blocks blocks (32 values each); returns -1 for an unhandled type.
 int32_t kvf_dequantize(int32_t type, const uint8_t* src, float* dst, int64_t num_blocks) {
   const int64_t size = type_size(type);
@@ -209,13 +215,26 @@ int32_t kvf_dequantize(int32_t type, const uint8_t* src, float* dst, int64_t num
 int32_t kvf_quantize(int32_t type, const float* src, uint8_t* dst, int64_t num_blocks) {
   const int64_t size = type_size(type);
   if (size < 0) return -1;
-  if (type == kQ8_0) {
-    for (int64_t b = 0; b < num_blocks; ++b) quantize_q8_0(src + b * kBlock, dst + b * size);
-    return 0;
-  }
   for (int64_t first = 0; first < num_blocks; first += kLanes) {
     const int64_t count = std::min(kLanes, num_blocks - first);
-    quantize_tile(type, src + first * kBlock, count, dst + first * size, size);
+    quantize_blocks(type, src + first * kBlock, count, dst + first * size, size);
+  }
+  return 0;
+}
+
+// Blocks of one type to another, a tile at a time through a buffer that stays in L1 (the float
+// tensor is never materialised); the same bytes as kvf_dequantize then kvf_quantize.
+int32_t kvf_requantize(int32_t src_type, const uint8_t* src, int32_t dst_type, uint8_t* dst,
+                       int64_t num_blocks) {
+  const int64_t src_size = type_size(src_type), dst_size = type_size(dst_type);
+  if (src_size < 0 || dst_size < 0) return -1;
+  alignas(64) float values[kLanes * kBlock];
+  for (int64_t first = 0; first < num_blocks; first += kLanes) {
+    const int64_t count = std::min(kLanes, num_blocks - first);
+    for (int64_t b = 0; b < count; ++b) {
+      dequantize_block(src_type, src + (first + b) * src_size, values + b * kBlock);
+    }
+    quantize_blocks(dst_type, values, count, dst + first * dst_size, dst_size);
   }
   return 0;
 }

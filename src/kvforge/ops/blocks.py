@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -86,9 +87,11 @@ def load_library() -> ctypes.CDLL | None:
     except Exception as exc:  # noqa: BLE001 - any failure means "use the portable path"
         logger.info("GGUF block library unavailable: %s", one_line(str(exc), limit=300))
         return None
-    for name in ("kvf_dequantize", "kvf_quantize"):
-        function = getattr(library, name)
-        function.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    pointer, count, kind = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    library.kvf_dequantize.argtypes = [kind, pointer, pointer, count]
+    library.kvf_quantize.argtypes = [kind, pointer, pointer, count]
+    library.kvf_requantize.argtypes = [kind, pointer, kind, pointer, count]
+    for function in (library.kvf_dequantize, library.kvf_quantize, library.kvf_requantize):
         function.restype = ctypes.c_int32
     return library
 
@@ -97,25 +100,12 @@ def _threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _run_chunked(
-    function: ctypes._CFuncPtr,  # type: ignore[name-defined]
-    qtype: QT,
-    src: np.ndarray,
-    dst: np.ndarray,
-    src_block: int,
-    dst_block: int,
-) -> None:
-    """``function`` over all blocks of the flat buffers, in chunks spread over the cores."""
-    num_blocks = src.nbytes // src_block
-    src_ptr, dst_ptr = src.ctypes.data, dst.ctypes.data
+def _run_chunked(num_blocks: int, call: Callable[[int, int], int], what: str) -> None:
+    """``call(first, count)`` over all blocks, in chunks spread over the cores."""
 
     def run(first: int) -> None:
-        count = min(_CHUNK_BLOCKS, num_blocks - first)
-        status = function(
-            int(qtype), src_ptr + first * src_block, dst_ptr + first * dst_block, count
-        )
-        if status != 0:
-            raise ValueError(f"the block library does not handle {qtype.name}")
+        if call(first, min(_CHUNK_BLOCKS, num_blocks - first)) != 0:
+            raise ValueError(f"the block library does not handle {what}")
 
     starts = range(0, num_blocks, _CHUNK_BLOCKS)
     if len(starts) <= 1 or _threads() == 1:
@@ -126,17 +116,30 @@ def _run_chunked(
         list(pool.map(run, starts))
 
 
+def _blocks_of(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> np.ndarray:
+    """``raw`` as flat bytes, checked to hold ``qtype`` blocks of ``shape``."""
+    src = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    count = int(np.prod(shape))
+    if not shape or shape[-1] % BLOCK or src.nbytes != count // BLOCK * TYPES[qtype]:
+        raise ValueError(f"{src.nbytes} bytes do not hold {qtype.name} values of shape {shape}")
+    return src
+
+
 def dequantize(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> np.ndarray | None:
     """float32 ``shape`` from the blocks in ``raw`` (bytes); None when not handled here."""
     library = load_library()
     if library is None or qtype not in TYPES:
         return None
-    src = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    count = int(np.prod(shape))
-    if src.nbytes != count // BLOCK * TYPES[qtype] or count % BLOCK:
-        raise ValueError(f"{src.nbytes} bytes do not hold {qtype.name} values of shape {shape}")
+    src = _blocks_of(raw, qtype, shape)
     out = np.empty(shape, dtype=np.float32)
-    _run_chunked(library.kvf_dequantize, qtype, src, out, TYPES[qtype], BLOCK * 4)
+    src_ptr, out_ptr, size = src.ctypes.data, out.ctypes.data, TYPES[qtype]
+    _run_chunked(
+        src.nbytes // size,
+        lambda first, n: library.kvf_dequantize(
+            int(qtype), src_ptr + first * size, out_ptr + first * BLOCK * 4, n
+        ),
+        qtype.name,
+    )
     return out
 
 
@@ -150,6 +153,37 @@ def quantize(values: np.ndarray, qtype: QT) -> np.ndarray | None:
     cols = src.shape[-1]
     if cols % BLOCK:
         raise ValueError(f"{qtype.name} needs rows of a multiple of {BLOCK} values, got {cols}")
-    out = np.empty((*src.shape[:-1], cols // BLOCK * TYPES[qtype]), dtype=np.uint8)
-    _run_chunked(library.kvf_quantize, qtype, src.reshape(-1), out, BLOCK * 4, TYPES[qtype])
+    size = TYPES[qtype]
+    out = np.empty((*src.shape[:-1], cols // BLOCK * size), dtype=np.uint8)
+    src_ptr, out_ptr = src.ctypes.data, out.ctypes.data
+    _run_chunked(
+        src.size // BLOCK,
+        lambda first, n: library.kvf_quantize(
+            int(qtype), src_ptr + first * BLOCK * 4, out_ptr + first * size, n
+        ),
+        qtype.name,
+    )
+    return out
+
+
+def requantize(
+    raw: np.ndarray, src_type: QT, dst_type: QT, shape: tuple[int, ...]
+) -> np.ndarray | None:
+    """``dst_type`` bytes [..., row bytes] of the ``src_type`` blocks in ``raw`` holding values
+    of ``shape``: the same bytes as :func:`dequantize` then :func:`quantize`, without the float
+    tensor in memory; None when a type is not handled here."""
+    library = load_library()
+    if library is None or src_type not in TYPES or dst_type not in TYPES:
+        return None
+    src = _blocks_of(raw, src_type, shape)
+    src_size, dst_size = TYPES[src_type], TYPES[dst_type]
+    out = np.empty((*shape[:-1], shape[-1] // BLOCK * dst_size), dtype=np.uint8)
+    src_ptr, out_ptr = src.ctypes.data, out.ctypes.data
+    _run_chunked(
+        src.nbytes // src_size,
+        lambda first, n: library.kvf_requantize(
+            int(src_type), src_ptr + first * src_size, int(dst_type), out_ptr + first * dst_size, n
+        ),
+        f"{src_type.name} to {dst_type.name}",
+    )
     return out

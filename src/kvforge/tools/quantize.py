@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 from tqdm import tqdm
 
@@ -52,10 +52,15 @@ def copy_metadata(reader: GGUFReader, writer: GGUFWriter) -> None:
         writer.add_key_value(key, field.contents(), vtype, sub_type)
 
 
+def _raw(mapped: mmap.mmap, header: GGUFHeader, tensor: TensorInfo) -> np.ndarray:
+    """The bytes of one tensor of the mapped source file (a view)."""
+    start = header.data_start + tensor.offset
+    return np.frombuffer(mapped, dtype=np.uint8, count=tensor.num_bytes, offset=start)
+
+
 def _read_values(mapped: mmap.mmap, header: GGUFHeader, tensor: TensorInfo, src: Any) -> np.ndarray:
     """The float32 values of one tensor of the mapped source file."""
-    start = header.data_start + tensor.offset
-    raw = np.frombuffer(mapped, dtype=np.uint8, count=tensor.num_bytes, offset=start)
+    raw = _raw(mapped, header, tensor)
     values = blocks.dequantize(raw, tensor.qtype, tensor.shape)
     if values is not None:
         return values
@@ -75,6 +80,33 @@ def _integer(mapped: mmap.mmap, header: GGUFHeader, key: str, src: Any) -> int |
     if value is not None and not isinstance(value, int):
         raise ModelFileError(src, f"metadata key {key!r} is not an integer")
     return value
+
+
+def _plan(
+    m: mmap.mmap, header: GGUFHeader, src: Any, file_type: str, options: MixOptions
+) -> tuple[str, list[tuple[TensorInfo, GGMLQuantizationType]]]:
+    """The architecture, and every tensor with the type the file type's mix gives it."""
+    arch = metadata_value(m, header, "general.architecture")
+    if not isinstance(arch, str):
+        raise ModelFileError(src, "metadata key 'general.architecture' is missing or not a string")
+    num_layers = _integer(m, header, f"{arch}.block_count", src)
+    if num_layers is None:
+        raise ModelFileError(src, f"metadata key '{arch}.block_count' is missing")
+    heads = _integer(m, header, f"{arch}.attention.head_count", src)
+    kv_heads = _integer(m, header, f"{arch}.attention.head_count_kv", src)
+    gqa = heads // kv_heads if heads and kv_heads else 1
+    has_output = any(t.name == "output.weight" for t in header.tensors)
+    plan = []
+    for tensor in header.tensors:
+        columns = tensor.shape[-1] if tensor.shape else 1
+        if len(tensor.shape) < 2:
+            qtype = tensor_type(tensor.name, columns, "F32", num_layers, True)
+        else:
+            qtype = tensor_type(
+                tensor.name, columns, file_type, num_layers, has_output, gqa, options
+            )
+        plan.append((tensor, qtype))
+    return arch, plan
 
 
 def quantize_file(
@@ -108,52 +140,42 @@ def quantize_file(
         if "imatrix.chunk_count" in meta:
             chunks = int(meta["imatrix.chunk_count"])  # type: ignore[call-overload]
             extra_keys.append(encode_kv("quantize.imatrix.chunks_count", _VT.INT32, chunks))
-    with open(src, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        arch = metadata_value(m, header, "general.architecture")
-        if not isinstance(arch, str):
-            raise ModelFileError(src, "metadata key 'general.architecture' is missing")
-        num_layers = _integer(m, header, f"{arch}.block_count", src)
-        if num_layers is None:
-            raise ModelFileError(src, f"metadata key '{arch}.block_count' is missing")
-        heads = _integer(m, header, f"{arch}.attention.head_count", src)
-        kv_heads = _integer(m, header, f"{arch}.attention.head_count_kv", src)
-        gqa = heads // kv_heads if heads and kv_heads else 1
-        has_output = any(t.name == "output.weight" for t in header.tensors)
-        plan = []
-        for tensor in header.tensors:
-            if len(tensor.shape) < 2:
-                qtype = tensor_type(tensor.name, tensor.shape[-1], "F32", num_layers, True)
-            else:
-                qtype = tensor_type(
-                    tensor.name, tensor.shape[-1], file_type, num_layers, has_output, gqa, options
-                )
-            plan.append((tensor, qtype))
-        metadata = [encode_kv("general.architecture", _VT.STRING, arch)]
-        metadata += [
-            m[span.start : span.end]
-            for key, span in header.metadata.items()
-            if not key.startswith(_SKIPPED_KEYS)
-        ]
-        writer = GGUFStreamWriter(
-            dst,
-            metadata + extra_keys,
-            [(t.name, t.shape, qtype) for t, qtype in plan],
-            header.alignment,
-        )
-        counts: dict[str, int] = {}
-        try:
-            for tensor, qtype in tqdm(
-                plan, desc=f"Quantizing to {file_type}", disable=not show_progress
-            ):
+    # Not closed explicitly: numpy views of the map (in a traceback, say) would make closing
+    # it fail; it is unmapped when the last view goes.
+    with open(src, "rb") as handle:
+        m = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    arch, plan = _plan(m, header, src, file_type, options)
+    metadata = [encode_kv("general.architecture", _VT.STRING, arch)]
+    metadata += [
+        m[span.start : span.end]
+        for key, span in header.metadata.items()
+        if not key.startswith(_SKIPPED_KEYS)
+    ]
+    writer = GGUFStreamWriter(
+        dst,
+        metadata + extra_keys,
+        [(t.name, t.shape, qtype) for t, qtype in plan],
+        header.alignment,
+    )
+    counts: dict[str, int] = {}
+    try:
+        for tensor, qtype in tqdm(
+            plan, desc=f"Quantizing to {file_type}", disable=not show_progress
+        ):
+            data = None
+            if adjust is None and tensor.name not in importance:
+                raw = _raw(m, header, tensor)
+                data = blocks.requantize(raw, tensor.qtype, qtype, tensor.shape)
+            if data is None:
                 values = _read_values(m, header, tensor, src)
                 if adjust is not None:
                     values = adjust(tensor.name, values)
                 data = quantize_tensor(values, qtype, importance.get(tensor.name))
-                writer.write(tensor.name, data)
-                counts[qtype.name] = counts.get(qtype.name, 0) + 1
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
+            writer.write(tensor.name, data)
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
     logger.info("wrote %s (%s): %s", dst, file_type, counts)
     return counts

@@ -83,6 +83,17 @@ def test_large_tensors_split_over_threads_give_the_same_bytes():
     )
 
 
+@pytest.mark.parametrize("src_type", LEGACY, ids=lambda t: t.name)
+def test_requantize_equals_dequantize_then_quantize(src_type):
+    raw = torch_quantize(_hard_rows(), src_type)
+    values = blocks.dequantize(raw, src_type, (24, 128))
+    for dst_type in LEGACY:
+        np.testing.assert_array_equal(
+            blocks.requantize(raw, src_type, dst_type, (24, 128)), blocks.quantize(values, dst_type)
+        )
+    assert blocks.requantize(raw, src_type, QT.Q4_K, (24, 128)) is None
+
+
 def test_other_types_and_bad_shapes():
     x = np.ones((2, 256), np.float32)
     assert blocks.quantize(x, QT.Q4_K) is None  # the caller takes the torch quantizers
@@ -91,6 +102,8 @@ def test_other_types_and_bad_shapes():
         blocks.quantize(np.ones((2, 48), np.float32), QT.Q8_0)
     with pytest.raises(ValueError, match="do not hold"):
         blocks.dequantize(np.zeros(30, np.uint8), QT.Q8_0, (32,))
+    with pytest.raises(ValueError, match="do not hold"):
+        blocks.requantize(np.zeros(68, np.uint8), QT.Q8_0, QT.Q4_0, (4, 16))  # rows of 16
 
 
 # ------------------------------------------------------------------------ streaming writer
