@@ -64,8 +64,13 @@ def sanitize_message(message: str) -> str:
     return one_line(_SOURCE_PATH.sub("", _LOG_TIME.sub("", message))) or "unknown error"
 
 
-def check_output_path(path: str | Path) -> None:
-    """An output file's folder must exist (a clear error before any work is done)."""
+def check_output_path(path: str | Path, folder: bool = False) -> None:
+    """An output's path must name a file (``folder``: a folder) whose parent folder exists: a
+    clear error before any work is done."""
+    if not str(path).strip():
+        raise InvalidRequestError("the output path is empty", "output")
+    if not folder and Path(path).is_dir():
+        raise InvalidRequestError(f"output {path} is a directory, not a file", "output")
     parent = Path(path).resolve().parent
     if not parent.is_dir():
         raise InvalidRequestError(f"output folder {parent} does not exist", "output")

@@ -179,13 +179,18 @@ void quantize_tile(int32_t type, const float* x, int64_t count, uint8_t* out, in
   }
 }
 
-// Up to kLanes blocks of any handled type.
-void quantize_blocks(int32_t type, const float* x, int64_t count, uint8_t* out, int64_t size) {
+// Up to kLanes blocks of any handled type; false (nothing written) when a value is NaN or
+// infinite, which no scale can represent.
+bool quantize_blocks(int32_t type, const float* x, int64_t count, uint8_t* out, int64_t size) {
+  bool finite = true;
+  for (int64_t i = 0; i < count * kBlock; ++i) finite &= std::fabs(x[i]) <= 3.4028235e38f;
+  if (!finite) return false;
   if (type == kQ8_0) {
     for (int64_t b = 0; b < count; ++b) quantize_q8_0(x + b * kBlock, out + b * size);
   } else {
     quantize_tile(type, x, count, out, size);
   }
+  return true;
 }
 
 int64_t type_size(int32_t type) {
@@ -211,13 +216,16 @@ int32_t kvf_dequantize(int32_t type, const uint8_t* src, float* dst, int64_t num
   return 0;
 }
 
-// Blocks of num_blocks x 32 float32 values; returns -1 for an unhandled type.
+// Status of kvf_quantize / kvf_requantize: 0 done, -1 a type this library does not handle,
+// 1 a NaN or infinite value met (the output is incomplete).
+
+// Blocks of num_blocks x 32 float32 values.
 int32_t kvf_quantize(int32_t type, const float* src, uint8_t* dst, int64_t num_blocks) {
   const int64_t size = type_size(type);
   if (size < 0) return -1;
   for (int64_t first = 0; first < num_blocks; first += kLanes) {
     const int64_t count = std::min(kLanes, num_blocks - first);
-    quantize_blocks(type, src + first * kBlock, count, dst + first * size, size);
+    if (!quantize_blocks(type, src + first * kBlock, count, dst + first * size, size)) return 1;
   }
   return 0;
 }
@@ -234,7 +242,7 @@ int32_t kvf_requantize(int32_t src_type, const uint8_t* src, int32_t dst_type, u
     for (int64_t b = 0; b < count; ++b) {
       dequantize_block(src_type, src + (first + b) * src_size, values + b * kBlock);
     }
-    quantize_blocks(dst_type, values, count, dst + first * dst_size, dst_size);
+    if (!quantize_blocks(dst_type, values, count, dst + first * dst_size, dst_size)) return 1;
   }
   return 0;
 }

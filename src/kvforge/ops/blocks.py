@@ -46,6 +46,10 @@ BLOCK = 32
 _CHUNK_BLOCKS = 1 << 14  # blocks per call: enough work to hide the call, many calls per core
 
 
+class NonFiniteError(ValueError):
+    """Values to quantize hold NaN or infinity (no block scale represents them)."""
+
+
 def _library_path(flags: list[str]) -> Path:
     digest = hashlib.sha256()
     for path in (SOURCE, *HEADERS):
@@ -104,7 +108,10 @@ def _run_chunked(num_blocks: int, call: Callable[[int, int], int], what: str) ->
     """``call(first, count)`` over all blocks, in chunks spread over the cores."""
 
     def run(first: int) -> None:
-        if call(first, min(_CHUNK_BLOCKS, num_blocks - first)) != 0:
+        status = call(first, min(_CHUNK_BLOCKS, num_blocks - first))
+        if status == 1:
+            raise NonFiniteError("NaN or infinite values cannot be quantized")
+        if status != 0:
             raise ValueError(f"the block library does not handle {what}")
 
     starts = range(0, num_blocks, _CHUNK_BLOCKS)

@@ -18,13 +18,14 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf import quants as gguf_quants
 
 from kvforge.ops import blocks
+from kvforge.ops.blocks import NonFiniteError
 
 QT = GGMLQuantizationType
 _FLOAT_DTYPES = {QT.F32: np.float32, QT.F16: np.float16}
@@ -37,15 +38,18 @@ def quantize_tensor(
 
     The legacy types without an importance matrix take the torch-free block library; the
     K-quants and importance-weighted types take kvforge.quant.quantizers (torch, imported here
-    only then). Both give the same bytes."""
+    only then). Both give the same bytes. Raises ``NonFiniteError`` for NaN or infinite values
+    (llama.cpp refuses them too)."""
+    if imatrix is None:
+        data = blocks.quantize(values, qtype)  # checks finiteness itself
+        if data is not None:
+            return data
+    if not np.isfinite(values).all():
+        raise NonFiniteError("NaN or infinite values cannot be quantized")
     if qtype in _FLOAT_DTYPES:
         return np.array(values, dtype=_FLOAT_DTYPES[qtype])  # a copy: never alias ``values``
     if qtype == QT.BF16:
         return gguf_quants.quantize(np.asarray(values, dtype=np.float32), qtype)
-    if imatrix is None:
-        data = blocks.quantize(values, qtype)
-        if data is not None:
-            return data
     from kvforge.quant.quantizers import quantize  # deferred: loads torch
 
     return quantize(values, qtype, imatrix)
@@ -101,9 +105,20 @@ def tensor_bytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     return int(np.prod(shape, dtype=np.int64)) // block * size
 
 
+def _create(path: Path) -> BinaryIO:
+    """A new file at ``path`` for writing. A leftover file or link there (a killed run's) is
+    removed first and the file is created exclusively, so a planted link is never written
+    through."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    return os.fdopen(descriptor, "wb")
+
+
 class GGUFStreamWriter:
     """A GGUF file written front to back into ``path`` (through ``path.partial``, renamed by
-    :meth:`close`, so a failed run leaves nothing half-written under the final name).
+    :meth:`close`, so a failed run leaves nothing half-written under the final name). Raises
+    OSError where the file cannot be created.
 
     ``metadata``: encoded key/value pairs (:func:`encode_kv`, or a source file's own bytes);
     ``tensors``: (name, row-major shape, type) of every tensor, in the order :meth:`write` gets
@@ -130,7 +145,7 @@ class GGUFStreamWriter:
             offset = self._aligned(offset + tensor_bytes(shape, qtype))
         header = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
         front = header + b"".join(metadata) + b"".join(infos)
-        self.file = open(self.partial, "wb")  # noqa: SIM115 - closed by close() / abort()
+        self.file = _create(self.partial)
         self.file.write(front + bytes(self._aligned(len(front)) - len(front)))
 
     def _aligned(self, offset: int) -> int:

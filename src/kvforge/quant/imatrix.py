@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from kvforge.errors import InvalidRequestError, ModelFileError
 from kvforge.quant.gguf_file import finish
@@ -44,6 +44,11 @@ def read_imatrix(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, obj
     """
     try:
         reader = GGUFReader(str(path))
+        for tensor in reader.tensors:
+            if tensor.tensor_type != GGMLQuantizationType.F32:
+                raise ModelFileError(
+                    path, f"{tensor.name} is {tensor.tensor_type.name}; imatrix tensors are F32"
+                )
         tensors = {t.name: np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}
         meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("imatrix.")}
     except OSError as exc:
@@ -57,5 +62,9 @@ def read_imatrix(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, obj
             counts = tensors.get(f"{weight}.counts")
             if counts is None or counts.size == 0:
                 raise ModelFileError(path, f"{weight}.in_sum2 has no {weight}.counts tensor")
+            if not (np.isfinite(values).all() and (values >= 0).all()):
+                raise ModelFileError(path, f"{name} holds negative, NaN or infinite sums")
+            if not (np.isfinite(counts[0]) and counts[0] >= 0):
+                raise ModelFileError(path, f"{weight}.counts is {counts[0]}")
             importance[weight] = values / max(float(counts[0]), 1.0)
     return importance, meta

@@ -7,12 +7,15 @@ multiple of 256 values fall back to a 32-block type of similar size.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType, LlamaFileType
 from gguf import GGMLQuantizationType as QT
 
 from kvforge.errors import InvalidRequestError
+
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.([^.]*)", re.ASCII)
 
 # file type name -> base tensor type
 BASE_TYPES: dict[str, GGMLQuantizationType] = {
@@ -92,9 +95,10 @@ def tensor_type(
     base = BASE_TYPES[file_type]
     chosen = base
     is_output = name == "output.weight" or (not has_output and name == "token_embd.weight")
-    parts = name.split(".")
-    layer = int(parts[1]) if parts[0] == "blk" else -1
-    kind = parts[2] if layer >= 0 else parts[0]
+    # the layer as llama.cpp reads it (sscanf "blk.%d."): a name without one is in no layer
+    in_layer = _LAYER_NAME.match(name)
+    layer = int(in_layer.group(1)) if in_layer else -1
+    kind = in_layer.group(2) if in_layer else name.split(".")[0]
     if is_output and options.output_tensor_type is not None:
         chosen = options.output_tensor_type
     elif name == "token_embd.weight" and options.token_embedding_type is not None:

@@ -201,7 +201,7 @@ def quantize_calibrated(
     if not (math.isfinite(damp) and damp >= 0):
         raise InvalidRequestError(f"damp must be a finite number >= 0, got {damp}", "damp")
     out = Path(dst)
-    check_output_path(out)
+    check_output_path(out, folder=True)
     if out.exists() and not out.is_dir():
         raise InvalidRequestError(f"{out} is a file, not a folder to write into", "output")
     runner = make_runner(src, "float32")

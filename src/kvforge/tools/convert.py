@@ -19,12 +19,13 @@ from gguf import GGUFWriter, LlamaFileType
 from tqdm import tqdm
 
 from kvforge.config import TransformerConfig
-from kvforge.errors import InvalidRequestError, UnsupportedModelError
+from kvforge.errors import InvalidRequestError, ModelFileError, UnsupportedModelError
 from kvforge.layers.moe import canonical_moe_name, expert_param
 from kvforge.loader.gguf_loader import GLOBAL_NAMES, LAYER_NAMES, PRE_NORM_NAMES
 from kvforge.loader.hf_loader import iter_hf_weights, read_hf_config
 from kvforge.loader.model_loader import check_experts
 from kvforge.models.registry import family_for_hf
+from kvforge.ops.blocks import NonFiniteError
 from kvforge.quant.formats import QT
 from kvforge.quant.gguf_file import add_tensor, finish
 from kvforge.utils import check_output_path
@@ -228,7 +229,10 @@ def convert(
         qtype = matrix_type if values.ndim >= 2 and not router else QT.F32
         if qtype == QT.Q8_0 and values.shape[-1] % 32:
             qtype = QT.F16
-        add_tensor(writer, name, values, qtype)
+        try:
+            add_tensor(writer, name, values, qtype)
+        except NonFiniteError:
+            raise ModelFileError(src, f"tensor {hf_name} holds NaN or infinite values") from None
         count += 1
     if experts:
         raise UnsupportedModelError(f"checkpoint lacks experts of {sorted(experts)[:4]}")

@@ -23,12 +23,19 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 from tqdm import tqdm
 
-from kvforge.errors import ModelFileError, ModelNotFoundError, UnsupportedModelError
+from kvforge.errors import (
+    InvalidRequestError,
+    ModelFileError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
 from kvforge.loader.gguf_check import GGUFHeader, TensorInfo, check_gguf_file, metadata_value
 from kvforge.ops import blocks
+from kvforge.ops.blocks import NonFiniteError
 from kvforge.quant.gguf_file import GGUFStreamWriter, encode_kv, quantize_tensor
 from kvforge.quant.imatrix import read_imatrix
 from kvforge.quant.mixes import MixOptions, file_type_id, parse_file_type, tensor_type
+from kvforge.utils import check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +116,46 @@ def _plan(
     return arch, plan
 
 
+def _imatrix(imatrix: str | Path) -> tuple[dict[str, np.ndarray], list[bytes]]:
+    """Importance per weight name, and the keys that record the file in the output."""
+    check_gguf_file(imatrix)  # read_imatrix sits below the loader and cannot check it
+    importance, meta = read_imatrix(imatrix)
+    keys = [
+        encode_kv("quantize.imatrix.file", _VT.STRING, str(imatrix)),
+        encode_kv("quantize.imatrix.entries_count", _VT.INT32, len(importance)),
+    ]
+    chunks = meta.get("imatrix.chunk_count")
+    if chunks is not None:
+        if not (isinstance(chunks, int) and 0 <= chunks < 2**31):
+            raise ModelFileError(imatrix, f"imatrix.chunk_count is {chunks!r}")
+        keys.append(encode_kv("quantize.imatrix.chunks_count", _VT.INT32, chunks))
+    return importance, keys
+
+
+def _convert(
+    m: mmap.mmap,
+    header: GGUFHeader,
+    tensor: TensorInfo,
+    qtype: GGMLQuantizationType,
+    src: Any,
+    importance: np.ndarray | None,
+    adjust: Callable[[str, np.ndarray], np.ndarray] | None,
+) -> np.ndarray:
+    """One tensor of the source as ``qtype``: straight from block to block where the block
+    library takes both types, else through float32 values."""
+    try:
+        if adjust is None and importance is None:
+            data = blocks.requantize(_raw(m, header, tensor), tensor.qtype, qtype, tensor.shape)
+            if data is not None:
+                return data
+        values = _read_values(m, header, tensor, src)
+        if adjust is not None:
+            values = adjust(tensor.name, values)
+        return quantize_tensor(values, qtype, importance)
+    except NonFiniteError:
+        raise ModelFileError(src, f"tensor {tensor.name} holds NaN or infinite values") from None
+
+
 def quantize_file(
     src: str | Path,
     dst: str | Path,
@@ -124,58 +171,54 @@ def quantize_file(
     options = options or MixOptions()
     if not Path(src).is_file():
         raise ModelNotFoundError(f"no GGUF file at {src}")
+    check_output_path(dst)
     header = check_gguf_file(src)  # one-line ModelFileError
     if header.byte_order != "<":
         raise UnsupportedModelError(f"{src}: big-endian GGUF files cannot be requantized")
-    importance: dict[str, np.ndarray] = {}
-    extra_keys = [
-        encode_kv("general.file_type", _VT.UINT32, file_type_id(file_type)),
-        encode_kv("general.quantization_version", _VT.UINT32, 2),
-    ]
-    if imatrix is not None:
-        check_gguf_file(imatrix)  # read_imatrix sits below the loader and cannot check it
-        importance, meta = read_imatrix(imatrix)
-        extra_keys.append(encode_kv("quantize.imatrix.file", _VT.STRING, str(imatrix)))
-        extra_keys.append(encode_kv("quantize.imatrix.entries_count", _VT.INT32, len(importance)))
-        if "imatrix.chunk_count" in meta:
-            chunks = int(meta["imatrix.chunk_count"])  # type: ignore[call-overload]
-            extra_keys.append(encode_kv("quantize.imatrix.chunks_count", _VT.INT32, chunks))
+    importance, imatrix_keys = _imatrix(imatrix) if imatrix is not None else ({}, [])
     # Not closed explicitly: numpy views of the map (in a traceback, say) would make closing
     # it fail; it is unmapped when the last view goes.
     with open(src, "rb") as handle:
         m = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     arch, plan = _plan(m, header, src, file_type, options)
+    for tensor, _ in plan:
+        weights = importance.get(tensor.name)
+        if weights is not None and weights.size != tensor.shape[-1]:
+            raise ModelFileError(
+                imatrix,
+                f"{tensor.name}: {weights.size} importance values for {tensor.shape[-1]} columns",
+            )
     metadata = [encode_kv("general.architecture", _VT.STRING, arch)]
     metadata += [
         m[span.start : span.end]
         for key, span in header.metadata.items()
         if not key.startswith(_SKIPPED_KEYS)
     ]
-    writer = GGUFStreamWriter(
-        dst,
-        metadata + extra_keys,
-        [(t.name, t.shape, qtype) for t, qtype in plan],
-        header.alignment,
-    )
+    metadata += [
+        encode_kv("general.file_type", _VT.UINT32, file_type_id(file_type)),
+        encode_kv("general.quantization_version", _VT.UINT32, 2),
+        *imatrix_keys,
+    ]
+    try:
+        writer = GGUFStreamWriter(
+            dst, metadata, [(t.name, t.shape, qtype) for t, qtype in plan], header.alignment
+        )
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot write {dst}: {exc.strerror or exc}", "output") from None
     counts: dict[str, int] = {}
     try:
         for tensor, qtype in tqdm(
             plan, desc=f"Quantizing to {file_type}", disable=not show_progress
         ):
-            data = None
-            if adjust is None and tensor.name not in importance:
-                raw = _raw(m, header, tensor)
-                data = blocks.requantize(raw, tensor.qtype, qtype, tensor.shape)
-            if data is None:
-                values = _read_values(m, header, tensor, src)
-                if adjust is not None:
-                    values = adjust(tensor.name, values)
-                data = quantize_tensor(values, qtype, importance.get(tensor.name))
+            data = _convert(m, header, tensor, qtype, src, importance.get(tensor.name), adjust)
             writer.write(tensor.name, data)
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        writer.close()
+    except OSError as exc:
+        writer.abort()
+        raise InvalidRequestError(f"cannot write {dst}: {exc.strerror or exc}", "output") from None
     except BaseException:
         writer.abort()
         raise
-    writer.close()
     logger.info("wrote %s (%s): %s", dst, file_type, counts)
     return counts
