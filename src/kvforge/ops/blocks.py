@@ -24,22 +24,13 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from kvforge.ops.compiler import (
-    CSRC,
-    REQUIRED_FLAGS,
-    accepts,
-    build_lock,
-    cache_root,
-    cpu_identity,
-    cxx,
-    with_optional_flags,
-)
+from kvforge.ops import compiler
 from kvforge.utils import one_line
 
 logger = logging.getLogger(__name__)
 
-SOURCE = CSRC / "gguf_blocks.cpp"
-HEADERS = (CSRC / "quant_search.h",)
+SOURCE = compiler.CSRC / "gguf_blocks.cpp"
+HEADERS = (compiler.CSRC / "quant_search.h",)
 _LIBRARY = "libkvforge_blocks.so"
 TYPES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q5_0: 22, QT.Q5_1: 24, QT.Q8_0: 34}  # bytes per block
 BLOCK = 32
@@ -56,23 +47,25 @@ def _library_path(flags: list[str]) -> Path:
         digest.update(path.read_bytes())
     digest.update(f"{platform.machine()} {' '.join(flags)}".encode())
     if "-march=native" in flags:
-        digest.update(cpu_identity().encode())
-    return cache_root() / f"blocks-{digest.hexdigest()[:16]}" / _LIBRARY
+        digest.update(compiler.cpu_identity().encode())
+    return compiler.cache_root() / f"blocks-{digest.hexdigest()[:16]}" / _LIBRARY
 
 
 def _build() -> Path:
-    compiler = cxx()
-    if not accepts(compiler, REQUIRED_FLAGS):
-        raise RuntimeError(f"C++ compiler {compiler!r} is missing or rejects {REQUIRED_FLAGS}")
-    flags = with_optional_flags(compiler, [*REQUIRED_FLAGS, "-std=c++17", "-fPIC", "-shared"])
+    cxx = compiler.cxx()
+    if not compiler.accepts(cxx, compiler.REQUIRED_FLAGS):
+        raise RuntimeError(f"C++ compiler {cxx!r} is missing or rejects {compiler.REQUIRED_FLAGS}")
+    flags = compiler.with_optional_flags(
+        cxx, [*compiler.REQUIRED_FLAGS, "-std=c++17", "-fPIC", "-shared"]
+    )
     path = _library_path(flags)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with build_lock(path.parent):
+    with compiler.build_lock(path.parent):
         if not path.exists():
             logger.info("building the GGUF block library in %s (once, seconds)", path.parent)
             staged = path.with_suffix(f".{os.getpid()}.tmp")
             done = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", str(staged)],
+                [cxx, *flags, str(SOURCE), "-o", str(staged)],
                 capture_output=True,
                 text=True,
                 timeout=300,
