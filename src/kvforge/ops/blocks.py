@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from kvforge.ops import compiler
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 SOURCE = compiler.CSRC / "gguf_blocks.cpp"
 HEADERS = (compiler.CSRC / "quant_search.h",)
 _LIBRARY = "libkvforge_blocks.so"
-TYPES = {QT.Q4_0: 18, QT.Q4_1: 20, QT.Q5_0: 22, QT.Q5_1: 24, QT.Q8_0: 34}  # bytes per block
+# bytes per block of each type handled here; every one holds 32 values
+TYPES = {t: GGML_QUANT_SIZES[t][1] for t in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)}
 BLOCK = 32
 _CHUNK_BLOCKS = 1 << 14  # blocks per call: enough work to hide the call, many calls per core
 

@@ -15,6 +15,7 @@ Layout written (GGUF v3, little-endian)::
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from pathlib import Path
@@ -102,7 +103,7 @@ def encode_kv(key: str, vtype: GGUFValueType, value: Any) -> bytes:
 def tensor_bytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     """Bytes of a ``qtype`` tensor of ``shape`` (row-major)."""
     block, size = GGML_QUANT_SIZES[qtype]
-    return int(np.prod(shape, dtype=np.int64)) // block * size
+    return math.prod(shape) // block * size  # Python ints: no overflow
 
 
 def _create(path: Path) -> BinaryIO:
