@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <tuple>
 
 // quant_gemm.cpp: y [M, N] float32 = x [M, K] times block-quantized weights.
 at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
@@ -12,6 +13,16 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tenso
 // quant_gemm, or the float GEMM from a row count where it is faster.
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
                         const std::optional<at::Tensor>& mins, int64_t act_bits);
+
+// quant_gemm_il.cpp: the row-interleaved layout for VNNI builds.
+bool quant_gemm_il_available();
+at::Tensor quant_gemm_il(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& mins, int64_t act_bits);
+at::Tensor quant_gemm_il_rows(const at::Tensor& qs, const at::Tensor& scales,
+                              const std::optional<at::Tensor>& mins, const at::Tensor& index);
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> quant_gemm_il_pack(
+    const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
+    bool four);
 
 // paged_attention.cpp: attention over paged K/V blocks, read in place; [T, H, D].
 at::Tensor paged_attention(

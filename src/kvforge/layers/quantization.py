@@ -223,6 +223,9 @@ class QuantGemmMethod(BaseQuantMethod):
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Dequantized rows ``W[index]`` (embedding lookup), float32."""
         flat = index.reshape(-1)
+        if self.qs.dim() == 4:  # interleaved groups of 8 rows
+            w = self._ops.quant_gemm_il_rows(self.qs, self.scales, self.mins, flat)
+            return w.reshape(*index.shape, self.in_features)
         qs = self.qs[flat]  # [T, in/32, 16 or 32]
         if qs.shape[-1] == _QUANT_GEMM_BLOCK // 2:  # low nibbles: columns 0..15, high: 16..31
             qs = torch.stack([qs & 0x0F, qs >> 4], dim=2)

@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 SOURCES = (
     CSRC / "paged_attention.cpp",
     CSRC / "quant_gemm.cpp",
+    CSRC / "quant_gemm_il.cpp",
     CSRC / "fused_ops.cpp",
     CSRC / "quantize.cpp",
 )

@@ -39,10 +39,13 @@ def _weights(name: str, cols: int, seed: int = 0, rows: int = NUM_OUT) -> Unpack
     return unpack_rows(torch.from_numpy(quantize(values, QT[name])), QT[name], (rows, cols))
 
 
-def _quantized_activations(x: torch.Tensor, act_bits: int) -> torch.Tensor:
+def _quantized_activations(
+    x: torch.Tensor, act_bits: int, interleaved: bool = False
+) -> torch.Tensor:
     """x rounded as the kernel does: per block of 32, d = max|x| / Q, q = round(x / d), with
-    Q = 127 (8 bits) or 32767 (16 bits)."""
-    top = 127.0 if act_bits == 8 else 32767.0
+    Q = 127 (8 bits) or 32767 (16 bits; 32639 in the interleaved layout's kernel, whose 16-bit
+    codes split into two signed bytes)."""
+    top = 127.0 if act_bits == 8 else 32639.0 if interleaved else 32767.0
     blocks = x.float().view(x.shape[0], -1, 32)
     max_abs = blocks.abs().amax(-1, keepdim=True)
     # NOTE: Q / max_abs as a true division (a Python scalar over a tensor is a reciprocal)
@@ -50,33 +53,89 @@ def _quantized_activations(x: torch.Tensor, act_bits: int) -> torch.Tensor:
     return (torch.round(blocks * inverse) * (max_abs / top)).view_as(x).double()
 
 
+def _has_interleaved(ops) -> bool:  # type: ignore[no-untyped-def]
+    return bool(ops.quant_gemm_isa() in ("avx512vnni", "avxvnni"))
+
+
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).norm() / want.norm())
 
 
+@pytest.mark.parametrize("num_out", [NUM_OUT, 96])  # 96: the interleaved layout on VNNI builds
 @pytest.mark.parametrize("name", TYPES)
-def test_kernel_matches_references(ops, name: str) -> None:
+def test_kernel_matches_references(ops, name: str, num_out: int) -> None:
     for cols in _in_features(name):
-        weights = _weights(name, cols)
+        weights = _weights(name, cols, rows=num_out)
         qs, scales, mins = ops.quant_gemm_repack(
             weights.codes, weights.scales, weights.mins, weights.group
         )
-        assert qs.shape[:2] == (NUM_OUT, cols // 32)
+        interleaved = qs.dim() == 4
+        assert interleaved == (num_out % 8 == 0 and weights.group != 16 and _has_interleaved(ops))
+        if interleaved:
+            assert qs.shape[:3] == (num_out // 8, cols // 32, 8)
+        else:
+            assert qs.shape[:2] == (num_out, cols // 32)
         dense = weights.dequantize().double()
         for num_rows, dtype, act_bits in itertools.product(
             (1, 3, 16, 100), (torch.float32, torch.bfloat16), (0, 8, 16)
         ):
             x = torch.randn(num_rows, cols).to(dtype)
             y = ops.quant_gemm(x, qs, scales, mins, act_bits)
-            assert y.dtype == torch.float32 and y.shape == (num_rows, NUM_OUT)
+            assert y.dtype == torch.float32 and y.shape == (num_rows, num_out)
             if act_bits == 0:  # float GEMM on dequantized tiles: float32 rounding only
                 assert _relative_error(y, x.double() @ dense.T) < 1e-6, (cols, num_rows, dtype)
                 continue
-            exact = _quantized_activations(x, act_bits) @ dense.T
+            exact = _quantized_activations(x, act_bits, interleaved) @ dense.T
             assert _relative_error(y, exact) < 1e-5, (cols, num_rows, dtype, act_bits)
             # per 32-block: int8 ~0.5% relative error on random data, int16 ~2e-5
             bound = 1.5e-2 if act_bits == 8 else 1e-4
             assert _relative_error(y, x.double() @ dense.T) < bound, (cols, num_rows, act_bits)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q8_0"])
+def test_interleaved_layout(ops, name: str) -> None:
+    if not _has_interleaved(ops):
+        pytest.skip("no VNNI: the interleaved layout is not built")
+    weights = _weights(name, 768, seed=3, rows=64)
+    packed = ops.quant_gemm_repack(
+        weights.codes, weights.scales, weights.mins, weights.group, "interleaved"
+    )
+    rows = ops.quant_gemm_repack(weights.codes, weights.scales, weights.mins, weights.group, "rows")
+    assert packed[0].dim() == 4 and rows[0].dim() == 3
+    # rows dequantized from the layout are the weights, in any order
+    index = torch.tensor([63, 0, 7, 8, 8, 31])
+    assert torch.equal(ops.quant_gemm_il_rows(*packed, index), weights.dequantize()[index])
+    # each output row depends only on its own activation row: batches do not change results
+    x = torch.randn(37, 768)
+    for act_bits in (8, 16):
+        whole = ops.quant_gemm(x, *packed, act_bits)
+        for i in (0, 5, 36):
+            assert torch.equal(whole[i], ops.quant_gemm(x[i : i + 1], *packed, act_bits)[0])
+        # the two layouts agree up to the activations' rounding
+        other = ops.quant_gemm(x, *rows, act_bits)
+        assert _relative_error(whole, other.double()) < (1.5e-2 if act_bits == 8 else 1e-4)
+    # the linear runs the integer kernel at any row count on this layout
+    many = torch.randn(ops.QUANT_GEMM_DENSE_MIN_ROWS + 3, 768)
+    assert torch.equal(ops.quant_linear(many, *packed, 16), ops.quant_gemm(many, *packed, 16))
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.quant_gemm_il_rows(*packed, torch.tensor([64]))
+
+
+def test_interleaved_layout_refusals(ops) -> None:
+    weights = _weights("Q4_1", 576)  # 97 rows: not a multiple of 8
+    with pytest.raises(RuntimeError, match="interleaved layout needs"):
+        ops.quant_gemm_repack(
+            weights.codes, weights.scales, weights.mins, weights.group, "interleaved"
+        )
+    with pytest.raises(RuntimeError, match="layout must be"):
+        ops.quant_gemm_repack(weights.codes, weights.scales, weights.mins, weights.group, "cols")
+    if _has_interleaved(ops):
+        w96 = _weights("Q4_1", 576, rows=96)
+        qs, scales, mins = ops.quant_gemm_repack(w96.codes, w96.scales, w96.mins, w96.group)
+        with pytest.raises(RuntimeError, match="mins must match"):
+            ops.quant_gemm(torch.randn(1, 576), qs, scales, mins.float(), 16)
+        with pytest.raises(RuntimeError, match="columns"):
+            ops.quant_gemm(torch.randn(1, 544), qs, scales, mins, 16)
 
 
 def test_linear_takes_the_float_gemm_from_many_rows(ops) -> None:
@@ -172,16 +231,17 @@ def test_falls_back_to_aten_without_the_extension(monkeypatch) -> None:
     assert isinstance(embedding.quant, BlockInt8Method)
 
 
+@pytest.mark.parametrize("num_out", [NUM_OUT, 96])
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_1", "Q6_K"])
-def test_packed_embedding_rows_and_tied_head(ops, name: str) -> None:
+def test_packed_embedding_rows_and_tied_head(ops, name: str, num_out: int) -> None:
     cols = 768
-    weights = _weights(name, cols, seed=2)
-    embedding = VocabEmbedding(NUM_OUT, cols)
+    weights = _weights(name, cols, seed=2, rows=num_out)
+    embedding = VocabEmbedding(num_out, cols)
     embedding.quant = create_embedding_method(weights, CPU, quantize_activations=True)
     embedding.weight = None
     assert isinstance(embedding.quant, QuantGemmMethod)
     dense = weights.dequantize()
-    ids = torch.tensor([[0, 5, 96], [3, 3, 50]])
+    ids = torch.tensor([[0, 5, num_out - 1], [3, 3, 50]])
     assert torch.equal(embedding(ids), dense[ids])
     hidden = torch.randn(4, cols).bfloat16()
     logits = embedding.logits(hidden)

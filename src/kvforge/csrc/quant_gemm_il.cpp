@@ -1,0 +1,481 @@
+// quant_gemm on a row-interleaved layout, for CPUs with VNNI byte dot products (AVX512-VNNI+VL
+// or AVX-VNNI): eight weight rows share each 32-column block, so one 8-lane dpbusd advances
+// the dot products of all eight rows and each block's float work (int32 -> float, scale, min)
+// is one vector op for eight rows instead of eight. Per byte of weights that is 3-4x fewer
+// instructions than quant_gemm.cpp's one-row kernel: one-row decode streams weights closer to
+// the memory's rate, and a few rows (batched decode, speculative verification) run closer to
+// the integer units' rate.
+//
+// Layout (G = N / 8 groups of 8 weight rows, NB = K / 32 blocks; made by quant_gemm_il_pack):
+//   qs      4-bit: uint8 [G, NB, 8, 16]: a group's block is 4 chunks of 32 bytes; byte 4 r + i
+//                  of chunk c holds code 4 c + i of row r (low nibble) and code 16 + 4 c + i
+//                  (high nibble). Unpacked, chunk c gives the vector of codes 4c..4c+3 of every
+//                  row (lane r = row r) and, shifted, codes 16+4c..16+4c+3.
+//           8-bit: uint8 [G, NB, 8, 32]: 8 vectors of 32 bytes, vector j = codes 4j..4j+3 of
+//                  the 8 rows, each stored + 128 (unsigned).
+//   scales  float16 or float32 [G, NB, 8]; mins the same or None.
+//   Codes are unsigned with an offset o: w = d (u - o) + m, o = 0 for 4-bit codes with mins
+//   (Q4_1), 8 for 4-bit codes without (Q4_0: stored + 8), 128 for 8-bit codes.
+//
+// Activations: per block of 32, dx = max|x| / Q and qx = round(x / dx). dpbusd multiplies
+// unsigned by signed bytes, so 16-bit activations (Q = 32639) are split into two signed bytes,
+// qx = 256 h + l, and the block's integer dot product is 256 sum(u h) + sum(u l) - o sum(qx):
+// exactly the int16 product (|256 * 255 * 128 * 32| < 2^31), at two dpbusd per 4 columns of 8
+// rows. 8-bit activations (Q = 127) are l alone. The block adds d dx dot + m dx sum(qx).
+//
+// From kDenseMinRows rows the weights are dequantized a tile at a time and multiplied by ATen's
+// float GEMM, as in quant_gemm.cpp.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "kvforge_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && \
+    ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+#include <immintrin.h>
+#define KVF_IL 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kRows = 8;              // weight rows interleaved in a group
+constexpr int64_t kGrainGroups = 2;       // fewest groups per parallel task
+constexpr int64_t kDenseMinRows = 256;    // as quant_gemm.cpp
+constexpr int64_t kDenseTileBytes = 8 << 20;
+constexpr float kQ16 = 32639.0f;  // 127 * 256 + 127: the largest qx whose high byte fits int8
+constexpr float kQ8 = 127.0f;
+
+inline float half_to_float(const at::Half* p) { return static_cast<float>(*p); }
+inline float half_to_float(const float* p) { return *p; }
+
+// Activations of M rows: per (row, block) the signed bytes (h[32] then l[32], or l[32] for
+// 8-bit), dx, dx * sum(qx) and sum(qx).
+struct Acts {
+  int64_t stride;  // bytes per (row, block): 64 or 32
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<float> dsum;
+  std::vector<int32_t> sum;
+};
+
+template <typename T>
+inline float to_f32(T v) {
+  return static_cast<float>(v);
+}
+
+template <typename T>
+void quantize_block(const T* x, bool high, int8_t* out, float* d, float* dsum, int32_t* sum) {
+  float max_abs = 0.0f;
+  for (int j = 0; j < kBlock; ++j) max_abs = std::max(max_abs, std::fabs(to_f32(x[j])));
+  const float top = high ? kQ16 : kQ8;
+  const float inv = max_abs > 0.0f ? top / max_abs : 0.0f;
+  int32_t total = 0;
+  for (int j = 0; j < kBlock; ++j) {
+    const int32_t v = static_cast<int32_t>(std::nearbyint(to_f32(x[j]) * inv));
+    total += v;
+    if (high) {
+      const int32_t low = static_cast<int8_t>(static_cast<uint8_t>(v & 0xFF));
+      out[j] = static_cast<int8_t>((v - low) >> 8);
+      out[kBlock + j] = static_cast<int8_t>(low);
+    } else {
+      out[j] = static_cast<int8_t>(v);
+    }
+  }
+  *d = max_abs / top;
+  *sum = total;
+  *dsum = *d * static_cast<float>(total);
+}
+
+template <typename T>
+Acts quantize_acts(const T* x, int64_t M, int64_t K, bool high) {
+  const int64_t NB = K / kBlock, stride = high ? 2 * kBlock : kBlock;
+  Acts a{stride, std::vector<int8_t>(M * NB * stride), std::vector<float>(M * NB),
+         std::vector<float>(M * NB), std::vector<int32_t>(M * NB)};
+  at::parallel_for(0, M * NB, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      quantize_block(x + i * kBlock, high, a.q.data() + i * stride, &a.d[i], &a.dsum[i],
+                     &a.sum[i]);
+    }
+  });
+  return a;
+}
+
+template <typename SC>
+struct Weights {
+  const uint8_t* qs;
+  const SC* scales;
+  const SC* mins;  // nullptr without mins
+  int64_t block_bytes;  // 128 (4-bit) or 256 (8-bit) per group and block
+  int32_t offset;
+};
+
+#ifdef KVF_IL
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// AVX-512 has 32 vector registers: 8 activation rows share each unpacked block; AVX-VNNI 16.
+#if defined(__AVX512VL__)
+constexpr int kMicroRows = 8;
+constexpr int kChainRows = 4;
+#else
+constexpr int kMicroRows = 2;
+constexpr int kChainRows = 2;
+#endif
+
+// Group g (weight rows 8g..8g+7) against activation rows m0..m0+R-1 into y[m, 8g..8g+7].
+template <typename SC, bool kFour, bool kHigh, bool kMins, int R>
+void micro_kernel(const Weights<SC>& w, const Acts& a, int64_t g, int64_t m0, int64_t NB,
+                  int64_t N, float* y) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const uint8_t* base = w.qs + g * NB * w.block_bytes;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const int64_t lo_at = kHigh ? kBlock : 0;
+  for (int64_t b = 0; b < NB; ++b) {
+    const uint8_t* blk = base + b * w.block_bytes;
+    __m256i wj[8];
+    if constexpr (kFour) {
+      for (int c = 0; c < 4; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * c));
+        wj[c] = _mm256_and_si256(v, nibble);
+        wj[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) {
+        wj[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * j));
+      }
+    }
+    const int64_t sb = (g * NB + b) * kRows;
+    const __m256 dw = load8(w.scales + sb);
+    __m256 mw;
+    if constexpr (kMins) mw = load8(w.mins + sb);
+    // dpbusd has a latency of several cycles: P rows at a time (S chains each when P is
+    // small) keep enough independent accumulations in flight.
+    constexpr int P = R < kChainRows ? R : kChainRows;
+    constexpr int S = P >= kChainRows ? 1 : 2;
+    for (int r0 = 0; r0 < R; r0 += P) {
+      const int8_t* xq[P];
+      __m256i lo[P][S], hi[P][S];
+      for (int p = 0; p < P && r0 + p < R; ++p) {
+        const int64_t ab = (m0 + r0 + p) * NB + b;
+        xq[p] = a.q.data() + ab * a.stride;
+        for (int c = 0; c < S; ++c) {
+          lo[p][c] = c == 0 ? _mm256_set1_epi32(-w.offset * a.sum[ab]) : _mm256_setzero_si256();
+          hi[p][c] = _mm256_setzero_si256();
+        }
+      }
+      for (int j = 0; j < 8; ++j) {
+        for (int p = 0; p < P && r0 + p < R; ++p) {
+          lo[p][j % S] = dpbusd(lo[p][j % S], wj[j], broadcast4(xq[p] + lo_at + 4 * j));
+          if constexpr (kHigh) {
+            hi[p][j % S] = dpbusd(hi[p][j % S], wj[j], broadcast4(xq[p] + 4 * j));
+          }
+        }
+      }
+      for (int p = 0; p < P && r0 + p < R; ++p) {
+        const int64_t ab = (m0 + r0 + p) * NB + b;
+        __m256i total = S == 2 ? _mm256_add_epi32(lo[p][0], lo[p][S - 1]) : lo[p][0];
+        if constexpr (kHigh) {
+          const __m256i h = S == 2 ? _mm256_add_epi32(hi[p][0], hi[p][S - 1]) : hi[p][0];
+          total = _mm256_add_epi32(_mm256_slli_epi32(h, 8), total);
+        }
+        __m256& out = acc[r0 + p];
+        out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total),
+                              _mm256_mul_ps(dw, _mm256_set1_ps(a.d[ab])), out);
+        if constexpr (kMins) out = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.dsum[ab]), out);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + (m0 + r) * N + g * kRows, acc[r]);
+}
+
+template <typename SC, bool kFour, bool kHigh, bool kMins, int R>
+void remainder_rows(int64_t rows, const Weights<SC>& w, const Acts& a, int64_t g, int64_t m,
+                    int64_t NB, int64_t N, float* y) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      micro_kernel<SC, kFour, kHigh, kMins, R>(w, a, g, m, NB, N, y);
+    } else {
+      remainder_rows<SC, kFour, kHigh, kMins, R - 1>(rows, w, a, g, m, NB, N, y);
+    }
+  }
+}
+
+template <typename SC, bool kFour, bool kHigh, bool kMins>
+void gemm_groups(const Weights<SC>& w, const Acts& a, int64_t M, int64_t N, int64_t NB,
+                 float* y) {
+  at::parallel_for(0, N / kRows, kGrainGroups, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      int64_t m = 0;
+      for (; m + kMicroRows <= M; m += kMicroRows) {
+        micro_kernel<SC, kFour, kHigh, kMins, kMicroRows>(w, a, g, m, NB, N, y);
+      }
+      remainder_rows<SC, kFour, kHigh, kMins, kMicroRows - 1>(M - m, w, a, g, m, NB, N, y);
+    }
+  });
+}
+
+template <typename SC, bool kFour>
+void dispatch(const Weights<SC>& w, const Acts& a, bool high, int64_t M, int64_t N, int64_t NB,
+              float* y) {
+  const bool mins = w.mins != nullptr;
+  if (high) {
+    mins ? gemm_groups<SC, kFour, true, true>(w, a, M, N, NB, y)
+         : gemm_groups<SC, kFour, true, false>(w, a, M, N, NB, y);
+  } else {
+    mins ? gemm_groups<SC, kFour, false, true>(w, a, M, N, NB, y)
+         : gemm_groups<SC, kFour, false, false>(w, a, M, N, NB, y);
+  }
+}
+#endif  // KVF_IL
+
+// Code k (0..31) of row r in a group's block.
+inline int32_t code_at(const uint8_t* blk, bool four, int64_t r, int64_t k) {
+  if (four) {
+    const uint8_t byte = blk[32 * ((k % 16) / 4) + 4 * r + k % 4];
+    return k < 16 ? byte & 0x0F : byte >> 4;
+  }
+  return blk[32 * (k / 4) + 4 * r + k % 4];
+}
+
+// Weight row n dequantized to float32 out [K].
+template <typename SC>
+void dequantize_row(const Weights<SC>& w, int64_t n, int64_t NB, float* out) {
+  const int64_t g = n / kRows, r = n % kRows;
+  const bool four = w.block_bytes == 4 * kBlock;
+  for (int64_t b = 0; b < NB; ++b) {
+    const uint8_t* blk = w.qs + (g * NB + b) * w.block_bytes;
+    const int64_t s = (g * NB + b) * kRows + r;
+    const float d = half_to_float(w.scales + s);
+    const float m = w.mins ? half_to_float(w.mins + s) : 0.0f;
+    for (int64_t k = 0; k < kBlock; ++k) {
+      out[b * kBlock + k] = d * static_cast<float>(code_at(blk, four, r, k) - w.offset) + m;
+    }
+  }
+}
+
+template <typename SC>
+Weights<SC> weights_of(const at::Tensor& qs, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& mins) {
+  const bool four = qs.size(3) == 16;
+  const bool has_mins = mins.has_value() && mins->defined();
+  return {static_cast<const uint8_t*>(qs.data_ptr()), scales.data_ptr<SC>(),
+          has_mins ? mins->data_ptr<SC>() : nullptr, four ? 4 * kBlock : 8 * kBlock,
+          four ? (has_mins ? 0 : 8) : 128};
+}
+
+#ifdef KVF_IL
+// Rows 8g..8g+7 dequantized to float32 out [8, K] (row stride ldo): for each block, rows r and
+// r+1 of a 4-code vector are 8 bytes of one chunk, widened, scaled and stored as two quarters.
+template <typename SC>
+void dequantize_group(const Weights<SC>& w, int64_t g, int64_t NB, float* out, int64_t ldo) {
+  const bool four = w.block_bytes == 4 * kBlock;
+  const __m256 off = _mm256_set1_ps(static_cast<float>(w.offset));
+  for (int64_t b = 0; b < NB; ++b) {
+    const uint8_t* blk = w.qs + (g * NB + b) * w.block_bytes;
+    const int64_t sb = (g * NB + b) * kRows;
+    const __m256 d = load8(w.scales + sb);
+    const __m256 m = w.mins ? load8(w.mins + sb) : _mm256_setzero_ps();
+    __m256 dp[4], mp[4];  // rows (2i, 2i+1), each repeated 4 times
+    for (int i = 0; i < 4; ++i) {
+      const __m256i idx = _mm256_setr_epi32(2 * i, 2 * i, 2 * i, 2 * i, 2 * i + 1, 2 * i + 1,
+                                            2 * i + 1, 2 * i + 1);
+      dp[i] = _mm256_permutevar8x32_ps(d, idx);
+      mp[i] = _mm256_permutevar8x32_ps(m, idx);
+    }
+    for (int j = 0; j < 8; ++j) {  // codes 4j..4j+3 of every row
+      const uint8_t* src = blk + 32 * (four ? j % 4 : j);
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      __m256i u = raw;
+      if (four) {
+        u = j < 4 ? raw : _mm256_srli_epi16(raw, 4);
+        u = _mm256_and_si256(u, _mm256_set1_epi8(0x0F));
+      }
+      alignas(32) uint8_t bytes[32];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), u);
+      for (int i = 0; i < 4; ++i) {
+        const __m128i pair = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * i));
+        const __m256 codes = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(pair)), off);
+        const __m256 v = _mm256_fmadd_ps(codes, dp[i], mp[i]);
+        float* row = out + 2 * i * ldo + b * kBlock + 4 * j;
+        _mm_storeu_ps(row, _mm256_castps256_ps128(v));
+        _mm_storeu_ps(row + ldo, _mm256_extractf128_ps(v, 1));
+      }
+    }
+  }
+}
+#else
+template <typename SC>
+void dequantize_group(const Weights<SC>& w, int64_t g, int64_t NB, float* out, int64_t ldo) {
+  for (int64_t r = 0; r < kRows; ++r) dequantize_row(w, g * kRows + r, NB, out + r * ldo);
+}
+#endif
+
+template <typename SC>
+void dense_gemm(const at::Tensor& x, const Weights<SC>& w, int64_t N, int64_t K, at::Tensor& y) {
+  const at::Tensor xf = x.to(at::kFloat);
+  const int64_t NB = K / kBlock;
+  const int64_t tile = std::max<int64_t>(16, kDenseTileBytes / (4 * K)) / kRows * kRows;
+  at::Tensor wt = at::empty({std::min(tile, N), K}, xf.options());
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t n1 = std::min(N, n0 + tile);
+    at::Tensor part = wt.narrow(0, 0, n1 - n0);
+    float* out = part.data_ptr<float>();
+    at::parallel_for(n0 / kRows, n1 / kRows, kGrainGroups, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        dequantize_group(w, g, NB, out + (g * kRows - n0) * K, K);
+      }
+    });
+    if (n0 == 0 && n1 == N) {
+      at::mm_out(y, xf, part.t());
+    } else {
+      y.narrow(1, n0, n1 - n0).copy_(at::mm(xf, part.t()));
+    }
+  }
+}
+
+void check_layout(const at::Tensor& qs, const at::Tensor& scales,
+                  const std::optional<at::Tensor>& mins) {
+  TORCH_CHECK(qs.dim() == 4 && qs.is_contiguous() && qs.scalar_type() == at::kByte &&
+                  qs.size(2) == kRows && (qs.size(3) == 16 || qs.size(3) == 32),
+              "interleaved qs must be contiguous uint8 [N/8, K/32, 8, 16 or 32]");
+  TORCH_CHECK((scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat) &&
+                  scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == qs.size(0) &&
+                  scales.size(1) == qs.size(1) && scales.size(2) == kRows,
+              "interleaved scales must be contiguous float16 or float32 [N/8, K/32, 8]");
+  if (mins.has_value() && mins->defined()) {
+    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type() &&
+                    mins->is_contiguous(),
+                "mins must match scales");
+  }
+}
+
+template <typename F>
+void with_weights(const at::Tensor& qs, const at::Tensor& scales,
+                  const std::optional<at::Tensor>& mins, F&& f) {
+  if (scales.scalar_type() == at::kHalf) {
+    f(weights_of<at::Half>(qs, scales, mins));
+  } else {
+    f(weights_of<float>(qs, scales, mins));
+  }
+}
+
+}  // namespace
+
+bool quant_gemm_il_available() {
+#ifdef KVF_IL
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor quant_gemm_il(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& mins, int64_t act_bits) {
+  check_layout(qs, scales, mins);
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0) * kRows, NB = qs.size(1);
+  TORCH_CHECK(K == NB * kBlock, "x has ", K, " columns, the weights ", NB * kBlock);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return y;
+  const at::Tensor xc = x.contiguous();
+  with_weights(qs, scales, mins, [&](const auto& w) {
+    using SC = std::remove_cv_t<std::remove_reference_t<decltype(*w.scales)>>;
+    if (act_bits == 0) {
+      dense_gemm<SC>(xc, w, N, K, y);
+      return;
+    }
+#ifdef KVF_IL
+    const bool high = act_bits == 16;
+    const Acts a = xc.scalar_type() == at::kFloat
+                       ? quantize_acts(xc.data_ptr<float>(), M, K, high)
+                       : quantize_acts(xc.data_ptr<at::BFloat16>(), M, K, high);
+    float* out = y.data_ptr<float>();
+    w.block_bytes == 4 * kBlock ? dispatch<SC, true>(w, a, high, M, N, NB, out)
+                                : dispatch<SC, false>(w, a, high, M, N, NB, out);
+#else
+    TORCH_CHECK(false, "this build has no VNNI kernel for the interleaved layout");
+#endif
+  });
+  return y;
+}
+
+at::Tensor quant_gemm_il_rows(const at::Tensor& qs, const at::Tensor& scales,
+                              const std::optional<at::Tensor>& mins, const at::Tensor& index) {
+  check_layout(qs, scales, mins);
+  const int64_t N = qs.size(0) * kRows, NB = qs.size(1), K = NB * kBlock;
+  const at::Tensor idx = index.to(at::kLong).contiguous().view(-1);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t t = 0; t < idx.numel(); ++t) {
+    TORCH_CHECK(ip[t] >= 0 && ip[t] < N, "row ", ip[t], " is outside [0, ", N, ")");
+  }
+  at::Tensor out = at::empty({idx.numel(), K}, scales.options().dtype(at::kFloat));
+  with_weights(qs, scales, mins, [&](const auto& w) {
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, idx.numel(), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) dequantize_row(w, ip[t], NB, op + t * K);
+    });
+  });
+  return out;
+}
+
+// codes int8 [N, K] (4-bit unsigned with mins, 4-bit signed without, else 8-bit signed), scales
+// and mins float32 [N, K/32] -> (qs, scales, mins) interleaved; mins is None for signed codes.
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> quant_gemm_il_pack(
+    const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
+    bool four) {
+  const int64_t N = codes.size(0), K = codes.size(1), NB = K / kBlock, G = N / kRows;
+  TORCH_CHECK(N % kRows == 0 && K % kBlock == 0, "interleaving needs N % 8 == 0, K % 32 == 0");
+  const bool has_mins = mins.has_value() && mins->defined();
+  const int32_t offset = four ? (has_mins ? 0 : 8) : 128;
+  const at::Tensor c = codes.contiguous();
+  const int8_t* cp = c.data_ptr<int8_t>();
+  const int64_t block_bytes = four ? 4 * kBlock : 8 * kBlock;
+  at::Tensor qs = at::zeros({G, NB, kRows, block_bytes / kRows}, c.options().dtype(at::kByte));
+  uint8_t* qp = qs.data_ptr<uint8_t>();
+  at::parallel_for(0, G, 16, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t b = 0; b < NB; ++b) {
+        uint8_t* blk = qp + (g * NB + b) * block_bytes;
+        for (int64_t r = 0; r < kRows; ++r)
+          for (int64_t k = 0; k < kBlock; ++k) {
+            const int32_t u = cp[(g * kRows + r) * K + b * kBlock + k] + offset;
+            if (four) {
+              blk[32 * ((k % 16) / 4) + 4 * r + k % 4] |= static_cast<uint8_t>(k < 16 ? u : u << 4);
+            } else {
+              blk[32 * (k / 4) + 4 * r + k % 4] = static_cast<uint8_t>(u);
+            }
+          }
+      }
+  });
+  auto interleave = [&](const at::Tensor& t) {  // [N, NB] -> [G, NB, 8]
+    return t.view({G, kRows, NB}).permute({0, 2, 1}).contiguous();
+  };
+  std::optional<at::Tensor> out_mins;
+  if (has_mins) out_mins = interleave(*mins);
+  return {qs, interleave(scales), out_mins};
+}
