@@ -36,6 +36,10 @@
 // tile of weight rows is dequantized to float32 and multiplied by ATen's float GEMM (exact float32
 // activations: the same result as the float32 reference on the dequantized weights).
 //
+// On CPUs with VNNI byte dot products, quant_gemm_repack picks the row-interleaved layout of
+// quant_gemm_il.cpp instead (Q4_0 / Q4_1 / Q8_0 and other 32-column groups, N % 8 == 0): qs is
+// then 4-D and quant_gemm hands it over; the layout below serves 16-column groups and other CPUs.
+//
 // Parallelism: at::parallel_for over N; each thread takes a slice of output rows for every
 // activation row, so each weight is read from memory once. Activation rows go in tiles of
 // kRowTile (kept in cache) and micro-tiles of kMicroRows that share each unpacked weight block.
