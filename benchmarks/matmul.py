@@ -1,6 +1,7 @@
 """Quantized matmul time per call: ATen methods vs the C++ ``quant_gemm`` with 16-bit (default)
 and 8-bit activations and its float GEMM on dequantized tiles (``act_bits=0``, what it runs from
-``QUANT_GEMM_DENSE_MIN_ROWS`` rows), on the embedded model's shapes.
+``QUANT_GEMM_DENSE_MIN_ROWS`` rows on the row layout), on the embedded model's shapes, in the
+layout ``quant_gemm_repack`` picks here (row-interleaved on VNNI CPUs).
 
     python benchmarks/matmul.py [--rows 1 4 16 64 512] [--min-seconds 0.2] [--threads N]
 

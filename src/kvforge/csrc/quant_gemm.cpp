@@ -702,7 +702,8 @@ void bind_quant_gemm(pybind11::module_& m) {
         "rows index of interleaved weights dequantized: float32 [len(index), K]", py::arg("qs"),
         py::arg("scales"), py::arg("mins"), py::arg("index"));
   m.def("quant_linear", &quant_linear, py::call_guard<py::gil_scoped_release>(),
-        "quant_gemm with act_bits below QUANT_GEMM_DENSE_MIN_ROWS rows, the float GEMM from there",
+        "quant_gemm with act_bits (on the row layout: the float GEMM from "
+        "QUANT_GEMM_DENSE_MIN_ROWS rows)",
         py::arg("x"), py::arg("qs"), py::arg("scales"), py::arg("mins") = py::none(),
         py::arg("act_bits") = 16);
   m.attr("QUANT_GEMM_DENSE_MIN_ROWS") = kDenseMinRows;
