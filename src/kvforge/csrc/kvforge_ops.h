@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <functional>
 #include <optional>
 #include <tuple>
 
@@ -13,6 +14,11 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tenso
 // quant_gemm, or the float GEMM from a row count where it is faster.
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
                         const std::optional<at::Tensor>& mins, int64_t act_bits);
+
+// The float GEMM on dequantized weight tiles that both layouts run for many rows.
+void dense_gemm_tiles(const at::Tensor& x, int64_t N, int64_t K, int64_t row_multiple,
+                      at::Tensor& y,
+                      const std::function<void(int64_t, int64_t, float*)>& dequantize);
 
 // quant_gemm_il.cpp: the row-interleaved layout for VNNI builds.
 bool quant_gemm_il_available();

@@ -48,6 +48,7 @@
 #include <torch/extension.h>
 
 #include "kvforge_ops.h"
+#include "simd.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -106,35 +107,9 @@ inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
 #ifdef KVF_QG_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-inline __m256 load8(const at::Half* p) {
-#if defined(__F16C__) && defined(KVF_QG_AVX2)
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#else
-  alignas(32) float f[8];
-  for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(p[i]);
-  return _mm256_load_ps(f);
-#endif
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline int32_t hsum_i32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
+using kvf_simd::hsum;
+using kvf_simd::hsum_i32;
+using kvf_simd::load8;
 #endif
 
 template <typename Q>
@@ -144,16 +119,7 @@ template <typename T, typename Q>
 void quantize_block(const T* x, Q* q, float* d, float* half_sums, float* block_sum) {
 #ifdef KVF_QG_AVX2
   __m256 v[4];
-  __m256 amax = _mm256_setzero_ps();
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int i = 0; i < 4; ++i) {
-    v[i] = load8(x + 8 * i);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-  }
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  const float max_abs = _mm_cvtss_f32(m);
+  const float max_abs = kvf_simd::load_block_abs_max(x, v);
   const float scale = max_abs / kQMax<Q>;
   const __m256 inv = _mm256_set1_ps(max_abs > 0.0f ? kQMax<Q> / max_abs : 0.0f);
   __m256i qi[4];
@@ -459,19 +425,9 @@ void dequantize_rows(const Weights<SC>& w, bool four, bool sub16, int64_t n0, in
 template <typename SC>
 void dense_gemm(const at::Tensor& x, const Weights<SC>& w, bool four, bool sub16, int64_t N,
                 int64_t K, at::Tensor& y) {
-  const at::Tensor xf = x.to(at::kFloat);
-  const int64_t tile = std::max<int64_t>(kGrainRows, kDenseTileBytes / (4 * K));
-  at::Tensor wt = at::empty({std::min(tile, N), K}, xf.options());
-  for (int64_t n0 = 0; n0 < N; n0 += tile) {
-    const int64_t n1 = std::min(N, n0 + tile);
-    at::Tensor part = wt.narrow(0, 0, n1 - n0);
-    dequantize_rows(w, four, sub16, n0, n1, K, part.data_ptr<float>());
-    if (n0 == 0 && n1 == N) {
-      at::mm_out(y, xf, part.t());
-    } else {
-      y.narrow(1, n0, n1 - n0).copy_(at::mm(xf, part.t()));
-    }
-  }
+  dense_gemm_tiles(x, N, K, 1, y, [&](int64_t n0, int64_t n1, float* out) {
+    dequantize_rows(w, four, sub16, n0, n1, K, out);
+  });
 }
 
 // ---- float32 weights, few activation rows ------------------------------------------------------
@@ -613,6 +569,27 @@ at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tenso
     run(float{});
   }
   return y;
+}
+
+// y [M, N] = x W^T for weights that dequantize(n0, n1, out) writes as float32 rows [n0, n1) of
+// K columns: tiles of about kDenseTileBytes (a multiple of row_multiple rows) and ATen's GEMM.
+void dense_gemm_tiles(const at::Tensor& x, int64_t N, int64_t K, int64_t row_multiple,
+                      at::Tensor& y,
+                      const std::function<void(int64_t, int64_t, float*)>& dequantize) {
+  const at::Tensor xf = x.to(at::kFloat);
+  const int64_t tile =
+      std::max<int64_t>(kGrainRows, kDenseTileBytes / (4 * K)) / row_multiple * row_multiple;
+  at::Tensor wt = at::empty({std::min(tile, N), K}, xf.options());
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t n1 = std::min(N, n0 + tile);
+    at::Tensor part = wt.narrow(0, 0, n1 - n0);
+    dequantize(n0, n1, part.data_ptr<float>());
+    if (n0 == 0 && n1 == N) {
+      at::mm_out(y, xf, part.t());
+    } else {
+      y.narrow(1, n0, n1 - n0).copy_(at::mm(xf, part.t()));
+    }
+  }
 }
 
 // What a linear layer runs: quant_gemm with act_bits for few rows, the float GEMM from

@@ -23,13 +23,14 @@
 // exactly the int16 product (|256 * 255 * 128 * 32| < 2^31), at two dpbusd per 4 columns of 8
 // rows. 8-bit activations (Q = 127) are l alone. The block adds d dx dot + m dx sum(qx).
 //
-// From kDenseMinRows rows the weights are dequantized a tile at a time and multiplied by ATen's
-// float GEMM, as in quant_gemm.cpp.
+// act_bits 0 dequantizes the weights a tile at a time for ATen's float GEMM (dense_gemm_tiles);
+// quant_linear does not need it on this layout (the integer kernel is faster at any row count).
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include "kvforge_ops.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -49,65 +50,11 @@ namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kRows = 8;              // weight rows interleaved in a group
 constexpr int64_t kGrainGroups = 2;       // fewest groups per parallel task
-constexpr int64_t kDenseMinRows = 256;    // as quant_gemm.cpp
-constexpr int64_t kDenseTileBytes = 8 << 20;
 constexpr float kQ16 = 32639.0f;  // 127 * 256 + 127: the largest qx whose high byte fits int8
 constexpr float kQ8 = 127.0f;
 
 inline float half_to_float(const at::Half* p) { return static_cast<float>(*p); }
 inline float half_to_float(const float* p) { return *p; }
-
-// Activations of M rows: per (row, block) the signed bytes (h[32] then l[32], or l[32] for
-// 8-bit), dx, dx * sum(qx) and sum(qx).
-struct Acts {
-  int64_t stride;  // bytes per (row, block): 64 or 32
-  std::vector<int8_t> q;
-  std::vector<float> d;
-  std::vector<float> dsum;
-  std::vector<int32_t> sum;
-};
-
-template <typename T>
-inline float to_f32(T v) {
-  return static_cast<float>(v);
-}
-
-template <typename T>
-void quantize_block(const T* x, bool high, int8_t* out, float* d, float* dsum, int32_t* sum) {
-  float max_abs = 0.0f;
-  for (int j = 0; j < kBlock; ++j) max_abs = std::max(max_abs, std::fabs(to_f32(x[j])));
-  const float top = high ? kQ16 : kQ8;
-  const float inv = max_abs > 0.0f ? top / max_abs : 0.0f;
-  int32_t total = 0;
-  for (int j = 0; j < kBlock; ++j) {
-    const int32_t v = static_cast<int32_t>(std::nearbyint(to_f32(x[j]) * inv));
-    total += v;
-    if (high) {
-      const int32_t low = static_cast<int8_t>(static_cast<uint8_t>(v & 0xFF));
-      out[j] = static_cast<int8_t>((v - low) >> 8);
-      out[kBlock + j] = static_cast<int8_t>(low);
-    } else {
-      out[j] = static_cast<int8_t>(v);
-    }
-  }
-  *d = max_abs / top;
-  *sum = total;
-  *dsum = *d * static_cast<float>(total);
-}
-
-template <typename T>
-Acts quantize_acts(const T* x, int64_t M, int64_t K, bool high) {
-  const int64_t NB = K / kBlock, stride = high ? 2 * kBlock : kBlock;
-  Acts a{stride, std::vector<int8_t>(M * NB * stride), std::vector<float>(M * NB),
-         std::vector<float>(M * NB), std::vector<int32_t>(M * NB)};
-  at::parallel_for(0, M * NB, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      quantize_block(x + i * kBlock, high, a.q.data() + i * stride, &a.d[i], &a.dsum[i],
-                     &a.sum[i]);
-    }
-  });
-  return a;
-}
 
 template <typename SC>
 struct Weights {
@@ -127,15 +74,73 @@ inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
+using kvf_simd::hsum_i32;
+using kvf_simd::load8;
 
 inline __m256i broadcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
+}
+
+// 32 int32 lanes (each within int8) -> 32 signed bytes in column order.
+inline __m256i pack_bytes(const __m256i* v) {
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]),
+                                           _mm256_packs_epi32(v[2], v[3]));
+  // the packs interleave 128-bit lanes; the permute restores column order
+  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Activations of M rows: per (row, block) the signed bytes (h[32] then l[32], or l[32] for
+// 8-bit), dx, dx * sum(qx) and sum(qx).
+struct Acts {
+  int64_t stride;  // bytes per (row, block): 64 or 32
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<float> dsum;
+  std::vector<int32_t> sum;
+};
+
+template <typename T>
+void quantize_block(const T* x, bool high, int8_t* out, float* d, float* dsum, int32_t* sum) {
+  __m256 v[4];
+  const float max_abs = kvf_simd::load_block_abs_max(x, v);
+  const float top = high ? kQ16 : kQ8;
+  const __m256 inv = _mm256_set1_ps(max_abs > 0.0f ? top / max_abs : 0.0f);
+  __m256i q[4];
+  __m256i total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {  // round to nearest even, as std::nearbyint
+    q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+    total = _mm256_add_epi32(total, q[i]);
+  }
+  if (high) {  // qx = 256 h + l with l the sign-extended low byte
+    __m256i h[4], l[4];
+    for (int i = 0; i < 4; ++i) {
+      l[i] = _mm256_srai_epi32(_mm256_slli_epi32(q[i], 24), 24);
+      h[i] = _mm256_srai_epi32(_mm256_sub_epi32(q[i], l[i]), 8);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), pack_bytes(h));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kBlock), pack_bytes(l));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), pack_bytes(q));
+  }
+  *sum = hsum_i32(total);
+  *d = max_abs / top;
+  *dsum = *d * static_cast<float>(*sum);
+}
+
+template <typename T>
+Acts quantize_acts(const T* x, int64_t M, int64_t K, bool high) {
+  const int64_t NB = K / kBlock, stride = high ? 2 * kBlock : kBlock;
+  Acts a{stride, std::vector<int8_t>(M * NB * stride), std::vector<float>(M * NB),
+         std::vector<float>(M * NB), std::vector<int32_t>(M * NB)};
+  at::parallel_for(0, M * NB, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      quantize_block(x + i * kBlock, high, a.q.data() + i * stride, &a.d[i], &a.dsum[i],
+                     &a.sum[i]);
+    }
+  });
+  return a;
 }
 
 // AVX-512 has 32 vector registers: 8 activation rows share each unpacked block; AVX-VNNI 16.
@@ -338,25 +343,14 @@ void dequantize_group(const Weights<SC>& w, int64_t g, int64_t NB, float* out, i
 
 template <typename SC>
 void dense_gemm(const at::Tensor& x, const Weights<SC>& w, int64_t N, int64_t K, at::Tensor& y) {
-  const at::Tensor xf = x.to(at::kFloat);
   const int64_t NB = K / kBlock;
-  const int64_t tile = std::max<int64_t>(16, kDenseTileBytes / (4 * K)) / kRows * kRows;
-  at::Tensor wt = at::empty({std::min(tile, N), K}, xf.options());
-  for (int64_t n0 = 0; n0 < N; n0 += tile) {
-    const int64_t n1 = std::min(N, n0 + tile);
-    at::Tensor part = wt.narrow(0, 0, n1 - n0);
-    float* out = part.data_ptr<float>();
+  dense_gemm_tiles(x, N, K, kRows, y, [&](int64_t n0, int64_t n1, float* out) {
     at::parallel_for(n0 / kRows, n1 / kRows, kGrainGroups, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
         dequantize_group(w, g, NB, out + (g * kRows - n0) * K, K);
       }
     });
-    if (n0 == 0 && n1 == N) {
-      at::mm_out(y, xf, part.t());
-    } else {
-      y.narrow(1, n0, n1 - n0).copy_(at::mm(xf, part.t()));
-    }
-  }
+  });
 }
 
 void check_layout(const at::Tensor& qs, const at::Tensor& scales,

@@ -53,7 +53,7 @@ SOURCES = (
     CSRC / "fused_ops.cpp",
     CSRC / "quantize.cpp",
 )
-HEADERS = (CSRC / "kvforge_ops.h", CSRC / "quant_search.h")
+HEADERS = (CSRC / "kvforge_ops.h", CSRC / "quant_search.h", CSRC / "simd.h")
 _NAME = "kvforge_ops"
 _REQUIRED_FLAGS = [*REQUIRED_FLAGS, "-fopenmp"]
 
