@@ -122,6 +122,8 @@ class ModelConfig:
     # Packed weights: quantize activations to 8 bits per block of 32 (llama.cpp's way; faster,
     # less exact: see layers/quantization.create_quant_method)
     quantize_activations: bool = False
+    # CPU: weights and KV caches in transparent huge pages (layers/huge_pages.py)
+    huge_pages: bool = True
     # llama.cpp mmproj GGUF (CLIP tower + LLaVA projector): makes the model a vision chat model
     mmproj: str | None = None
 

@@ -76,6 +76,13 @@ class EngineArgs:
             "99%)"
         ),
     )
+    huge_pages: bool = field(
+        default=True,
+        metadata=_opt(
+            "CPU, Linux: weights and KV caches in transparent huge pages (faster weight "
+            "streaming; off when the system refuses them)"
+        ),
+    )
     kv_cache_dtype: str = field(
         default="auto", metadata=_opt("KV cache storage", choices=KV_CACHE_DTYPES)
     )
@@ -289,6 +296,7 @@ class EngineArgs:
                 quantization_symmetric=self.quantization_symmetric,
                 attention_backend=self.attention_backend,
                 quantize_activations=self.quantize_activations,
+                huge_pages=self.huge_pages,
                 mmproj=self.mmproj,
             ),
             cache_config=CacheConfig(

@@ -10,6 +10,7 @@ import torch
 
 from kvforge.entrypoints.llm import engine_config
 from kvforge.layers.quantization import Int4PackedMethod, QuantGemmMethod
+from kvforge.ops.extension import load_extension
 from kvforge.runner import ModelRunner
 from kvforge.tools.text import machine_text
 
@@ -156,3 +157,30 @@ def test_fused_decoder_layer_equals_the_per_op_path(smollm_packed, smollm_path, 
             layer._fused, layer._fused_checked = linears, checked
     assert torch.equal(stacked, layer_by_layer)
     torch.testing.assert_close(layer_by_layer, per_op, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])  # decode, and 3 requests x 4 tokens in a step
+def test_decode_team_equals_the_layer_by_layer_path(smollm_packed, smollm_path, chunk):
+    """decoder_stack at up to 16 tokens runs every layer in one parallel region (threads split
+    each op and meet at barriers): the same kernels in the same order per row, so the logits
+    equal decoder_layer's, layer by layer, bit for bit (several requests, chunked steps)."""
+    model = smollm_packed.model
+    if model.layers[0].fused_linears() is None:
+        pytest.skip("the fused layer needs the C++ extension and the cpu_paged backend")
+    runner = ModelRunner(
+        engine_config(smollm_path, num_blocks=64, show_progress=False), smollm_packed
+    )
+    sequences = [list(range(100, 140)), list(range(500, 517)), list(range(900, 933))]
+    if model.layers[0].self_attn.qkv_proj.quant.qs.dim() != 4:
+        pytest.skip("the team path runs the interleaved layout (VNNI builds)")
+    assert 3 * chunk <= load_extension().module.decoder_team_max_tokens
+    team = runner.score_many(sequences, chunk)
+    assert model.fused_stack() is not None
+    saved = (model._stack, model._stack_checked)
+    try:
+        model._stack, model._stack_checked = None, True
+        layer_by_layer = runner.score_many(sequences, chunk)
+    finally:
+        model._stack, model._stack_checked = saved
+    for a, b in zip(team, layer_by_layer, strict=True):
+        assert torch.equal(a, b)

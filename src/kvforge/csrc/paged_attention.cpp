@@ -271,7 +271,8 @@ inline float accumulate(float* __restrict acc, const float* const* rows, const f
 
 // Everything a work item reads, as raw pointers (checked on the host).
 struct Problem {
-  const void* query;  // [T, H, D]
+  const void* query;  // [T, H, D]: head h of token t at t * query_stride + h * D
+  int64_t query_stride;
   Elem query_elem;
   int64_t H, KVH, G, D;
   const void* k_cache;  // [NB, BS, KVH, D]
@@ -417,12 +418,12 @@ void store_row(const Problem& p, int64_t token, int64_t head, const float* acc, 
 void load_queries(const Problem& p, const Rows& rows, int64_t num_rows, Scratch& s) {
   const int64_t D = p.D;
   const auto* query = static_cast<const char*>(p.query);
-  const int64_t q_row_bytes = D * elem_size(p.query_elem);
   for (int64_t r = 0; r < num_rows; ++r) {
     const int64_t g = rows.kv_head(r);
     const int64_t token = rows.first_token + rows.token_offset(r);
     float* q = s.q.data() + r * D;
-    to_float(q, query + (token * p.H + rows.query_head(r)) * q_row_bytes, p.query_elem, D);
+    const int64_t at = token * p.query_stride + rows.query_head(r) * D;
+    to_float(q, query + at * elem_size(p.query_elem), p.query_elem, D);
     float q_center = 0.0f;
     if (p.k_center) {
       for (int64_t d = 0; d < D; ++d) q_center += q[d] * p.k_center[g * D + d];
@@ -730,6 +731,7 @@ at::Tensor paged_attention(
 
   Problem p{};
   p.query = q.data_ptr();
+  p.query_stride = H * D;
   p.query_elem = elem_of(q.scalar_type());
   TORCH_CHECK(is_16_or_32_bit(p.query_elem), "query must be float32, bfloat16 or float16");
   p.H = H;
@@ -769,6 +771,97 @@ at::Tensor paged_attention(
   return out;
 }
 
+
+struct PagedAttentionHeads::Impl {
+  Problem p{};
+  Scratch scratch;
+  int64_t num_blocks;
+  Impl(int64_t rows, int64_t D) : scratch(rows, D) {}
+};
+
+PagedAttentionHeads::PagedAttentionHeads(const at::Tensor& key_cache,
+                                         const at::Tensor& block_tables,
+                                         const at::Tensor& seq_lens, const at::Tensor& query_lens,
+                                         const at::Tensor& query_start_loc, double scale,
+                                         int64_t sliding_window, int64_t num_heads,
+                                         int64_t num_tokens) {
+  check_layer(key_cache, key_cache);
+  for (const at::Tensor* t : {&block_tables, &seq_lens, &query_lens, &query_start_loc}) {
+    check_cpu_contiguous(*t, "block_tables / seq_lens / query_lens / query_start_loc");
+    TORCH_CHECK(t->scalar_type() == at::kLong, "block tables and lengths must be int64");
+  }
+  const int64_t B = block_tables.size(0), KVH = key_cache.size(2), D = key_cache.size(3);
+  TORCH_CHECK(block_tables.dim() == 2 && seq_lens.numel() == B && query_lens.numel() == B &&
+                  query_start_loc.numel() == B,
+              "block_tables [B, max_blocks] and lengths [B]");
+  TORCH_CHECK(KVH > 0 && num_heads % KVH == 0, "query heads not a multiple of KV heads");
+  Problem p{};
+  p.query_elem = Elem::kFloat;
+  p.H = num_heads;
+  p.KVH = KVH;
+  p.G = num_heads / KVH;
+  p.D = D;
+  p.kv_elem = elem_of(key_cache.scalar_type());
+  p.block_size = key_cache.size(1);
+  p.block_tables = block_tables.data_ptr<int64_t>();
+  p.max_blocks = block_tables.size(1);
+  p.seq_lens = seq_lens.data_ptr<int64_t>();
+  p.query_lens = query_lens.data_ptr<int64_t>();
+  p.query_start = query_start_loc.data_ptr<int64_t>();
+  p.scale = static_cast<float>(scale);
+  p.window = std::max<int64_t>(sliding_window, 0);
+  check_requests(p, B, num_tokens, key_cache.size(0));
+  int64_t rows = 1;
+  for (int64_t b = 0; b < B; ++b) rows = std::max(rows, p.query_lens[b] * p.G);
+  impl_ = std::make_unique<Impl>(rows, D);
+  impl_->p = p;
+  impl_->num_blocks = key_cache.size(0);
+}
+
+PagedAttentionHeads::~PagedAttentionHeads() = default;
+
+void PagedAttentionHeads::check_layer(const at::Tensor& key_cache,
+                                      const at::Tensor& value_cache) const {
+  TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [num_blocks, block_size, KVH, D]");
+  check_cpu_contiguous(key_cache, "key_cache");
+  check_cpu_contiguous(value_cache, "value_cache");
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes() &&
+                  value_cache.scalar_type() == key_cache.scalar_type() &&
+                  is_16_or_32_bit(elem_of(key_cache.scalar_type())),
+              "K and V caches must be 16- or 32-bit floats of one shape");
+  if (impl_) {
+    const Problem& p = impl_->p;
+    TORCH_CHECK(key_cache.size(0) == impl_->num_blocks && key_cache.size(1) == p.block_size &&
+                    key_cache.size(2) == p.KVH && key_cache.size(3) == p.D &&
+                    elem_of(key_cache.scalar_type()) == p.kv_elem,
+                "every layer's cache must have the first one's shape and dtype");
+  }
+}
+
+void PagedAttentionHeads::set_layer(const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                    const float* query, int64_t query_stride, float* out) {
+  Problem& p = impl_->p;
+  p.k_cache = key_cache.data_ptr();
+  p.v_cache = value_cache.data_ptr();
+  p.query = query;
+  p.query_stride = query_stride;
+  p.out = out;
+}
+
+void PagedAttentionHeads::run(int64_t request, int64_t kv_head) {
+  const Problem& p = impl_->p;
+  const int64_t q_len = p.query_lens[request], context = p.seq_lens[request] - q_len;
+  if (q_len == 0) return;
+  const int64_t key_begin = p.window > 0 ? std::max<int64_t>(0, context - p.window + 1) : 0;
+  const Item it{request, kv_head, kv_head + 1, 0, q_len, key_begin, p.seq_lens[request],
+                false, 0, q_len * (p.seq_lens[request] - key_begin)};
+  switch (p.D) {
+    case 64: run_item<64>(p, it, impl_->scratch); break;
+    case 128: run_item<128>(p, it, impl_->scratch); break;
+    case 256: run_item<256>(p, it, impl_->scratch); break;
+    default: run_item<0>(p, it, impl_->scratch); break;
+  }
+}
 
 // Every op releases the GIL while it runs (py::call_guard): the server's event loop thread keeps
 // streaming tokens while the engine thread computes, as it does during torch's own ops.

@@ -91,15 +91,7 @@ inline __m256i pack_bytes(const __m256i* v) {
   return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// Activations of M rows: per (row, block) the signed bytes (h[32] then l[32], or l[32] for
-// 8-bit), dx, dx * sum(qx) and sum(qx).
-struct Acts {
-  int64_t stride;  // bytes per (row, block): 64 or 32
-  std::vector<int8_t> q;
-  std::vector<float> d;
-  std::vector<float> dsum;
-  std::vector<int32_t> sum;
-};
+using Acts = QuantActs;
 
 template <typename T>
 void quantize_block(const T* x, bool high, int8_t* out, float* d, float* dsum, int32_t* sum) {
@@ -130,13 +122,22 @@ void quantize_block(const T* x, bool high, int8_t* out, float* d, float* dsum, i
 }
 
 template <typename T>
+void quantize_rows(const T* x, int64_t K, bool high, Acts& a, int64_t r0, int64_t r1) {
+  const int64_t NB = K / kBlock;
+  for (int64_t i = r0 * NB; i < r1 * NB; ++i) {
+    quantize_block(x + i * kBlock, high, a.q.data() + i * a.stride, &a.d[i], &a.dsum[i],
+                   &a.sum[i]);
+  }
+}
+
+template <typename T>
 Acts quantize_acts(const T* x, int64_t M, int64_t K, bool high) {
-  const int64_t NB = K / kBlock, stride = high ? 2 * kBlock : kBlock;
-  Acts a{stride, std::vector<int8_t>(M * NB * stride), std::vector<float>(M * NB),
-         std::vector<float>(M * NB), std::vector<int32_t>(M * NB)};
+  Acts a;
+  a.resize(M, K, high);
+  const int64_t NB = K / kBlock;
   at::parallel_for(0, M * NB, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      quantize_block(x + i * kBlock, high, a.q.data() + i * stride, &a.d[i], &a.dsum[i],
+      quantize_block(x + i * kBlock, high, a.q.data() + i * a.stride, &a.d[i], &a.dsum[i],
                      &a.sum[i]);
     }
   });
@@ -232,29 +233,37 @@ void remainder_rows(int64_t rows, const Weights<SC>& w, const Acts& a, int64_t g
 }
 
 template <typename SC, bool kFour, bool kHigh, bool kMins>
-void gemm_groups(const Weights<SC>& w, const Acts& a, int64_t M, int64_t N, int64_t NB,
-                 float* y) {
-  at::parallel_for(0, N / kRows, kGrainGroups, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      int64_t m = 0;
-      for (; m + kMicroRows <= M; m += kMicroRows) {
-        micro_kernel<SC, kFour, kHigh, kMins, kMicroRows>(w, a, g, m, NB, N, y);
-      }
-      remainder_rows<SC, kFour, kHigh, kMins, kMicroRows - 1>(M - m, w, a, g, m, NB, N, y);
+void gemm_group_range(const Weights<SC>& w, const Acts& a, int64_t M, int64_t N, int64_t NB,
+                      float* y, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    int64_t m = 0;
+    for (; m + kMicroRows <= M; m += kMicroRows) {
+      micro_kernel<SC, kFour, kHigh, kMins, kMicroRows>(w, a, g, m, NB, N, y);
     }
-  });
+    remainder_rows<SC, kFour, kHigh, kMins, kMicroRows - 1>(M - m, w, a, g, m, NB, N, y);
+  }
 }
 
+// Groups [g0, g1) on the calling thread, or (g1 < 0) every group split among ATen's threads.
 template <typename SC, bool kFour>
 void dispatch(const Weights<SC>& w, const Acts& a, bool high, int64_t M, int64_t N, int64_t NB,
-              float* y) {
+              float* y, int64_t g0 = 0, int64_t g1 = -1) {
+  auto run = [&](auto kernel) {
+    if (g1 >= 0) {
+      kernel(w, a, M, N, NB, y, g0, g1);
+      return;
+    }
+    at::parallel_for(0, N / kRows, kGrainGroups, [&](int64_t begin, int64_t end) {
+      kernel(w, a, M, N, NB, y, begin, end);
+    });
+  };
   const bool mins = w.mins != nullptr;
   if (high) {
-    mins ? gemm_groups<SC, kFour, true, true>(w, a, M, N, NB, y)
-         : gemm_groups<SC, kFour, true, false>(w, a, M, N, NB, y);
+    mins ? run(gemm_group_range<SC, kFour, true, true>)
+         : run(gemm_group_range<SC, kFour, true, false>);
   } else {
-    mins ? gemm_groups<SC, kFour, false, true>(w, a, M, N, NB, y)
-         : gemm_groups<SC, kFour, false, false>(w, a, M, N, NB, y);
+    mins ? run(gemm_group_range<SC, kFour, false, true>)
+         : run(gemm_group_range<SC, kFour, false, false>);
   }
 }
 #endif  // KVF_IL
@@ -416,6 +425,44 @@ at::Tensor quant_gemm_il(const at::Tensor& x, const at::Tensor& qs, const at::Te
 #endif
   });
   return y;
+}
+
+void QuantActs::resize(int64_t M, int64_t K, bool high) {
+  const int64_t NB = K / kBlock;
+  stride = high ? 2 * kBlock : kBlock;
+  q.resize(M * NB * stride);
+  d.resize(M * NB);
+  dsum.resize(M * NB);
+  sum.resize(M * NB);
+}
+
+void quant_acts_rows(const float* x, int64_t K, bool high, QuantActs& a, int64_t r0,
+                     int64_t r1) {
+#ifdef KVF_IL
+  quantize_rows(x, K, high, a, r0, r1);
+#else
+  TORCH_CHECK(false, "this build has no VNNI kernel for the interleaved layout");
+#endif
+}
+
+void quant_gemm_il_groups(const QuantActs& a, bool high, const at::Tensor& qs,
+                          const at::Tensor& scales, const std::optional<at::Tensor>& mins,
+                          int64_t M, float* y, int64_t g0, int64_t g1) {
+#ifdef KVF_IL
+  const int64_t N = qs.size(0) * kRows, NB = qs.size(1);
+  with_weights(qs, scales, mins, [&](const auto& w) {
+    using SC = std::remove_cv_t<std::remove_reference_t<decltype(*w.scales)>>;
+    w.block_bytes == 4 * kBlock ? dispatch<SC, true>(w, a, high, M, N, NB, y, g0, g1)
+                                : dispatch<SC, false>(w, a, high, M, N, NB, y, g0, g1);
+  });
+#else
+  TORCH_CHECK(false, "this build has no VNNI kernel for the interleaved layout");
+#endif
+}
+
+void check_interleaved(const at::Tensor& qs, const at::Tensor& scales,
+                       const std::optional<at::Tensor>& mins) {
+  check_layout(qs, scales, mins);
 }
 
 at::Tensor quant_gemm_il_rows(const at::Tensor& qs, const at::Tensor& scales,

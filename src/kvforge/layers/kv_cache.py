@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvforge.layers.huge_pages import zeros_huge
 from kvforge.ops import cpu_ops
 
 _STORAGE = {
@@ -227,9 +228,11 @@ class PagedKVCache:
         calculate_scales: bool = False,
         scales: KVScales | None = None,
         recent: RecentBlocks | None = None,
+        huge_pages: bool = False,
     ) -> PagedKVCache:
         """Zeroed blocks; int8 always calculates its channel scales. ``recent`` (one-byte
-        formats only) keeps exact copies of the blocks it selects."""
+        formats only) keeps exact copies of the blocks it selects. ``huge_pages``: the K and V
+        blocks in transparent huge pages (CPU; see layers/huge_pages.py)."""
         dtype = kv_storage_dtype(kv_cache_dtype, model_dtype)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         if scales is None:
@@ -244,9 +247,10 @@ class PagedKVCache:
         if recent is not None and dtype != model_dtype:
             recent_shape = (recent.capacity + 1, *shape[1:])
             exact = [torch.zeros(recent_shape, dtype=model_dtype, device=device) for _ in range(2)]
+        zeros = zeros_huge if huge_pages else torch.zeros
         return cls(
-            torch.zeros(shape, dtype=dtype, device=device),
-            torch.zeros(shape, dtype=dtype, device=device),
+            zeros(shape, dtype=dtype, device=device),
+            zeros(shape, dtype=dtype, device=device),
             kv_cache_dtype,
             calculate_scales or kv_cache_dtype == "int8",
             scales,

@@ -13,6 +13,7 @@ from kvforge.config import CacheConfig, EngineConfig, ModelConfig
 from kvforge.core.step_io import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from kvforge.errors import InvalidRequestError
 from kvforge.layers.forward_batch import ForwardBatch
+from kvforge.layers.huge_pages import move_to_huge_pages
 from kvforge.layers.kv_cache import PagedKVCache, RecentBlocks, block_bytes, kv_storage_dtype
 from kvforge.layers.moe import LayerExpertStats
 from kvforge.loader import LoadedModel, load_model
@@ -65,6 +66,9 @@ class ModelRunner:
         )
         self.model = self.loaded.model
         self.model_config = self.loaded.config
+        huge_pages = config.model_config.huge_pages and self.device.type == "cpu"
+        if huge_pages:
+            move_to_huge_pages(self.model)
         start, end = self.model.layer_range
         self.num_local_layers = end - start
         tp = parallel.shard.tp if parallel is not None else None
@@ -82,6 +86,7 @@ class ModelRunner:
                     model=spec.model,
                     device=model_config.device,
                     attention_backend=model_config.attention_backend,
+                    huge_pages=model_config.huge_pages,
                 ),
                 self.model_config.vocab_size,
                 config.show_progress,
@@ -103,6 +108,7 @@ class ModelRunner:
                 cache.kv_cache_dtype,
                 cache.calculate_kv_scales,
                 recent=self.recent,
+                huge_pages=huge_pages,
             )
             for _ in range(self.num_local_layers)
         ]

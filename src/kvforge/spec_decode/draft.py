@@ -28,6 +28,7 @@ import torch
 from kvforge.config import ModelConfig
 from kvforge.errors import InvalidRequestError
 from kvforge.layers.forward_batch import ForwardBatch
+from kvforge.layers.huge_pages import move_to_huge_pages
 from kvforge.layers.kv_cache import PagedKVCache, block_bytes
 from kvforge.loader import LoadedModel, load_model
 from kvforge.utils import cdiv
@@ -55,6 +56,9 @@ class DraftModel:
                 "speculative_model",
             )
         self.device = torch.device(model_config.device)
+        self.huge_pages = model_config.huge_pages and self.device.type == "cpu"
+        if self.huge_pages:
+            move_to_huge_pages(self.model)
         self.kv_caches: list[PagedKVCache] = []
         self.first_scratch = 0
 
@@ -78,6 +82,7 @@ class DraftModel:
                 cfg.head_dim,
                 self.loaded.kv_dtype,
                 self.device,
+                huge_pages=self.huge_pages,
             )
             for _ in range(cfg.num_layers)
         ]
