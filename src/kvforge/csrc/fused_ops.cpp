@@ -411,6 +411,83 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
   return {linear(silu_and_mul(linear(h, 2)), 3), res};
 }
 
+// Greedy sampling of float32 logits [R, V] in one pass per row: (argmax, its log-probability
+// logit - logsumexp(row)), as torch's argmax (first maximum; a NaN counts as the maximum) and
+// logsumexp (an infinite maximum is the result). banned [R, W] (token ids, -1 = none) are never
+// chosen (min_tokens' stop tokens); the log-probability is still of the unbanned row, as the
+// sampler's. Replaces argmax + gather + logsumexp: ~0.4 ms per decode step on a 49k vocabulary.
+std::tuple<at::Tensor, at::Tensor> greedy_sample(const at::Tensor& logits,
+                                                 const std::optional<at::Tensor>& banned) {
+  check_rows(logits, "logits", 2);
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.is_contiguous(),
+              "logits must be contiguous float32 [R, V]");
+  const int64_t R = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0, "logits need a vocabulary");
+  const int64_t* ban = nullptr;
+  int64_t W = 0;
+  if (banned.has_value()) {
+    TORCH_CHECK(banned->scalar_type() == at::kLong && banned->is_contiguous() &&
+                    banned->dim() == 2 && banned->size(0) == R,
+                "banned must be contiguous int64 [R, W]");
+    ban = banned->data_ptr<int64_t>();
+    W = banned->size(1);
+  }
+  at::Tensor tokens = at::empty({R}, logits.options().dtype(at::kLong));
+  at::Tensor logprobs = at::empty({R}, logits.options());
+  const float* base = logits.data_ptr<float>();
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  float* lp = logprobs.data_ptr<float>();
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = base + r * V;
+      const int64_t* row_ban = ban + r * W;
+      auto is_banned = [&](int64_t i) {
+        for (int64_t w = 0; w < W; ++w) {
+          if (row_ban[w] == i) return true;
+        }
+        return false;
+      };
+      const float neg_inf = -std::numeric_limits<float>::infinity();
+      auto value = [&](int64_t i) { return W > 0 && is_banned(i) ? neg_inf : x[i]; };
+      int64_t best = 0;
+      float best_value = value(0);
+      for (int64_t i = 1; i < V && !std::isnan(best_value); ++i) {
+        if (x[i] > best_value || std::isnan(x[i])) {
+          const float v = value(i);
+          if (v > best_value || std::isnan(v)) {
+            best = i;
+            best_value = v;
+          }
+        }
+      }
+      float m = x[0];  // the unbanned row's maximum, for logsumexp
+      for (int64_t i = 1; i < V && !std::isnan(m); ++i) {
+        if (x[i] > m || std::isnan(x[i])) m = x[i];
+      }
+      float lse = m;
+      if (std::isfinite(m)) {
+        float sum = 0.0f;
+        int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        __m256 acc = _mm256_setzero_ps();
+        const __m256 vm = _mm256_set1_ps(m);
+        for (; i + 8 <= V; i += 8) {
+          acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm)));
+        }
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, acc);
+        for (float v : lanes) sum += v;
+#endif
+        for (; i < V; ++i) sum += std::exp(x[i] - m);
+        lse = m + std::log(sum);
+      }
+      tp[r] = best;
+      lp[r] = x[best] - lse;
+    }
+  });
+  return {tokens, logprobs};
+}
+
 // ---------------------------------------------------------------------------------------------
 // decoder_stack for a few tokens (decode, short verifications) as one parallel region: the
 // threads stay in it from the first layer to the last, split each op's work among themselves and
@@ -712,6 +789,9 @@ void bind_fused_ops(pybind11::module_& m) {
   m.def("lora_apply_", &lora_apply_, py::call_guard<py::gil_scoped_release>(),
         "y[t] += bt[s]^T (a[s] x[t]) for each token t of adapter slot s = token_slots[t] >= 0",
         py::arg("y"), py::arg("x"), py::arg("a"), py::arg("bt"), py::arg("token_slots"));
+  m.def("greedy_sample", &greedy_sample, py::call_guard<py::gil_scoped_release>(),
+        "(argmax, its log-probability) of each row of float32 logits [R, V], never a banned id",
+        py::arg("logits"), py::arg("banned") = py::none());
   m.def("decoder_layer", &decoder_layer, py::call_guard<py::gil_scoped_release>(),
         "a plain pre-norm decoder layer in one call: (x, residual) -> (mlp out, residual)");
   m.def("decoder_stack", &decoder_stack, py::call_guard<py::gil_scoped_release>(),

@@ -24,6 +24,7 @@ from kvforge.parallel.group import RankContext
 from kvforge.runner.input_batch import CachedRequestState, InputBatch
 from kvforge.sample import Sampler, SamplingMetadata, gather_logprobs
 from kvforge.sample.rejection import RejectionSampler
+from kvforge.sample.sampler import plain_greedy
 from kvforge.spec_decode.draft import DraftModel
 from kvforge.tokenizer import Tokenizer
 from kvforge.utils import available_memory, cdiv, format_size
@@ -505,6 +506,12 @@ class ModelRunner:
                 return
         rows = torch.tensor([row for _, row in reqs], device=self.device)
         states = [r for r, _ in reqs]
+        if bitmask is None and all(plain_greedy(r.sampling_params) for r in states):
+            banned = [self._banned_tokens(r, len(r.output_token_ids)) for r in states]
+            tokens, chosen = self.sampler.greedy(logits[rows], banned)
+            for state, token, logprob in zip(states, tokens.tolist(), chosen.tolist(), strict=True):
+                result.add(state.request_id, [token], [logprob])
+            return
         md = SamplingMetadata.build(
             [r.sampling_params for r in states],
             [r.prompt_token_ids for r in states],

@@ -9,7 +9,9 @@ from typing import NamedTuple
 
 import torch
 
+from kvforge.ops import cpu_ops
 from kvforge.sample.metadata import SamplingMetadata
+from kvforge.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 
@@ -92,8 +94,48 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
     return (probs / noise).argmax(dim=-1)
 
 
+def plain_greedy(params: SamplingParams) -> bool:
+    """Greedy, with nothing that changes the logits and no logprobs asked: the argmax and its
+    logprob are the whole answer (:meth:`Sampler.greedy`)."""
+    return (
+        params.is_greedy
+        and params.logprobs is None
+        and params.repetition_penalty == 1
+        and not params.frequency_penalty
+        and not params.presence_penalty
+        and not params.logit_bias
+    )
+
+
 class Sampler:
     """Batched sampling with every OpenAI / vLLM parameter; see the module docstring."""
+
+    @staticmethod
+    def greedy(
+        logits: torch.Tensor, banned: list[list[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(argmax, its logprob) per row of float32 logits [R, V], never one of the row's
+        ``banned`` ids (the logprob is of the unbanned row, as :meth:`__call__`'s): one C++
+        pass per row on the CPU, else argmax + logsumexp."""
+        width = max((len(ids) for ids in banned or []), default=0)
+        table = None
+        if width:
+            table = torch.full((logits.shape[0], width), -1, dtype=torch.long)
+            for row, ids in enumerate(banned or []):
+                table[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        ops = cpu_ops(logits) if logits.dtype == torch.float32 else None
+        if ops is not None:
+            tokens, logprobs = ops.greedy_sample(logits.contiguous(), table)
+            return tokens, logprobs
+        masked = logits
+        if table is not None:
+            rows = torch.arange(logits.shape[0])[:, None].expand_as(table)[table >= 0]
+            masked = logits.index_put(
+                (rows.to(logits.device), table[table >= 0].to(logits.device)),
+                torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device),
+            )
+        tokens = masked.argmax(dim=-1)
+        return tokens, logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(-1)
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """Sample one token per row of ``logits`` [R, V] (float32)."""

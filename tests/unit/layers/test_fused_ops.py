@@ -130,3 +130,49 @@ def test_decoder_stack_checks_its_lists(ops) -> None:
         ops.decoder_stack(x, [None] * 14, caches, *shared, *tail)
     with pytest.raises(RuntimeError, match="8 LoRA tensors per layer"):
         ops.decoder_stack(x, [None] * 14, caches, *shared, *tail[:-2], [x], None)
+
+
+@pytest.mark.parametrize("vocab", [49152, 13])
+def test_greedy_sample(ops, vocab: int) -> None:
+    """(argmax, logit - logsumexp) per row, as torch: first maximum on ties, NaN counts as the
+    maximum, masked (-inf) entries, an all -inf row, an infinite maximum."""
+    torch.manual_seed(0)
+    logits = torch.randn(7, vocab) * 8
+    logits[1, ::3] = float("-inf")
+    logits[2, :] = float("-inf")
+    logits[3, 5] = float("nan")
+    logits[4, 2] = logits[4, 9] = logits[4].max() + 1  # a tie: the first wins
+    logits[5, 7] = float("inf")
+    tokens, logprobs = ops.greedy_sample(logits)
+    want = logits.argmax(-1)
+    assert torch.equal(tokens, want)
+    want_lp = logits.gather(1, want[:, None]).squeeze(1) - logits.logsumexp(-1)
+    torch.testing.assert_close(logprobs, want_lp, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # banned ids are never chosen; the logprob stays the unbanned row's
+    banned = torch.full((7, 2), -1, dtype=torch.long)
+    banned[0] = want[0]
+    banned[4, 1] = 2
+    tokens, banned_lp = ops.greedy_sample(logits, banned)
+    masked = logits.clone()
+    masked[0, want[0]] = masked[4, 2] = float("-inf")
+    assert torch.equal(tokens, masked.argmax(-1)) and tokens[0] != want[0] and tokens[4] == 9
+    want_lp = logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(-1)
+    torch.testing.assert_close(banned_lp, want_lp, rtol=1e-5, atol=1e-5, equal_nan=True)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.greedy_sample(logits.double())
+    with pytest.raises(RuntimeError, match="banned"):
+        ops.greedy_sample(logits, banned[:3])
+
+
+def test_sampler_greedy_paths_agree() -> None:
+    """Sampler.greedy: the C++ pass (float32 on the CPU) and the torch path (other dtypes and
+    devices) choose the same tokens and logprobs, bans included."""
+    from kvforge.sample.sampler import Sampler
+
+    torch.manual_seed(1)
+    logits = torch.randn(4, 300) * 5
+    banned = [[int(logits[0].argmax())], [], [3, 4], []]
+    fast = Sampler.greedy(logits, banned)
+    slow = Sampler.greedy(logits.double(), banned)
+    assert torch.equal(fast[0], slow[0]) and int(fast[0][0]) != banned[0][0]
+    torch.testing.assert_close(fast[1].double(), slow[1], rtol=1e-5, atol=1e-5)
