@@ -29,9 +29,11 @@ at::Tensor quant_gemm_il(const at::Tensor& x, const at::Tensor& qs, const at::Te
                          const std::optional<at::Tensor>& mins, int64_t act_bits);
 at::Tensor quant_gemm_il_rows(const at::Tensor& qs, const at::Tensor& scales,
                               const std::optional<at::Tensor>& mins, const at::Tensor& index);
-// Activations quantized per block of 32 for the interleaved kernel: per (row, block) the signed
-// bytes (stride bytes: h[32] then l[32] for 16 bits, l[32] for 8), dx, dx * sum(qx), sum(qx).
+// Activations quantized per block of 32 for the interleaved kernel: per (block b, row m), at
+// index b * rows + m, the signed bytes (stride bytes: h[32] then l[32] for 16 bits, l[32] for
+// 8), dx, dx * sum(qx), sum(qx).
 struct QuantActs {
+  int64_t rows = 0;
   int64_t stride = 0;
   std::vector<int8_t> q;
   std::vector<float> d, dsum;

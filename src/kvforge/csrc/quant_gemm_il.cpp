@@ -83,6 +83,18 @@ inline __m256i broadcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+// acc += u . broadcast(4 signed bytes at p). With AVX-512 the broadcast is folded into the
+// dpbusd as an embedded {1to8} memory operand: a separate vpbroadcastd takes a vector ALU slot
+// that dpbusd needs, and the compilers do not fold it themselves.
+inline __m256i dpbusd_bcast(__m256i acc, __m256i u, const int8_t* p) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  asm("vpdpbusd %2%{1to8%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*reinterpret_cast<const int32_t*>(p)));
+  return acc;
+#else
+  return dpbusd(acc, u, broadcast4(p));
+#endif
+}
+
 // 32 int32 lanes (each within int8) -> 32 signed bytes in column order.
 inline __m256i pack_bytes(const __m256i* v) {
   const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]),
@@ -121,13 +133,19 @@ void quantize_block(const T* x, bool high, int8_t* out, float* d, float* dsum, i
   *dsum = *d * static_cast<float>(*sum);
 }
 
+// Block b of row m goes to index b * rows + m (block-major: a block's rows are adjacent, so the
+// kernel reads them at constant offsets from one pointer).
+template <typename T>
+inline void quantize_at(const T* x, int64_t K, bool high, Acts& a, int64_t i) {
+  const int64_t NB = K / kBlock, m = i / NB, b = i % NB, at = b * a.rows + m;
+  quantize_block(x + i * kBlock, high, a.q.data() + at * a.stride, &a.d[at], &a.dsum[at],
+                 &a.sum[at]);
+}
+
 template <typename T>
 void quantize_rows(const T* x, int64_t K, bool high, Acts& a, int64_t r0, int64_t r1) {
   const int64_t NB = K / kBlock;
-  for (int64_t i = r0 * NB; i < r1 * NB; ++i) {
-    quantize_block(x + i * kBlock, high, a.q.data() + i * a.stride, &a.d[i], &a.dsum[i],
-                   &a.sum[i]);
-  }
+  for (int64_t i = r0 * NB; i < r1 * NB; ++i) quantize_at(x, K, high, a, i);
 }
 
 template <typename T>
@@ -136,10 +154,7 @@ Acts quantize_acts(const T* x, int64_t M, int64_t K, bool high) {
   a.resize(M, K, high);
   const int64_t NB = K / kBlock;
   at::parallel_for(0, M * NB, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      quantize_block(x + i * kBlock, high, a.q.data() + i * a.stride, &a.d[i], &a.dsum[i],
-                     &a.sum[i]);
-    }
+    for (int64_t i = begin; i < end; ++i) quantize_at(x, K, high, a, i);
   });
   return a;
 }
@@ -161,7 +176,6 @@ void micro_kernel(const Weights<SC>& w, const Acts& a, int64_t g, int64_t m0, in
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const uint8_t* base = w.qs + g * NB * w.block_bytes;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
-  const int64_t lo_at = kHigh ? kBlock : 0;
   for (int64_t b = 0; b < NB; ++b) {
     const uint8_t* blk = base + b * w.block_bytes;
     __m256i wj[8];
@@ -180,31 +194,38 @@ void micro_kernel(const Weights<SC>& w, const Acts& a, int64_t g, int64_t m0, in
     const __m256 dw = load8(w.scales + sb);
     __m256 mw;
     if constexpr (kMins) mw = load8(w.mins + sb);
-    // dpbusd has a latency of several cycles: P rows at a time (S chains each when P is
-    // small) keep enough independent accumulations in flight.
+    // The block's activation rows m0.. are adjacent (block-major), so every operand below is
+    // one pointer plus a constant. dpbusd has a latency of several cycles: P rows at a time (S
+    // chains each when P is small) keep enough independent accumulations in flight.
+    constexpr int64_t kStride = kHigh ? 2 * kBlock : kBlock;
+    constexpr int64_t kLo = kHigh ? kBlock : 0;
+    const int64_t ab0 = b * a.rows + m0;
+    const int8_t* xb = a.q.data() + ab0 * kStride;
+    const float* db = a.d.data() + ab0;
+    const float* dsb = a.dsum.data() + ab0;
+    const int32_t* sumb = a.sum.data() + ab0;
     constexpr int P = R < kChainRows ? R : kChainRows;
     constexpr int S = P >= kChainRows ? 1 : 2;
+#pragma GCC unroll 8
     for (int r0 = 0; r0 < R; r0 += P) {
-      const int8_t* xq[P];
       __m256i lo[P][S], hi[P][S];
       for (int p = 0; p < P && r0 + p < R; ++p) {
-        const int64_t ab = (m0 + r0 + p) * NB + b;
-        xq[p] = a.q.data() + ab * a.stride;
         for (int c = 0; c < S; ++c) {
-          lo[p][c] = c == 0 ? _mm256_set1_epi32(-w.offset * a.sum[ab]) : _mm256_setzero_si256();
+          lo[p][c] = _mm256_setzero_si256();
           hi[p][c] = _mm256_setzero_si256();
+        }
+        if constexpr (!(kFour && kMins)) {  // codes with an offset: - o sum(qx), exactly
+          lo[p][0] = _mm256_set1_epi32(-w.offset * sumb[r0 + p]);
         }
       }
       for (int j = 0; j < 8; ++j) {
         for (int p = 0; p < P && r0 + p < R; ++p) {
-          lo[p][j % S] = dpbusd(lo[p][j % S], wj[j], broadcast4(xq[p] + lo_at + 4 * j));
-          if constexpr (kHigh) {
-            hi[p][j % S] = dpbusd(hi[p][j % S], wj[j], broadcast4(xq[p] + 4 * j));
-          }
+          const int8_t* xq = xb + (r0 + p) * kStride + 4 * j;
+          lo[p][j % S] = dpbusd_bcast(lo[p][j % S], wj[j], xq + kLo);
+          if constexpr (kHigh) hi[p][j % S] = dpbusd_bcast(hi[p][j % S], wj[j], xq);
         }
       }
       for (int p = 0; p < P && r0 + p < R; ++p) {
-        const int64_t ab = (m0 + r0 + p) * NB + b;
         __m256i total = S == 2 ? _mm256_add_epi32(lo[p][0], lo[p][S - 1]) : lo[p][0];
         if constexpr (kHigh) {
           const __m256i h = S == 2 ? _mm256_add_epi32(hi[p][0], hi[p][S - 1]) : hi[p][0];
@@ -212,8 +233,8 @@ void micro_kernel(const Weights<SC>& w, const Acts& a, int64_t g, int64_t m0, in
         }
         __m256& out = acc[r0 + p];
         out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total),
-                              _mm256_mul_ps(dw, _mm256_set1_ps(a.d[ab])), out);
-        if constexpr (kMins) out = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.dsum[ab]), out);
+                              _mm256_mul_ps(dw, _mm256_broadcast_ss(db + r0 + p)), out);
+        if constexpr (kMins) out = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(dsb + r0 + p), out);
       }
     }
   }
@@ -429,6 +450,7 @@ at::Tensor quant_gemm_il(const at::Tensor& x, const at::Tensor& qs, const at::Te
 
 void QuantActs::resize(int64_t M, int64_t K, bool high) {
   const int64_t NB = K / kBlock;
+  rows = M;
   stride = high ? 2 * kBlock : kBlock;
   q.resize(M * NB * stride);
   d.resize(M * NB);
