@@ -590,7 +590,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_stack_team(
     for (int j = 0; j < 4; ++j) {
       const at::Tensor& qs = *first[2 + 3 * j];
       check_interleaved(qs, *first[3 + 3 * j], first[4 + 3 * j]);
-      n_out[j] = qs.size(0) * 8;
+      n_out[j] = qs.size(0) * qs.size(2);
       k_in[j] = qs.size(1) * 32;
     }
     if (i == 0) F = n_out[2] / 2;

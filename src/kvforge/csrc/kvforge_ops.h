@@ -25,6 +25,7 @@ void dense_gemm_tiles(const at::Tensor& x, int64_t N, int64_t K, int64_t row_mul
 
 // quant_gemm_il.cpp: the row-interleaved layout for VNNI builds.
 bool quant_gemm_il_available();
+int64_t quant_gemm_il_max_rows();  // 16 where 512-bit VNNI is built, else 8
 at::Tensor quant_gemm_il(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
                          const std::optional<at::Tensor>& mins, int64_t act_bits);
 at::Tensor quant_gemm_il_rows(const at::Tensor& qs, const at::Tensor& scales,
@@ -42,7 +43,7 @@ struct QuantActs {
 };
 // The pieces of quant_gemm_il for callers that split the work among their own threads (no
 // ATen parallelism, no checks, nothing allocated): rows [r0, r1) of x [M, K] into a (sized by
-// resize), and output groups [g0, g1) (rows 8 g0 .. 8 g1 of the weights) of y [M, N].
+// resize), and output groups [g0, g1) (rows W g0 .. W g1 of the weights) of y [M, N].
 void quant_acts_rows(const float* x, int64_t K, bool high, QuantActs& a, int64_t r0, int64_t r1);
 void quant_gemm_il_groups(const QuantActs& a, bool high, const at::Tensor& qs,
                           const at::Tensor& scales, const std::optional<at::Tensor>& mins,
@@ -51,7 +52,7 @@ void check_interleaved(const at::Tensor& qs, const at::Tensor& scales,
                        const std::optional<at::Tensor>& mins);  // throws on a bad layout
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> quant_gemm_il_pack(
     const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
-    bool four);
+    bool four, int64_t rows);
 
 // paged_attention.cpp: attention over paged K/V blocks, read in place; [T, H, D].
 at::Tensor paged_attention(

@@ -603,13 +603,15 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Ten
 
 // The common form (codes int8 [N, K], scales [N, K/group], mins or None) -> (qs, scales, mins)
 // in the layout above: 4-bit when the codes fit, else 8-bit.
-// layout: "rows" (above), "interleaved" (quant_gemm_il.cpp: groups of 8 rows, a VNNI build,
-// 32-column groups and N % 8 == 0) or "auto" (interleaved where it can be).
+// layout: "rows" (above), "interleaved" (quant_gemm_il.cpp: a VNNI build, 32-column groups and
+// N % 8 == 0; groups of 16 rows where 512-bit VNNI is built and N % 16 == 0, else of 8),
+// "interleaved8" (groups of 8 rows) or "auto" (interleaved where it can be).
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> quant_gemm_repack(
     const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
     int64_t group, const std::string& layout) {
-  TORCH_CHECK(layout == "auto" || layout == "rows" || layout == "interleaved",
-              "layout must be auto, rows or interleaved, got ", layout);
+  TORCH_CHECK(layout == "auto" || layout == "rows" || layout == "interleaved" ||
+                  layout == "interleaved8",
+              "layout must be auto, rows, interleaved or interleaved8, got ", layout);
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar, "codes must be int8 [N, K]");
   const int64_t N = codes.size(0), K = codes.size(1);
   TORCH_CHECK(group == 16 || (group > 0 && group % kBlock == 0), "unsupported group ", group);
@@ -629,12 +631,14 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> quant_gemm_repack(
   const bool signed4 = !has_mins && low >= -8 && high <= 7;
   const bool can_interleave =
       quant_gemm_il_available() && sub == kBlock && N % 8 == 0;
-  TORCH_CHECK(layout != "interleaved" || can_interleave,
+  TORCH_CHECK(layout == "rows" || layout == "auto" || can_interleave,
               "the interleaved layout needs a VNNI build, 32-column groups and N % 8 == 0");
   at::Tensor qs;
   if (layout != "rows" && can_interleave) {
+    const int64_t wide = quant_gemm_il_max_rows();
+    const int64_t rows = layout != "interleaved8" && N % wide == 0 ? wide : 8;
     std::tie(qs, out_scales, out_mins) = quant_gemm_il_pack(
-        codes, out_scales, out_mins, unsigned4 || signed4);
+        codes, out_scales, out_mins, unsigned4 || signed4, rows);
   } else if (!unsigned4 && !signed4) {
     qs = codes.contiguous().view({N, K / kBlock, kBlock});
   } else {
@@ -687,6 +691,8 @@ void bind_quant_gemm(pybind11::module_& m) {
   m.def("float_gemm", &float_gemm, py::call_guard<py::gil_scoped_release>(),
         "x [M, K] w [N, K]^T in float32 for few rows M (each weight read once)", py::arg("x"),
         py::arg("w"));
+  m.def("quant_gemm_il_max_rows", &quant_gemm_il_max_rows, "Weight rows an interleaved group holds "
+        "at most: 16 where 512-bit VNNI is built, else 8");
   m.def("quant_gemm_isa", &quant_gemm_isa, py::call_guard<py::gil_scoped_release>(), "The SIMD path compiled: avx512vnni, avxvnni, avx2 "
         "or scalar");
 }

@@ -72,7 +72,8 @@ def test_kernel_matches_references(ops, name: str, num_out: int) -> None:
         interleaved = qs.dim() == 4
         assert interleaved == (num_out % 8 == 0 and weights.group != 16 and _has_interleaved(ops))
         if interleaved:
-            assert qs.shape[:3] == (num_out // 8, cols // 32, 8)
+            width = qs.shape[2]
+            assert width in (8, 16) and qs.shape[:3] == (num_out // width, cols // 32, width)
         else:
             assert qs.shape[:2] == (num_out, cols // 32)
         dense = weights.dequantize().double()
@@ -121,11 +122,39 @@ def test_interleaved_layout(ops, name: str) -> None:
         ops.quant_gemm_il_rows(*packed, torch.tensor([64]))
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_wide_groups_equal_eight_row_groups(ops, name: str) -> None:
+    """Groups of 16 rows (512-bit VNNI builds) give the 8-row layout's results bit for bit: each
+    output row sums the same blocks in the same order, only more rows share an instruction."""
+    if not _has_interleaved(ops):
+        pytest.skip("no VNNI: the interleaved layout is not built")
+    for num_out in (96, 104):  # 104: not a multiple of 16, so 8-row groups either way
+        weights = _weights(name, 576, seed=5, rows=num_out)
+        args = (weights.codes, weights.scales, weights.mins, weights.group)
+        auto, eight = ops.quant_gemm_repack(*args, "interleaved"), ops.quant_gemm_repack(
+            *args, "interleaved8"
+        )
+        assert eight[0].shape[2] == 8
+        wide = auto[0].shape[2]
+        assert wide == (ops.quant_gemm_il_max_rows() if num_out % 16 == 0 else 8)
+        for num_rows, act_bits in itertools.product((1, 5, 16, 37), (0, 8, 16)):
+            x = torch.randn(num_rows, 576)
+            assert torch.equal(
+                ops.quant_gemm(x, *auto, act_bits), ops.quant_gemm(x, *eight, act_bits)
+            ), (num_out, num_rows, act_bits)
+        index = torch.arange(num_out).flip(0)
+        assert torch.equal(ops.quant_gemm_il_rows(*auto, index), weights.dequantize()[index])
+
+
 def test_interleaved_layout_refusals(ops) -> None:
     weights = _weights("Q4_1", 576)  # 97 rows: not a multiple of 8
     with pytest.raises(RuntimeError, match="interleaved layout needs"):
         ops.quant_gemm_repack(
             weights.codes, weights.scales, weights.mins, weights.group, "interleaved"
+        )
+    with pytest.raises(RuntimeError, match="interleaved layout needs"):
+        ops.quant_gemm_repack(
+            weights.codes, weights.scales, weights.mins, weights.group, "interleaved8"
         )
     with pytest.raises(RuntimeError, match="layout must be"):
         ops.quant_gemm_repack(weights.codes, weights.scales, weights.mins, weights.group, "cols")
