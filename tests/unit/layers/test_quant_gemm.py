@@ -131,8 +131,9 @@ def test_wide_groups_equal_eight_row_groups(ops, name: str) -> None:
     for num_out in (96, 104):  # 104: not a multiple of 16, so 8-row groups either way
         weights = _weights(name, 576, seed=5, rows=num_out)
         args = (weights.codes, weights.scales, weights.mins, weights.group)
-        auto, eight = ops.quant_gemm_repack(*args, "interleaved"), ops.quant_gemm_repack(
-            *args, "interleaved8"
+        auto, eight = (
+            ops.quant_gemm_repack(*args, "interleaved"),
+            ops.quant_gemm_repack(*args, "interleaved8"),
         )
         assert eight[0].shape[2] == 8
         wide = auto[0].shape[2]
