@@ -33,6 +33,12 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
 
 
+def _deliver(items: list[tuple[_Stream, Any]]) -> None:
+    """On a stream's event loop: hand each item to its stream."""
+    for stream, item in items:
+        stream.queue.put_nowait(item)
+
+
 class AsyncLLM:
     """Asyncio-facing wrapper of an :class:`LLMEngine` that runs in its own thread.
 
@@ -198,6 +204,9 @@ class AsyncLLM:
                 future.set_exception(exc)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        # One wake-up per event loop and step (each call_soon_threadsafe writes to the loop's
+        # self-pipe: with 16 streams that was ~4% of the engine thread).
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Any]]] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
@@ -209,7 +218,9 @@ class AsyncLLM:
                 item = InvalidRequestError(output.error)
             elif output.error is not None:
                 item = RequestFailedError(f"the request failed in the engine: {output.error}")
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            batches.setdefault(stream.loop, []).append((stream, item))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in list(self._streams.values()):
