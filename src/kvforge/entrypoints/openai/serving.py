@@ -207,6 +207,16 @@ class OpenAIServing:
         streams: Sequence[AsyncIterator[RequestOutput]],
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Interleave several output streams as (stream index, output)."""
+        if len(streams) == 1:  # the common case: no pump task and queue hop per token
+            stream = streams[0]
+            try:
+                async for output in stream:
+                    yield 0, output
+            finally:  # a disconnect closes us: close the engine stream now (it aborts)
+                close = getattr(stream, "aclose", None)
+                if close is not None:
+                    await close()
+            return
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
         async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
