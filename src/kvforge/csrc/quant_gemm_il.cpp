@@ -70,7 +70,6 @@ struct Weights {
   int64_t rows;         // W: weight rows interleaved in a group
   int64_t block_bytes;  // 16 W (4-bit) or 32 W (8-bit) per group and block
   int32_t offset;
-  bool prefetch;  // fetch ahead in software (large matrices)
 };
 
 #ifdef KVF_IL
@@ -233,13 +232,12 @@ constexpr int kMicroRows = 2;
 constexpr int kChainRows = 2;
 #endif
 
-// Weight bytes fetched ahead of the block being read, for matrices larger than the caches (the
-// LM head): a thread reads its groups' blocks in address order, but with many activation rows
-// each block is slow to consume and the hardware prefetchers alone left a 28 MB Q8_0 head
-// streaming at 6-10 GB/s at 16 rows (1.6-2.7x slower than with this). Smaller matrices, read
-// from the caches or streamed fast enough, run without (the extra instructions cost there).
+// Weight bytes fetched ahead of the block being read: a thread reads its groups' blocks in
+// address order, and the hardware prefetchers alone fall short of the memory's rate on the
+// small matrices of one-row decode (each restarts the stream; 1.1-1.4x tokens/s with this)
+// and on the 28 MB LM head at 16 rows, where each block is slow to consume (6-10 GB/s
+// without; 1.6-2.7x faster with). Prefill and 16-row decode of the layers measured the same.
 constexpr int64_t kPrefetchBytes = 4096;
-constexpr int64_t kPrefetchMinWeightBytes = 8 << 20;
 
 inline void prefetch_ahead(const uint8_t* block, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) {
@@ -258,7 +256,7 @@ void micro_kernel(const Weights<SC>& w, const Acts& a, int64_t g, int64_t m0, in
   const uint8_t* base = w.qs + g * NB * w.block_bytes;
   for (int64_t b = 0; b < NB; ++b) {
     const uint8_t* blk = base + b * w.block_bytes;
-    if (w.prefetch && m0 == 0) prefetch_ahead(blk, w.block_bytes);  // once per group
+    if (m0 == 0) prefetch_ahead(blk, w.block_bytes);  // once per group, not per row tile
     typename V::I wj[8];
     if constexpr (kFour) {
       for (int c = 0; c < 4; ++c) {
@@ -415,7 +413,7 @@ Weights<SC> weights_of(const at::Tensor& qs, const at::Tensor& scales,
   const int64_t W = qs.size(2);
   return {static_cast<const uint8_t*>(qs.data_ptr()), scales.data_ptr<SC>(),
           has_mins ? mins->data_ptr<SC>() : nullptr, W, four ? 16 * W : 32 * W,
-          four ? (has_mins ? 0 : 8) : 128, qs.numel() >= kPrefetchMinWeightBytes};
+          four ? (has_mins ? 0 : 8) : 128};
 }
 
 #ifdef KVF_IL
