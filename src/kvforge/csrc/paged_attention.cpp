@@ -677,6 +677,26 @@ void set_one_byte_format(Problem& p, int64_t NB, const std::optional<at::Tensor>
   p.recent_capacity = recent_k->size(0);
 }
 
+// The shapes, block tables, lengths and scale of a Problem (checked by the callers).
+void set_layout(Problem& p, int64_t num_heads, const at::Tensor& key_cache,
+                const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                const at::Tensor& query_lens, const at::Tensor& query_start_loc, double scale,
+                int64_t sliding_window) {
+  p.H = num_heads;
+  p.KVH = key_cache.size(2);
+  p.G = num_heads / p.KVH;
+  p.D = key_cache.size(3);
+  p.kv_elem = elem_of(key_cache.scalar_type());
+  p.block_size = key_cache.size(1);
+  p.block_tables = block_tables.data_ptr<int64_t>();
+  p.max_blocks = block_tables.size(1);
+  p.seq_lens = seq_lens.data_ptr<int64_t>();
+  p.query_lens = query_lens.data_ptr<int64_t>();
+  p.query_start = query_start_loc.data_ptr<int64_t>();
+  p.scale = static_cast<float>(scale);
+  p.window = std::max<int64_t>(sliding_window, 0);
+}
+
 // Every block (and exact copy) a request reads must exist: the kernel does no bounds checks.
 void check_requests(const Problem& p, int64_t B, int64_t T, int64_t NB) {
   const int64_t BS = p.block_size;
@@ -734,21 +754,10 @@ at::Tensor paged_attention(
   p.query_stride = H * D;
   p.query_elem = elem_of(q.scalar_type());
   TORCH_CHECK(is_16_or_32_bit(p.query_elem), "query must be float32, bfloat16 or float16");
-  p.H = H;
-  p.KVH = KVH;
-  p.G = H / KVH;
-  p.D = D;
+  set_layout(p, H, key_cache, block_tables, seq_lens, query_lens, query_start_loc, scale,
+             sliding_window);
   p.k_cache = key_cache.data_ptr();
   p.v_cache = value_cache.data_ptr();
-  p.kv_elem = elem_of(key_cache.scalar_type());
-  p.block_size = key_cache.size(1);
-  p.block_tables = block_tables.data_ptr<int64_t>();
-  p.max_blocks = block_tables.size(1);
-  p.seq_lens = seq_lens.data_ptr<int64_t>();
-  p.query_lens = query_lens.data_ptr<int64_t>();
-  p.query_start = query_start_loc.data_ptr<int64_t>();
-  p.scale = static_cast<float>(scale);
-  p.window = std::max<int64_t>(sliding_window, 0);
   set_one_byte_format(p, NB, k_scale, v_scale, k_center, v_center, k_token_scale, v_token_scale,
                       recent_slot_of_block, recent_k, recent_v);
   check_requests(p, B, T, NB);
@@ -797,19 +806,8 @@ PagedAttentionHeads::PagedAttentionHeads(const at::Tensor& key_cache,
   TORCH_CHECK(KVH > 0 && num_heads % KVH == 0, "query heads not a multiple of KV heads");
   Problem p{};
   p.query_elem = Elem::kFloat;
-  p.H = num_heads;
-  p.KVH = KVH;
-  p.G = num_heads / KVH;
-  p.D = D;
-  p.kv_elem = elem_of(key_cache.scalar_type());
-  p.block_size = key_cache.size(1);
-  p.block_tables = block_tables.data_ptr<int64_t>();
-  p.max_blocks = block_tables.size(1);
-  p.seq_lens = seq_lens.data_ptr<int64_t>();
-  p.query_lens = query_lens.data_ptr<int64_t>();
-  p.query_start = query_start_loc.data_ptr<int64_t>();
-  p.scale = static_cast<float>(scale);
-  p.window = std::max<int64_t>(sliding_window, 0);
+  set_layout(p, num_heads, key_cache, block_tables, seq_lens, query_lens, query_start_loc, scale,
+             sliding_window);
   check_requests(p, B, num_tokens, key_cache.size(0));
   int64_t rows = 1;
   for (int64_t b = 0; b < B; ++b) rows = std::max(rows, p.query_lens[b] * p.G);

@@ -46,9 +46,11 @@ def empty_huge(nbytes: int) -> torch.Tensor | None:
     None where that cannot be done (not Linux, madvise refused, under a page in size)."""
     if _MADVISE is None or nbytes < HUGE_PAGE:
         return None
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # untouched: no pages yet
-    start = -raw.data_ptr() % HUGE_PAGE
+    # The advised span (whole huge pages from an aligned start) must lie inside the
+    # allocation, or madvise fails on the unmapped tail depending on where the allocation fell.
     span = (nbytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+    raw = torch.empty(span + HUGE_PAGE, dtype=torch.uint8)  # untouched: no pages yet
+    start = -raw.data_ptr() % HUGE_PAGE
     if _MADVISE(raw.data_ptr() + start, span, _MADV_HUGEPAGE) != 0:
         return None
     return raw[start : start + nbytes]  # the view keeps the whole allocation alive

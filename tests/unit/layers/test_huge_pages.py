@@ -61,3 +61,10 @@ def test_arenas() -> None:
     assert kv.shape == (40, 16, 3, 64) and kv.dtype == torch.bfloat16 and not kv.any()
     small = zeros_huge((4, 4), torch.float32, torch.device("cpu"))
     assert small.shape == (4, 4) and not small.any()
+    # wherever the allocation falls, the advised huge pages lie inside it (madvise would fail
+    # on an unmapped tail and the arena come back None)
+    kept = [torch.empty(4096 * k + 7, dtype=torch.uint8) for k in range(1, 40)]
+    for k in range(40):
+        arena = empty_huge(HUGE_PAGE + 4096 * k + 5)
+        assert arena is not None, k
+        kept.append(arena)
