@@ -70,6 +70,7 @@ struct Weights {
   int64_t rows;         // W: weight rows interleaved in a group
   int64_t block_bytes;  // 16 W (4-bit) or 32 W (8-bit) per group and block
   int32_t offset;
+  bool four() const { return block_bytes == 16 * rows; }  // 4-bit codes
 };
 
 #ifdef KVF_IL
@@ -367,7 +368,7 @@ void dispatch_width(const Weights<SC>& w, const Acts& a, bool high, int64_t M, i
 template <typename SC>
 void dispatch(const Weights<SC>& w, const Acts& a, bool high, int64_t M, int64_t N, int64_t NB,
               float* y, int64_t g0 = 0, int64_t g1 = -1) {
-  const bool four = w.block_bytes == 16 * w.rows;
+  const bool four = w.four();
 #ifdef KVF_IL16
   if (w.rows == 16) {
     four ? dispatch_width<16, SC, true>(w, a, high, M, N, NB, y, g0, g1)
@@ -393,7 +394,7 @@ inline int32_t code_at(const uint8_t* blk, bool four, int64_t W, int64_t r, int6
 template <typename SC>
 void dequantize_row(const Weights<SC>& w, int64_t n, int64_t NB, float* out) {
   const int64_t W = w.rows, g = n / W, r = n % W;
-  const bool four = w.block_bytes == 16 * W;
+  const bool four = w.four();
   for (int64_t b = 0; b < NB; ++b) {
     const uint8_t* blk = w.qs + (g * NB + b) * w.block_bytes;
     const int64_t s = (g * NB + b) * W + r;
@@ -423,7 +424,7 @@ Weights<SC> weights_of(const at::Tensor& qs, const at::Tensor& scales,
 template <typename SC>
 void dequantize_group(const Weights<SC>& w, int64_t g, int64_t NB, float* out, int64_t ldo) {
   const int64_t W = w.rows;
-  const bool four = w.block_bytes == 16 * W;
+  const bool four = w.four();
   const __m256 off = _mm256_set1_ps(static_cast<float>(w.offset));
   for (int64_t b = 0; b < NB; ++b) {
     const uint8_t* blk = w.qs + (g * NB + b) * w.block_bytes;

@@ -185,9 +185,9 @@ class QuantGemmMethod(BaseQuantMethod):
     groups, else 32 (larger groups repeat their scale over their 32-blocks), float16 when every
     value is exactly one (Q4_0, Q4_1, Q8_0: less memory traffic per token), else float32. On
     CPUs with VNNI, 32-column groups of a multiple of 8 rows take the row-interleaved layout of
-    ``csrc/quant_gemm_il.cpp`` instead (``qs`` [out/8, in/32, 8, 16 or 32], ``scales`` and
-    ``mins`` [out/8, in/32, 8]): 2-3x faster at one row, 1.5-1.8x at 16, faster than the float
-    GEMM even at 512 rows.
+    ``csrc/quant_gemm_il.cpp`` instead (``qs`` [out/W, in/32, W, 16 or 32], ``scales`` and
+    ``mins`` [out/W, in/32, W], with W = 16 where 512-bit VNNI is built and out % 16 == 0, else
+    8): 2-3x faster at one row, 1.5-1.8x at 16, faster than the float GEMM even at 512 rows.
     """
 
     qs: torch.Tensor
